@@ -1,0 +1,113 @@
+"""The one image decoder: encoded bytes -> RGB ``uint8`` array, with the checks a server needs.
+
+* Size is checked from the header before any pixel is decoded (decompression bombs -> 413).
+* EXIF orientation is applied, so an upside-down phone photo is read upright.
+* JPEGs are decoded at reduced size with Pillow's draft mode when the caller only needs a small
+  image (CLIP's 224 px input), which is several times faster than a full decode plus resize.
+* Only the first frame of animated formats is used.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We enforce our own, configurable limit before decoding; Pillow's global guard would raise a
+# different exception type at a fixed size, so it is switched off in favour of ours.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can use. Maps to HTTP 400."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image has more pixels than allowed. Maps to HTTP 413."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """An upright RGB image plus the size Immich must be told (the full decoded size)."""
+
+    rgb: np.ndarray  # H x W x 3, uint8, C-contiguous; may be smaller than width x height (draft mode)
+    width: int  # width of the full-size upright image
+    height: int  # height of the full-size upright image
+
+    @property
+    def scale(self) -> float:
+        """Factor from full-size pixels to ``rgb`` pixels (1.0 unless decoded in draft mode)."""
+        return self.rgb.shape[1] / self.width
+
+
+_ROTATING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+    """Decode ``data`` into an upright RGB array.
+
+    ``min_side``: the caller needs at least this many pixels on the shorter side; a JPEG may then be
+    decoded at 1/2, 1/4 or 1/8 scale (never below ``min_side``).
+    """
+    if not data:
+        raise ImageError("Image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise ImageError("Image has zero width or height")
+            if width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            orientation = _exif_orientation(img)
+            if orientation in _ROTATING_ORIENTATIONS:
+                width, height = height, width
+            if min_side is not None and img.format == "JPEG":
+                # draft() keeps both sides >= the requested size, so the shorter side stays >= min_side.
+                img.draft("RGB", (min_side, min_side))
+            if getattr(img, "is_animated", False):
+                img.seek(0)
+            img.load()
+            if orientation not in (None, 1):
+                img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except (ImageError, ImageTooLargeError):
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"Image could not be decoded: {exc}") from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - guard is disabled above
+        raise ImageTooLargeError(str(exc)) from None
+    array = np.asarray(rgb)
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError("Image has zero width or height")
+    return DecodedImage(rgb=np.ascontiguousarray(array), width=width, height=height)
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block must not make a readable image unreadable
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: text on transparent PNGs (screenshots, stickers) stays readable.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(img, dtype=np.float64)
+        peak = float(array.max()) or 1.0
+        return Image.fromarray((array * (255.0 / peak)).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")

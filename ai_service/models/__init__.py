@@ -1,0 +1,1 @@
+"""Models grouped by task: ``clip``, ``faces``, ``ocr``; ``registry`` resolves names, ``cache`` keeps them."""

@@ -1,0 +1,1 @@
+"""Wire shapes of the two HTTP protocols the service speaks (Immich ML, MT Photos AI)."""

@@ -1,0 +1,122 @@
+"""Configuration of the AI service: one pydantic-settings class, env prefix ``AI_SERVICE_``.
+
+Every field documents itself; ``python -m ai_service settings`` prints them with their
+current values, and the README table is generated from the same descriptions.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_model_dir() -> Path:
+    return Path.home() / ".cache" / "immich-zh-ai" / "models"
+
+
+class PreloadSettings(BaseModel):
+    """Comma-separated model names to load at start-up, per task and type (Immich's scheme)."""
+
+    clip_visual: list[str] = Field(default_factory=list, description="CLIP visual models to preload.")
+    clip_textual: list[str] = Field(default_factory=list, description="CLIP textual models to preload.")
+    facial_recognition: list[str] = Field(
+        default_factory=list, description="Face models (detection + recognition) to preload."
+    )
+    ocr: list[str] = Field(default_factory=list, description="OCR models to preload.")
+
+
+class AIServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AI_SERVICE_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (use 0.0.0.0 or [::] in containers).")
+    port: int = Field(3004, ge=1, le=65535, description="TCP port to listen on.")
+    log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+
+    model_dir: Path = Field(
+        default_factory=_default_model_dir,
+        description=(
+            "Model folder in Immich's cache layout (<task>/<name>/<type>/model.onnx). May point at an "
+            "existing immich-machine-learning cache to reuse the models it downloaded."
+        ),
+    )
+    insightface_dir: Path | None = Field(
+        None,
+        description=(
+            "Optional InsightFace models folder (e.g. ~/.insightface/models) whose packs (buffalo_l/…) are "
+            "also served as face models."
+        ),
+    )
+    model_ttl: float = Field(
+        300.0, description="Seconds a model may sit idle before it is unloaded (<= 0 keeps models loaded)."
+    )
+    model_ttl_poll_s: float = Field(10.0, gt=0, description="How often, in seconds, idle models are checked.")
+    preload: PreloadSettings = Field(
+        default_factory=PreloadSettings,
+        description="Models loaded at start-up, e.g. AI_SERVICE_PRELOAD__CLIP_TEXTUAL='[\"ViT-B-16__cn-clip\"]'.",
+    )
+
+    providers: list[str] | None = Field(
+        None,
+        description=(
+            "ONNX Runtime execution providers in order of preference, e.g. "
+            "'[\"CUDAExecutionProvider\",\"CPUExecutionProvider\"]'. Unset: CUDA when available, else CPU."
+        ),
+    )
+    device_id: int = Field(0, ge=0, description="GPU index used by the CUDA execution provider.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session (0: auto).")
+    inter_op_threads: int = Field(1, ge=0, description="ONNX Runtime inter-op threads per session (0: auto).")
+    request_threads: int = Field(
+        0, ge=0, description="Threads that decode images and run inference (0: number of CPU cores)."
+    )
+
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes (413 above it)."
+    )
+    max_image_pixels: int = Field(
+        100_000_000,
+        gt=0,
+        description="Largest accepted decoded image, in pixels (width x height); guards against decompression bombs.",
+    )
+    max_text_chars: int = Field(
+        2000, gt=0, description="Longest accepted CLIP query text, in characters (413 above it)."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Longest time one inference request may take before it fails with 504."
+    )
+
+    mtphotos_api_key: str = Field(
+        "mt_photos_ai_extra",
+        description="Key MT Photos clients must send in the 'api-key' header. Change it.",
+        repr=False,
+    )
+    mtphotos_clip_model: str = Field(
+        "ViT-B-16__cn-clip", description="CLIP model used by the MT Photos /clip endpoints."
+    )
+    mtphotos_face_model: str = Field("dlib", description="Face model used by the MT Photos /represent endpoint.")
+    mtphotos_ocr_model: str = Field("PP-OCRv6_small", description="OCR model used by the MT Photos /ocr endpoint.")
+    mtphotos_face_min_score: float = Field(
+        0.65, ge=0, le=1, description="Face detection threshold for the MT Photos /represent endpoint."
+    )
+
+    hf_endpoint: str = Field(
+        "https://huggingface.co",
+        description="Hugging Face-compatible endpoint that 'models pull' downloads from (a mirror works).",
+    )
+    hf_token: str | None = Field(None, description="Token for the download endpoint, if it needs one.", repr=False)
+    model_repo_owner: str = Field(
+        "immich-app",
+        description="Owner of the model repositories on the endpoint ('models pull NAME' fetches OWNER/NAME).",
+    )
+
+
+@lru_cache
+def get_settings() -> AIServiceSettings:
+    return AIServiceSettings()

@@ -67,7 +67,7 @@ class AIServiceSettings(BaseSettings):
         None,
         description=(
             "ONNX Runtime execution providers in order of preference, e.g. "
-            "'[\"CUDAExecutionProvider\",\"CPUExecutionProvider\"]'. Unset: CUDA when available, else CPU."
+            '\'["CUDAExecutionProvider","CPUExecutionProvider"]\'. Unset: CUDA when available, else CPU.'
         ),
     )
     device_id: int = Field(0, ge=0, description="GPU index used by the CUDA execution provider.")

@@ -49,9 +49,7 @@ def clean_name(name: str) -> str:
     could escape the model folder: the result is a single, plain path component."""
     cleaned = name.split("/")[-1].replace(":", "_").replace(".", "")
     if not _NAME_RE.fullmatch(cleaned):
-        raise InvalidModelNameError(
-            f"invalid model name {name!r}: after cleaning it must match {_NAME_RE.pattern}"
-        )
+        raise InvalidModelNameError(f"invalid model name {name!r}: after cleaning it must match {_NAME_RE.pattern}")
     return cleaned
 
 

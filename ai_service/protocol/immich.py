@@ -80,7 +80,7 @@ def parse_entries(raw: str | bytes) -> dict[ModelTask, dict[ModelType, PipelineE
         )
         raise EntriesError(f"'entries' has the wrong shape: {problems}") from None
     if not entries or not any(entries.values()):
-        raise EntriesError("'entries' names no task; expected e.g. {\"clip\":{\"textual\":{\"modelName\":…}}}")
+        raise EntriesError('\'entries\' names no task; expected e.g. {"clip":{"textual":{"modelName":…}}}')
     for task, types in entries.items():
         invalid = set(types) - VALID_TYPES[task]
         if invalid:

@@ -1,0 +1,1 @@
+"""HTTP routers: Immich's ML protocol and the MT Photos AI API."""

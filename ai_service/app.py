@@ -1,0 +1,74 @@
+"""FastAPI app factory: one inference service, two protocol routers, uniform error bodies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ai_service.api import immich, mtphotos
+from ai_service.api.limits import BodySizeLimitMiddleware
+from ai_service.inference import InferenceService, RequestError
+from ai_service.models.base import ModelError
+from ai_service.protocol.immich import DependencyError, EntriesError
+from ai_service.settings import AIServiceSettings, get_settings
+
+log = logging.getLogger(__name__)
+
+MTPHOTOS_PATHS = frozenset({"/check", "/ocr", "/clip/img", "/clip/txt", "/represent", "/restart", "/restart_v2"})
+
+
+def _error(request: Request, status: int, detail: str) -> JSONResponse:
+    body: dict[str, object] = {"detail": detail}
+    if request.url.path in MTPHOTOS_PATHS:
+        body |= {"result": [], "msg": detail}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(settings: AIServiceSettings | None = None, service: InferenceService | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        inference = service or InferenceService(settings)
+        app.state.inference = inference
+        await inference.start()
+        try:
+            yield
+        finally:
+            await inference.stop()
+
+    app = FastAPI(
+        title="immich-zh-ai AI service",
+        summary="Chinese + English CLIP, OCR and faces behind Immich's ML protocol and the MT Photos AI API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(immich.router)
+    app.include_router(mtphotos.router)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, setting_name="AI_SERVICE_MAX_UPLOAD_BYTES"
+    )
+
+    @app.exception_handler(EntriesError)
+    async def _entries(request: Request, exc: EntriesError) -> JSONResponse:
+        return _error(request, 422, str(exc))
+
+    @app.exception_handler(DependencyError)
+    async def _dependency(request: Request, exc: DependencyError) -> JSONResponse:
+        return _error(request, 400, str(exc))
+
+    @app.exception_handler(RequestError)
+    async def _request(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(request, exc.status, exc.detail)
+
+    @app.exception_handler(ModelError)
+    async def _model(request: Request, exc: ModelError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _error(request, exc.status, str(exc))
+
+    return app

@@ -1,0 +1,332 @@
+"""The service core: turns a request (entries + image bytes or text) into Immich's response dict.
+
+Both HTTP protocols and the gateway's in-process backend call this class, so model resolution,
+decoding, thresholds and the response shape are written once. Blocking work (decode, load,
+inference) runs in one thread-pool call per request: a single hop off the event loop keeps
+service overhead small next to model time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ai_service.imaging import DecodedImage, decode_image
+from ai_service.models.base import (
+    ClipTextualModel,
+    ClipVisualModel,
+    FaceDetections,
+    FaceDetectorModel,
+    FaceRecognizerModel,
+    ModelError,
+    OcrModel,
+    TextLines,
+)
+from ai_service.models.cache import ModelCache
+from ai_service.models.registry import ModelRef, ModelRegistry
+from ai_service.models.store import ModelStore
+from ai_service.protocol.immich import (
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    ModelTask,
+    ModelType,
+    PipelineEntry,
+    check_dependencies,
+    embedding_to_str,
+)
+from ai_service.runtime.onnx import SessionOptions
+from ai_service.settings import AIServiceSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Defaults Immich's server sends; used when a client leaves an option out.
+DEFAULT_FACE_MIN_SCORE = 0.7
+DEFAULT_OCR_DET_MIN_SCORE = 0.5
+DEFAULT_OCR_REC_MIN_SCORE = 0.8
+DEFAULT_OCR_MAX_RESOLUTION = 736
+
+
+class RequestError(Exception):
+    """The request itself is wrong; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class FaceResult:
+    boxes: np.ndarray  # N x 4 pixels of the full-size image
+    scores: np.ndarray
+    embeddings: np.ndarray | None  # N x 512, or None for detection only
+
+
+def build_registry(settings: AIServiceSettings) -> ModelRegistry:
+    # Imported here so that importing the protocol layer does not load every model family.
+    from ai_service.models.clip import ClipFamily
+    from ai_service.models.faces import FaceFamily
+    from ai_service.models.ocr import OcrFamily
+
+    store = ModelStore(settings.model_dir)
+    options = SessionOptions(
+        providers=tuple(settings.providers) if settings.providers else None,
+        device_id=settings.device_id,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+    )
+    return ModelRegistry(
+        [
+            ClipFamily(store, options, settings),
+            FaceFamily(store, options, settings),
+            OcrFamily(store, options, settings),
+        ]
+    )
+
+
+class InferenceService:
+    def __init__(self, settings: AIServiceSettings, registry: ModelRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or build_registry(settings)
+        self.cache = ModelCache(self.registry, settings.model_ttl)
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.request_threads or os.cpu_count() or 1, thread_name_prefix="inference"
+        )
+        self._reaper: asyncio.Task[None] | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.preload()
+        if self.settings.model_ttl > 0:
+            self._reaper = asyncio.create_task(self._reap_idle_models(), name="idle-model-reaper")
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        self.executor.shutdown(wait=True, cancel_futures=False)
+        self.cache.unload_all()
+
+    async def _reap_idle_models(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_ttl_poll_s)
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.cache.unload_idle)
+
+    async def preload(self) -> None:
+        pre = self.settings.preload
+        wanted: list[tuple[ModelTask, ModelType, str]] = [
+            *((ModelTask.CLIP, ModelType.VISUAL, n) for n in pre.clip_visual),
+            *((ModelTask.CLIP, ModelType.TEXTUAL, n) for n in pre.clip_textual),
+            *((ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION, n) for n in pre.facial_recognition),
+            *((ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION, n) for n in pre.facial_recognition),
+            *((ModelTask.OCR, ModelType.DETECTION, n) for n in pre.ocr),
+        ]
+        for task, type_, name in wanted:
+            try:
+                ref = self.registry.resolve(task, type_, name)
+                await self.run_blocking(self.cache.get, ref)
+            except ModelError as exc:
+                # A missing preload must not keep the service down: it still serves everything else.
+                log.error("preload of %s/%s/%s failed: %s", task, type_, name, exc)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, fn, *args)
+        try:
+            return await asyncio.wait_for(future, timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            raise RequestError(
+                504, f"inference took longer than {self.settings.request_timeout_s:g}s (AI_SERVICE_REQUEST_TIMEOUT_S)"
+            ) from None
+
+    # ---- Immich /predict --------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
+        image: bytes | None,
+        text: str | None,
+    ) -> dict[str, Any]:
+        check_dependencies(entries)
+        if image is None and text is None:
+            raise RequestError(400, "Either image or text must be provided")
+        refs = {
+            (task, type_): self.registry.resolve(task, type_, entry.model_name)
+            for task, types in entries.items()
+            for type_, entry in types.items()
+        }
+        if image is not None:
+            if any(t == ModelType.TEXTUAL for (_, t) in refs):
+                raise RequestError(400, "clip/textual needs a 'text' field, not an image")
+            return await self.run_blocking(self._predict_image, entries, refs, image)
+        assert text is not None
+        if any(t != ModelType.TEXTUAL for (_, t) in refs):
+            needs = sorted(f"{task}/{t}" for (task, t) in refs if t != ModelType.TEXTUAL)
+            raise RequestError(400, f"{', '.join(needs)} needs an 'image' file")
+        self.check_text(text)
+        return await self.run_blocking(self._predict_text, entries, refs, text)
+
+    def check_text(self, text: str) -> None:
+        if not text.strip():
+            raise RequestError(400, "'text' is empty")
+        if len(text) > self.settings.max_text_chars:
+            raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
+
+    def _predict_text(
+        self,
+        entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
+        refs: dict[tuple[ModelTask, ModelType], ModelRef],
+        text: str,
+    ) -> dict[str, Any]:
+        entry = entries[ModelTask.CLIP][ModelType.TEXTUAL]
+        vector = self.encode_text(refs[(ModelTask.CLIP, ModelType.TEXTUAL)], text, entry.options.language)
+        return {ModelTask.CLIP.value: embedding_to_str(vector)}
+
+    def _predict_image(
+        self,
+        entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
+        refs: dict[tuple[ModelTask, ModelType], ModelRef],
+        data: bytes,
+    ) -> dict[str, Any]:
+        models = {key: self.cache.get(ref) for key, ref in refs.items()}
+        min_side = None
+        if set(refs) == {(ModelTask.CLIP, ModelType.VISUAL)}:
+            visual = models[(ModelTask.CLIP, ModelType.VISUAL)]
+            assert isinstance(visual, ClipVisualModel)
+            min_side = visual.input_size
+        decoded = self.decode(data, min_side=min_side)
+        response: dict[str, Any] = {}
+        for task, types in entries.items():
+            if task == ModelTask.CLIP:
+                visual = models[(task, ModelType.VISUAL)]
+                assert isinstance(visual, ClipVisualModel)
+                response[task.value] = embedding_to_str(visual.encode_image(decoded.rgb))
+            elif task == ModelTask.FACIAL_RECOGNITION:
+                faces = self._faces(models, types, decoded)
+                response[task.value] = faces_to_immich(faces)
+            elif task == ModelTask.OCR:
+                lines = self._ocr(models, types, decoded)
+                response[task.value] = ocr_to_immich(lines, decoded.width, decoded.height)
+        response[IMAGE_HEIGHT] = decoded.height
+        response[IMAGE_WIDTH] = decoded.width
+        return response
+
+    # ---- building blocks (also used by the MT Photos API) ----------------------------------------
+
+    def decode(self, data: bytes, *, min_side: int | None = None) -> DecodedImage:
+        from ai_service.imaging import ImageError, ImageTooLargeError
+
+        try:
+            return decode_image(data, max_pixels=self.settings.max_image_pixels, min_side=min_side)
+        except ImageTooLargeError as exc:
+            raise RequestError(413, str(exc)) from None
+        except ImageError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    def encode_text(self, ref: ModelRef, text: str, language: str | None) -> np.ndarray:
+        model = self.cache.get(ref)
+        assert isinstance(model, ClipTextualModel)
+        return model.encode_text(" ".join(text.split()), language)
+
+    def encode_image(self, ref: ModelRef, data: bytes) -> tuple[np.ndarray, DecodedImage]:
+        model = self.cache.get(ref)
+        assert isinstance(model, ClipVisualModel)
+        decoded = self.decode(data, min_side=model.input_size)
+        return model.encode_image(decoded.rgb), decoded
+
+    def _faces(
+        self,
+        models: dict[tuple[ModelTask, ModelType], object],
+        types: dict[ModelType, PipelineEntry],
+        decoded: DecodedImage,
+    ) -> FaceResult:
+        detector = models[(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION)]
+        assert isinstance(detector, FaceDetectorModel)
+        min_score = types[ModelType.DETECTION].options.min_score
+        detections = detector.detect(decoded.rgb, DEFAULT_FACE_MIN_SCORE if min_score is None else min_score)
+        embeddings = None
+        if ModelType.RECOGNITION in types:
+            recognizer = models[(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION)]
+            assert isinstance(recognizer, FaceRecognizerModel)
+            embeddings = (
+                recognizer.embed(decoded.rgb, detections)
+                if len(detections)
+                else np.zeros((0, recognizer.embedding_size), np.float32)
+            )
+        return FaceResult(boxes=detections.boxes, scores=detections.scores, embeddings=embeddings)
+
+    def faces(
+        self, detector: ModelRef, recognizer: ModelRef, data: bytes, min_score: float
+    ) -> tuple[FaceDetections, np.ndarray, DecodedImage]:
+        det = self.cache.get(detector)
+        rec = self.cache.get(recognizer)
+        assert isinstance(det, FaceDetectorModel) and isinstance(rec, FaceRecognizerModel)
+        decoded = self.decode(data)
+        detections = det.detect(decoded.rgb, min_score)
+        embeddings = rec.embed(decoded.rgb, detections) if len(detections) else np.zeros((0, rec.embedding_size))
+        return detections, embeddings, decoded
+
+    def _ocr(
+        self,
+        models: dict[tuple[ModelTask, ModelType], object],
+        types: dict[ModelType, PipelineEntry],
+        decoded: DecodedImage,
+    ) -> TextLines:
+        engine = models[(ModelTask.OCR, ModelType.DETECTION)]
+        assert isinstance(engine, OcrModel)
+        det_options = types[ModelType.DETECTION].options
+        detections = engine.detect(
+            decoded.rgb,
+            DEFAULT_OCR_DET_MIN_SCORE if det_options.min_score is None else det_options.min_score,
+            det_options.max_resolution or DEFAULT_OCR_MAX_RESOLUTION,
+        )
+        if ModelType.RECOGNITION not in types:
+            return TextLines(quads=detections.quads, box_scores=detections.scores)
+        rec_min = types[ModelType.RECOGNITION].options.min_score
+        return engine.recognize(decoded.rgb, detections, DEFAULT_OCR_REC_MIN_SCORE if rec_min is None else rec_min)
+
+    def ocr(self, ref: ModelRef, data: bytes) -> tuple[TextLines, DecodedImage]:
+        engine = self.cache.get(ref)
+        assert isinstance(engine, OcrModel)
+        decoded = self.decode(data)
+        detections = engine.detect(decoded.rgb, DEFAULT_OCR_DET_MIN_SCORE, DEFAULT_OCR_MAX_RESOLUTION)
+        return engine.recognize(decoded.rgb, detections, DEFAULT_OCR_REC_MIN_SCORE), decoded
+
+
+# ---- Immich response shapes ----------------------------------------------------------------------
+
+
+def faces_to_immich(faces: FaceResult) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    # Immich writes boxes into integer columns: send integer-valued numbers, as its ML service does.
+    boxes = np.round(faces.boxes).astype(np.float64)
+    for i in range(len(boxes)):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        face: dict[str, Any] = {
+            "boundingBox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
+            "score": float(faces.scores[i]),
+        }
+        if faces.embeddings is not None:
+            face["embedding"] = embedding_to_str(faces.embeddings[i])
+        out.append(face)
+    return out
+
+
+def ocr_to_immich(lines: TextLines, width: int, height: int) -> dict[str, Any]:
+    quads = np.asarray(lines.quads, dtype=np.float64).reshape(-1, 4, 2)
+    scale = np.array([width, height], dtype=np.float64)
+    normalised = np.clip(quads / scale, 0.0, 1.0).reshape(-1)
+    return {
+        "text": list(lines.texts),
+        "box": [float(v) for v in normalised],
+        "boxScore": [float(s) for s in lines.box_scores],
+        "textScore": [float(s) for s in lines.text_scores],
+    }

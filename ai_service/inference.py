@@ -41,7 +41,6 @@ from ai_service.protocol.immich import (
     check_dependencies,
     embedding_to_str,
 )
-from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
@@ -77,12 +76,7 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
     from ai_service.models.ocr import OcrFamily
 
     store = ModelStore(settings.model_dir)
-    options = SessionOptions(
-        providers=tuple(settings.providers) if settings.providers else None,
-        device_id=settings.device_id,
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-    )
+    options = settings.session_options()
     return ModelRegistry(
         [
             ClipFamily(store, options, settings),
@@ -234,7 +228,7 @@ class InferenceService:
     def encode_text(self, ref: ModelRef, text: str, language: str | None) -> np.ndarray:
         model = self.cache.get(ref)
         assert isinstance(model, ClipTextualModel)
-        return model.encode_text(" ".join(text.split()), language)
+        return model.encode_text(text, language)
 
     def encode_image(self, ref: ModelRef, data: bytes) -> tuple[np.ndarray, DecodedImage]:
         model = self.cache.get(ref)

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ai_service.runtime.onnx import SessionOptions
+
 
 def _default_model_dir() -> Path:
     return Path.home() / ".cache" / "immich-zh-ai" / "models"
@@ -115,6 +117,16 @@ class AIServiceSettings(BaseSettings):
         "immich-app",
         description="Owner of the model repositories on the endpoint ('models pull NAME' fetches OWNER/NAME).",
     )
+
+
+    def session_options(self) -> SessionOptions:
+        """ONNX Runtime options for every session this service opens."""
+        return SessionOptions(
+            providers=tuple(self.providers) if self.providers else None,
+            device_id=self.device_id,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+        )
 
 
 @lru_cache

@@ -46,28 +46,46 @@ class DecodedImage:
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 
 
+def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, int | None]:
+    """Open ``data`` lazily and check its header: returns the image, upright width/height, EXIF orientation."""
+    if not data:
+        raise ImageError("Image is empty (0 bytes)")
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError("Image has zero width or height")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    orientation = _exif_orientation(img)
+    if orientation in _ROTATING_ORIENTATIONS:
+        width, height = height, width
+    return img, width, height, orientation
+
+
+def probe_size(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """Upright (width, height) from the header alone, without decoding pixels."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img, width, height, _ = _open_checked(data, max_pixels)
+            img.close()
+            return width, height
+    except (ImageError, ImageTooLargeError):
+        raise
+    except Exception as exc:
+        raise _decode_error(exc) from None
+
+
 def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> DecodedImage:
     """Decode ``data`` into an upright RGB array.
 
     ``min_side``: the caller needs at least this many pixels on the shorter side; a JPEG may then be
     decoded at 1/2, 1/4 or 1/8 scale (never below ``min_side``).
     """
-    if not data:
-        raise ImageError("Image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageError("Image has zero width or height")
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-                )
-            orientation = _exif_orientation(img)
-            if orientation in _ROTATING_ORIENTATIONS:
-                width, height = height, width
+            img, width, height, orientation = _open_checked(data, max_pixels)
             if min_side is not None and img.format == "JPEG":
                 # draft() keeps both sides >= the requested size, so the shorter side stays >= min_side.
                 img.draft("RGB", (min_side, min_side))
@@ -79,14 +97,25 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
             rgb = _to_rgb(img)
     except (ImageError, ImageTooLargeError):
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"Image could not be decoded: {exc}") from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - guard is disabled above
-        raise ImageTooLargeError(str(exc)) from None
+    except Exception as exc:
+        # Pillow and its plugins raise many types for hostile input (OSError, SyntaxError, struct.error,
+        # ValueError, …); every one of them means "not a usable image", never a server fault.
+        raise _decode_error(exc) from None
     array = np.asarray(rgb)
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageError("Image has zero width or height")
     return DecodedImage(rgb=np.ascontiguousarray(array), width=width, height=height)
+
+
+def _decode_error(exc: Exception) -> ImageError:
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError(
+            "Image could not be decoded: not a supported image format (JPEG, PNG, WebP, GIF, TIFF, BMP…) "
+            "or its header is invalid"
+        )
+    if isinstance(exc, MemoryError):
+        return ImageError("Image could not be decoded: it needs more memory than is available")
+    return ImageError(f"Image could not be decoded: {type(exc).__name__}: {exc}")
 
 
 def _exif_orientation(img: Image.Image) -> int | None:

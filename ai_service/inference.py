@@ -33,6 +33,10 @@ from ai_service.models.cache import ModelCache
 from ai_service.models.registry import ModelRef, ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import (
+    DEFAULT_FACE_MIN_SCORE,
+    DEFAULT_OCR_DET_MIN_SCORE,
+    DEFAULT_OCR_MAX_RESOLUTION,
+    DEFAULT_OCR_REC_MIN_SCORE,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
     ModelTask,
@@ -45,12 +49,6 @@ from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Defaults Immich's server sends; used when a client leaves an option out.
-DEFAULT_FACE_MIN_SCORE = 0.7
-DEFAULT_OCR_DET_MIN_SCORE = 0.5
-DEFAULT_OCR_REC_MIN_SCORE = 0.8
-DEFAULT_OCR_MAX_RESOLUTION = 736
 
 
 class RequestError(Exception):
@@ -106,7 +104,8 @@ class InferenceService:
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        self.executor.shutdown(wait=True, cancel_futures=False)
+        # Waiting for in-flight inference must not block the event loop that is still finishing responses.
+        await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=False)
         self.cache.unload_all()
 
     async def _reap_idle_models(self) -> None:

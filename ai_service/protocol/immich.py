@@ -41,6 +41,13 @@ DEPENDS_ON: dict[tuple[ModelTask, ModelType], ModelType] = {
 }
 
 
+# What Immich's server sends by default; used when a client leaves an option out.
+DEFAULT_FACE_MIN_SCORE = 0.7
+DEFAULT_OCR_DET_MIN_SCORE = 0.5
+DEFAULT_OCR_REC_MIN_SCORE = 0.8
+DEFAULT_OCR_MAX_RESOLUTION = 736
+
+
 class PredictOptions(BaseModel):
     """Per-request options. Unknown keys are ignored: a newer Immich may send more."""
 

@@ -1,0 +1,88 @@
+"""Command line: ``python -m gateway [--host H] [--port P]`` | ``python -m gateway settings``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import SecretStr, ValidationError
+
+from gateway.settings import GatewaySettings
+
+
+def _print_settings() -> int:
+    settings = GatewaySettings()
+    for name, field in GatewaySettings.model_fields.items():
+        value = getattr(settings, name)
+        if hasattr(value, "model_dump_json"):
+            text = value.model_dump_json()
+        elif isinstance(value, dict):
+            text = "{" + ", ".join(f'"{k}": {_dump(v)}' for k, v in value.items()) + "}"
+        else:
+            text = str(value)
+        print(f"GATEWAY_{name.upper()}={text}\n    {field.description}")
+    return 0
+
+
+def _dump(value: object) -> str:
+    # model_dump_json masks SecretStr as '**********', so keys never reach the terminal.
+    if hasattr(value, "model_dump_json"):
+        return value.model_dump_json(exclude_none=True)  # type: ignore[no-any-return,attr-defined]
+    if isinstance(value, SecretStr):
+        return '"**********"'
+    return repr(value)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Where and what, never the offending value: a backend's input holds its API key."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"  GATEWAY_{where.upper().replace('.', '__', 1)}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "settings":
+        return _print_settings()
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="Run the Immich ML gateway.")
+    parser.add_argument("--host", help="listen address (GATEWAY_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (GATEWAY_PORT, default 3003)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    try:
+        settings = GatewaySettings(**overrides)
+    except ValidationError as exc:
+        print(f"gateway: invalid configuration:\n{describe_errors(exc)}", file=sys.stderr)
+        return 2
+
+    from gateway.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, settings.log_queue_size)
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.routing import ConfigError
+
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        logging.getLogger("gateway").error(str(exc))
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

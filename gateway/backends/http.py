@@ -1,0 +1,156 @@
+"""Shared plumbing of the remote backends: one pooled httpx client per backend, bounded reads,
+and the classification of transport errors into failover reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from gateway.backends.base import Backend, BackendFailure
+from gateway.settings import BackendSettings, GatewaySettings
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SNIPPET_CHARS = 300  # how much of a backend's error body goes into logs and the 503 reasons
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password, for logs and /status."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+def base_url(url: str) -> str:
+    """Treat the configured URL as a folder: 'http://h/ml' and 'http://h/ml/' both lead to 'http://h/ml/predict'.
+
+    Immich itself resolves relatively (without the slash it would call http://h/predict); the
+    gateway is lenient because a dropped sub-path is never what an admin means.
+    """
+    return url if url.endswith("/") else url + "/"
+
+
+def snippet(body: bytes) -> str:
+    text = body[:_SNIPPET_CHARS].decode("utf-8", "replace")
+    return " ".join(text.split()) + ("…" if len(body) > _SNIPPET_CHARS else "")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    status: int
+    content_type: str
+    body: bytes
+
+
+def encode_formdata(fields: list[tuple[str, str | tuple[str, bytes, str]]]) -> tuple[str, bytes]:
+    """multipart/form-data laid out exactly as Node's (undici) FormData does, which is what Immich sends:
+    text fields as bare parts, files with filename and Content-Type, CRLF line ends."""
+    while True:
+        boundary = f"----formdata-undici-0{secrets.randbelow(10**11):011d}"
+        marker = boundary.encode()
+        # A boundary that occurs inside the payload would cut the image; pick another (practically never).
+        if not any(marker in (v[1] if isinstance(v, tuple) else v.encode()) for _, v in fields):
+            break
+    chunks: list[bytes] = []
+    for name, value in fields:
+        if isinstance(value, tuple):
+            filename, data, content_type = value
+            chunks.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {content_type}\r\n\r\n".encode()
+            )
+            chunks.append(data)
+            chunks.append(b"\r\n")
+        else:
+            text = value.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+            chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{text}\r\n'.encode())
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}", b"".join(chunks)
+
+
+class HttpBackend(Backend):
+    def __init__(self, name: str, settings: BackendSettings, gateway: GatewaySettings) -> None:
+        super().__init__(name)
+        assert settings.url is not None  # checked by BackendSettings
+        self.settings = settings
+        self.url = base_url(settings.url)
+        self.display_url = redact_url(self.url)
+        self.max_response_bytes = gateway.max_response_bytes
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=self.settings.max_connections,
+                max_keepalive_connections=self.settings.max_connections,
+                keepalive_expiry=self.settings.keepalive_s,
+            ),
+            # Only the connect phase has its own limit; the whole exchange is bounded by the
+            # per-task timeout around it (httpx's read timeout is per chunk, not per request).
+            timeout=httpx.Timeout(None, connect=self.settings.connect_timeout_s),
+            follow_redirects=False,
+            # Proxy variables meant for the host's internet access must not capture calls to ML backends.
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url": self.display_url}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        timeout_s: float,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+    ) -> HttpReply:
+        if self._client is None:
+            raise BackendFailure("not_started", f"{self.name}: backend client is closed")
+        all_headers = dict(headers or {})
+        if request_id:
+            all_headers[REQUEST_ID_HEADER] = request_id
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._client.stream(method, self.url + path, headers=all_headers, content=content) as resp:
+                    declared = resp.headers.get("content-length")
+                    if declared is not None and declared.isdigit() and int(declared) > self.max_response_bytes:
+                        raise BackendFailure(
+                            "response_too_large",
+                            f"reply of {declared} bytes exceeds GATEWAY_MAX_RESPONSE_BYTES={self.max_response_bytes}",
+                            resp.status_code,
+                        )
+                    body = bytearray()
+                    async for chunk in resp.aiter_bytes():
+                        body += chunk
+                        if len(body) > self.max_response_bytes:
+                            raise BackendFailure(
+                                "response_too_large",
+                                f"reply exceeds GATEWAY_MAX_RESPONSE_BYTES={self.max_response_bytes}",
+                                resp.status_code,
+                            )
+                    return HttpReply(resp.status_code, resp.headers.get("content-type", ""), bytes(body))
+        except TimeoutError:
+            raise BackendFailure("timeout", f"no complete reply within {timeout_s:g}s") from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise BackendFailure("connect", f"cannot connect: {exc or type(exc).__name__}") from None
+        except httpx.TimeoutException as exc:
+            raise BackendFailure("timeout", f"timed out: {exc or type(exc).__name__}") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise BackendFailure("connection", f"connection broke: {exc or type(exc).__name__}") from None
+        except httpx.HTTPError as exc:
+            raise BackendFailure("transport", f"{type(exc).__name__}: {exc}") from None

@@ -1,0 +1,273 @@
+"""Configuration of the gateway: one pydantic-settings class, env prefix ``GATEWAY_``, nested delimiter ``__``.
+
+With nothing set, the gateway runs one in-process ``local`` backend (the AI service's models) for
+every task, so ``python -m gateway`` answers Immich on a fresh machine. ``python -m gateway settings``
+prints every setting with its current value (secrets masked) and its description.
+
+Examples::
+
+    GATEWAY_BACKENDS='{"gpu":{"kind":"immich","url":"http://gpu:3003/"},"local":{"kind":"local"}}'
+    GATEWAY_ROUTES__CLIP='["gpu","local"]'
+    GATEWAY_MODEL_MAP__CLIP='{"cn-clip/":"ViT-B-16__cn-clip"}'
+    GATEWAY_TIMEOUTS__OCR=45
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ai_service.protocol.immich import ModelTask
+
+
+class BackendKind(StrEnum):
+    LOCAL = "local"  # the AI service's models, in this process
+    IMMICH = "immich"  # anything speaking Immich's ML protocol (stock immich-machine-learning, our ai_service)
+    MTPHOTOS = "mtphotos"  # MT Photos AI API (mt-photos-ai, mt-photos-insightface-unofficial, our ai_service)
+
+
+# What an MT Photos server runs when nothing else is declared: the official image's cn-clip ViT-B-16
+# and InsightFace buffalo_l. MT Photos ignores the model name it is sent, so the gateway needs to know.
+MTPHOTOS_DEFAULT_MODELS: dict[str, str] = {
+    ModelTask.CLIP.value: "ViT-B-16__cn-clip",
+    ModelTask.FACIAL_RECOGNITION.value: "buffalo_l",
+}
+
+
+class BackendSettings(BaseModel):
+    """One backend the gateway can send requests to."""
+
+    kind: BackendKind = Field(description="local | immich | mtphotos.")
+    url: str | None = Field(
+        None,
+        description=(
+            "Base URL of an immich or mtphotos backend, e.g. http://gpu:3003 or http://proxy/ml/ "
+            "(a sub-path is kept: '/predict' is appended to it, with or without a trailing slash)."
+        ),
+    )
+    api_key: SecretStr | None = Field(
+        None, description="MT Photos 'api-key' header value (mtphotos backends only). Never logged."
+    )
+    models: dict[ModelTask, str] | None = Field(
+        None,
+        description=(
+            "Model this backend runs per task when it ignores the requested name (MT Photos does). Requests "
+            "whose (mapped) model differs skip the backend, so vectors of different models never mix. "
+            f"mtphotos default: {MTPHOTOS_DEFAULT_MODELS}; OCR is not checked unless set."
+        ),
+    )
+    max_connections: int = Field(32, ge=1, le=1024, description="Most concurrent HTTP connections to this backend.")
+    connect_timeout_s: float = Field(3.0, gt=0, le=60, description="Seconds to wait for a TCP connection.")
+    keepalive_s: float = Field(
+        4.0,
+        ge=0,
+        le=300,
+        description=(
+            "Seconds an idle pooled connection is kept. Keep it below the backend's own keep-alive "
+            "(uvicorn: 5 s) so the gateway never reuses a connection the backend is closing."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> BackendSettings:
+        if self.kind is BackendKind.LOCAL:
+            if self.url is not None:
+                raise ValueError("a 'local' backend runs in-process and takes no url")
+        else:
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"a '{self.kind}' backend needs an http(s) url")
+        if self.kind is BackendKind.MTPHOTOS:
+            if self.api_key is None or not self.api_key.get_secret_value():
+                raise ValueError("an 'mtphotos' backend needs its api_key (the server's API_AUTH_KEY)")
+            if self.models is None:
+                self.models = {ModelTask(k): v for k, v in MTPHOTOS_DEFAULT_MODELS.items()}
+        return self
+
+    def served_model(self, task: ModelTask) -> str | None:
+        return (self.models or {}).get(task)
+
+
+class RouteSettings(BaseModel):
+    """Ordered backend names per task; the first healthy one answers, the next ones are failover."""
+
+    clip: list[str] | None = Field(None, description="Backends for CLIP, in order. Unset: all backends, config order.")
+    facial_recognition: list[str] | None = Field(
+        None, description="Backends for faces, in order. Unset: all backends, config order."
+    )
+    ocr: list[str] | None = Field(None, description="Backends for OCR, in order. Unset: all backends, config order.")
+
+    def for_task(self, task: ModelTask) -> list[str] | None:
+        return {
+            ModelTask.CLIP: self.clip,
+            ModelTask.FACIAL_RECOGNITION: self.facial_recognition,
+            ModelTask.OCR: self.ocr,
+        }[task]
+
+
+def _default_face_map() -> dict[str, str]:
+    # Immich's face model names -> the bundled dlib model, so a fresh install answers Immich's
+    # default 'buffalo_l' without downloading InsightFace packs (which may not be redistributed).
+    return {name: "dlib" for name in ("buffalo_l", "buffalo_m", "buffalo_s", "antelopev2")}
+
+
+class ModelMapSettings(BaseModel):
+    """Immich model name -> backend model name, per task.
+
+    Keys are exact names, or prefixes ending in '/' that Immich's admin UI accepts as routes
+    (e.g. 'cn-clip/ViT-B-16__openai': Immich sizes its vector column from the part after '/').
+    Exact keys win over prefixes; the longest prefix wins. Unmapped names pass through unchanged.
+    """
+
+    clip: dict[str, str] = Field(
+        default_factory=lambda: {"cn-clip/": "ViT-B-16__cn-clip"},
+        description="CLIP name map. Default sends any 'cn-clip/<512-d Immich name>' to ViT-B-16__cn-clip.",
+    )
+    facial_recognition: dict[str, str] = Field(
+        default_factory=_default_face_map,
+        description="Face model map. Default answers buffalo_l/m/s and antelopev2 with the bundled dlib model.",
+    )
+    ocr: dict[str, str] = Field(default_factory=dict, description="OCR model map (default: none).")
+
+    def for_task(self, task: ModelTask) -> dict[str, str]:
+        return {
+            ModelTask.CLIP: self.clip,
+            ModelTask.FACIAL_RECOGNITION: self.facial_recognition,
+            ModelTask.OCR: self.ocr,
+        }[task]
+
+
+class TimeoutSettings(BaseModel):
+    """Seconds one backend may take for one request, per task (Immich itself gives up after ~300 s)."""
+
+    clip: float = Field(30.0, gt=0, le=290, description="CLIP request timeout per backend attempt, seconds.")
+    facial_recognition: float = Field(60.0, gt=0, le=290, description="Face request timeout per attempt, seconds.")
+    ocr: float = Field(60.0, gt=0, le=290, description="OCR request timeout per backend attempt, seconds.")
+
+    def for_task(self, task: ModelTask) -> float:
+        return {
+            ModelTask.CLIP: self.clip,
+            ModelTask.FACIAL_RECOGNITION: self.facial_recognition,
+            ModelTask.OCR: self.ocr,
+        }[task]
+
+
+class BreakerSettings(BaseModel):
+    """Circuit breaker per (backend, task)."""
+
+    failure_threshold: int = Field(3, ge=1, le=1000, description="Consecutive failures that open the breaker.")
+    cooldown_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds an open breaker skips its backend before one trial request."
+    )
+
+
+class HealthSettings(BaseModel):
+    """Background health checks of remote backends (immich: GET /ping; mtphotos: POST /check)."""
+
+    interval_s: float = Field(10.0, ge=0, le=3600, description="Seconds between health checks (0 disables them).")
+    timeout_s: float = Field(2.0, gt=0, le=60, description="Seconds one health check may take.")
+    failure_threshold: int = Field(
+        2, ge=1, le=100, description="Consecutive failed checks that open all of a backend's breakers."
+    )
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="ignore",
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 or [::] in containers).")
+    port: int = Field(3003, ge=1, le=65535, description="TCP port (3003 is Immich's ML port).")
+    log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+    log_format: str = Field("json", pattern="^(json|text)$", description="json (one object per line) or text.")
+    log_queue_size: int = Field(
+        10_000,
+        ge=100,
+        le=1_000_000,
+        description="Log lines buffered for the writer thread; beyond it lines are dropped, never waited for.",
+    )
+
+    backends: dict[str, BackendSettings] = Field(
+        default_factory=lambda: {"local": BackendSettings(kind=BackendKind.LOCAL)},
+        description=(
+            'Named backends as JSON, e.g. \'{"gpu":{"kind":"immich","url":"http://gpu:3003"},'
+            '"local":{"kind":"local"}}\'. Default: the in-process models only.'
+        ),
+    )
+    routes: RouteSettings = Field(default_factory=RouteSettings, description="Ordered backends per task.")
+    model_map: ModelMapSettings = Field(
+        default_factory=ModelMapSettings, description="Immich model name -> backend model name, per task."
+    )
+    clip_dimensions: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Embedding size of CLIP models the gateway cannot know (custom exports), e.g. '{\"my-clip\":768}'. "
+            "Checked at start-up against the dimension Immich derives for each mapped name."
+        ),
+    )
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings, description="Per-task timeouts.")
+    request_deadline_s: float = Field(
+        240.0,
+        gt=0,
+        le=295,
+        description="Most seconds one /predict may take across all failover attempts (below Immich's ~300 s).",
+    )
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings, description="Circuit breaker policy.")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="Health checks of remote backends.")
+
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest accepted /predict body, in bytes (413 above it)."
+    )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Largest backend response read, in bytes (larger is a backend failure)."
+    )
+    max_image_pixels: int = Field(
+        100_000_000,
+        gt=0,
+        description="Largest image (width x height) the gateway reads the size of for MT Photos backends.",
+    )
+    graceful_shutdown_s: float = Field(
+        30.0, ge=0, le=600, description="Seconds in-flight requests get to finish on SIGTERM before closing."
+    )
+
+    @field_validator("backends")
+    @classmethod
+    def _check_backends(cls, value: dict[str, BackendSettings]) -> dict[str, BackendSettings]:
+        if not value:
+            raise ValueError("at least one backend is needed")
+        locals_ = [n for n, b in value.items() if b.kind is BackendKind.LOCAL]
+        if len(locals_) > 1:
+            # Two in-process services would load every model twice in one process.
+            raise ValueError(f"at most one 'local' backend (got {', '.join(locals_)})")
+        for name in value:
+            if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"backend name {name!r}: use 1-64 letters, digits, '-' or '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_routes(self) -> GatewaySettings:
+        for task in ModelTask:
+            route = self.routes.for_task(task)
+            if route is None:
+                continue
+            if not route:
+                raise ValueError(f"route for {task} is empty; leave it unset to use every backend")
+            unknown = [n for n in route if n not in self.backends]
+            if unknown:
+                raise ValueError(f"route for {task} names unknown backends {unknown}; known: {list(self.backends)}")
+            if len(set(route)) != len(route):
+                raise ValueError(f"route for {task} names a backend twice: {route}")
+        return self
+
+    def route(self, task: ModelTask) -> list[str]:
+        return self.routes.for_task(task) or list(self.backends)
+
+
+@lru_cache
+def get_settings() -> GatewaySettings:
+    return GatewaySettings()

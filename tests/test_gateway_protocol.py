@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -24,31 +23,12 @@ from PIL import Image
 from tests.assets import astronaut_jpeg, preview_jpeg
 from tests.builders.clip_models import build_test_models
 from tests.gateway_support import GatewayProcess, gateway_process, immich_predict, metric_value, node_formdata
+from tests.immich_requests import CLIP_VISUAL, FACES, OCR, clip_textual
 
 pytestmark = pytest.mark.timeout(180)
 
 CLIP_MODEL = "test-cn-clip-512"  # tiny towers, but cn-clip's layout and ViT-B-16's 512-d output
 MAX_BODY = 6 * 1024 * 1024
-
-# The requests exactly as Immich 3.1's server builds them (JSON.stringify of these objects).
-CLIP_VISUAL = {"clip": {"visual": {"modelName": "ViT-B-32__openai"}}}
-FACES = {
-    "facial-recognition": {
-        "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.7}},
-        "recognition": {"modelName": "buffalo_l"},
-    }
-}
-OCR = {
-    "ocr": {
-        "detection": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.5, "maxResolution": 736}},
-        "recognition": {"modelName": "PP-OCRv5_mobile", "options": {"minScore": 0.8}},
-    }
-}
-
-
-def clip_textual(model: str = "ViT-B-32__openai", language: str | None = "zh-CN") -> dict[str, Any]:
-    return {"clip": {"textual": {"modelName": model, "options": {"language": language} if language else {}}}}
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:

@@ -369,5 +369,6 @@ def test_urls_and_request_ids() -> None:
     assert base_url("http://h/ml") == base_url("http://h/ml/") == "http://h/ml/"
     assert redact_url("http://user:pw@h:3003/ml/") == "http://***@h:3003/ml/"
     assert redact_url("http://h:3003/") == "http://h:3003/"
+    assert redact_url("http://h/ml/?token=s3cret&v=1") == "http://h/ml/?token=***&v=***"
     assert request_id_from("abc-123") == "abc-123"
     assert request_id_from("bad id\n") != "bad id\n" and len(request_id_from(None)) == 32

@@ -19,14 +19,15 @@ _SNIPPET_CHARS = 300  # how much of a backend's error body goes into logs and th
 
 
 def redact_url(url: str) -> str:
-    """The URL without user:password, for logs and /status."""
+    """The URL without user:password and with query values masked (tokens hide there too), for logs and /status."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.username is not None or parts.password is not None:
+        netloc = "***@" + (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair for pair in parts.query.split("&") if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def base_url(url: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ai_service.settings import AIServiceSettings
@@ -16,7 +15,11 @@ def _serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = AIServiceSettings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ai_service.runtime.workers import configure_logging, serve_workers
+
+    configure_logging(settings)
+    if settings.workers > 1:
+        return serve_workers(settings)
 
     import uvicorn
 

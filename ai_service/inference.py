@@ -45,6 +45,7 @@ from ai_service.protocol.immich import (
     check_dependencies,
     embedding_to_str,
 )
+from ai_service.runtime.onnx import choose_providers
 from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
@@ -84,19 +85,41 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
     )
 
 
+def batching_on(settings: AIServiceSettings) -> bool:
+    """Whether models will batch: as configured, or (auto) when sessions will run on a GPU provider."""
+    if settings.batch_enabled is not None:
+        return settings.batch_enabled and settings.batch_max_size > 1
+    try:
+        first = choose_providers(tuple(settings.providers) if settings.providers else None)[0]
+    except RuntimeError:  # no requested provider exists: sessions will fail to open anyway
+        return False
+    return first != "CPUExecutionProvider" and settings.batch_max_size > 1
+
+
+def request_threads(settings: AIServiceSettings) -> int:
+    """Requests the service decodes and runs at once."""
+    if settings.request_threads:
+        return settings.request_threads
+    cores = os.cpu_count() or 1
+    if batching_on(settings):
+        # A request waiting for its batch holds a pool thread without using a core; with only one thread
+        # per core, no more than that many requests could ever meet in a batch.
+        return max(cores, settings.batch_max_size)
+    return cores
+
+
 class InferenceService:
     def __init__(self, settings: AIServiceSettings, registry: ModelRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or build_registry(settings)
         self.cache = ModelCache(self.registry, settings.model_ttl)
-        self.executor = ThreadPoolExecutor(
-            max_workers=settings.request_threads or os.cpu_count() or 1, thread_name_prefix="inference"
-        )
+        self.executor = ThreadPoolExecutor(max_workers=request_threads(settings), thread_name_prefix="inference")
         self._reaper: asyncio.Task[None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.run_blocking(self.log_models)
         await self.preload()
         if self.settings.model_ttl > 0:
             self._reaper = asyncio.create_task(self._reap_idle_models(), name="idle-model-reaper")
@@ -107,6 +130,46 @@ class InferenceService:
         # Waiting for in-flight inference must not block the event loop that is still finishing responses.
         await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=False)
         self.cache.unload_all()
+
+    def suggested_model(self, task: ModelTask) -> str:
+        """The model to tell a user to install first for ``task``: a preload, else what MT Photos serves."""
+        pre = self.settings.preload
+        preloads = {
+            ModelTask.CLIP: [*pre.clip_visual, *pre.clip_textual],
+            ModelTask.FACIAL_RECOGNITION: pre.facial_recognition,
+            ModelTask.OCR: pre.ocr,
+        }.get(task, [])
+        defaults = {
+            ModelTask.CLIP: self.settings.mtphotos_clip_model,
+            ModelTask.FACIAL_RECOGNITION: self.settings.mtphotos_face_model,
+            ModelTask.OCR: self.settings.mtphotos_ocr_model,
+        }
+        return preloads[0] if preloads else defaults.get(task, "")
+
+    def log_models(self) -> dict[str, list[str]]:
+        """Log, per task, what is installed and, where nothing is, the command that installs a model.
+
+        Models are not baked into the images, so a first start on an empty model volume must say exactly
+        what to run; the model is picked up by the next request, without a restart."""
+        installed: dict[str, list[str]] = {}
+        for task, family in self.registry.families.items():
+            names = family.installed()
+            installed[str(task)] = names
+            if names:
+                log.info("%s models installed in %s: %s", task, self.settings.model_dir, ", ".join(names))
+                continue
+            name = self.suggested_model(task)
+            log.warning(
+                "no %s model is installed in %s (AI_SERVICE_MODEL_DIR); %s requests fail until one is. "
+                "For %s: %s Run it where this service runs (in Docker: docker compose exec ai-service <command>); "
+                "no restart is needed.",
+                task,
+                self.settings.model_dir,
+                task,
+                name,
+                family.install_hint(name),
+            )
+        return installed
 
     async def _reap_idle_models(self) -> None:
         while True:

@@ -137,6 +137,7 @@ class OcrPipeline:
         characters: list[str],
         cls: ort.InferenceSession | None = None,
         rec_batch: int = _REC_BATCH,
+        det_bucket: int | None = None,
     ) -> None:
         self._det = det
         self._rec = rec
@@ -147,6 +148,7 @@ class OcrPipeline:
         # CTCLabelDecode inserts the blank and space symbols into the list it is given: pass a copy.
         self._decoder = CTCLabelDecode(character=list(characters))
         self._rec_batch = max(1, rec_batch)
+        self._det_bucket = resolve_det_bucket(det_bucket, det)
         n_classes = rec.get_outputs()[0].shape[-1]
         if isinstance(n_classes, int) and n_classes != len(self._decoder.character):
             raise ModelLoadError(
@@ -187,8 +189,20 @@ class OcrPipeline:
             # INTER_AREA when shrinking keeps thin strokes (bilinear skips pixels); linear otherwise.
             shrink = rh < h and rw < w
             image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        out = self._det.run(None, {self._det_input: _to_tensor(image)})[0]
-        return np.asarray(out, dtype=np.float32)
+        tensor = _to_tensor(image)
+        if self._det_bucket:
+            # A GPU provider compiles (picks kernels, builds engines) per input shape: padding to a bucket
+            # keeps the set of shapes small. The pad is 0 in the network's input space (mid-grey), what its
+            # own first convolution pads with; the probability map is cropped back before post-processing.
+            # Not bit-identical: the detector's squeeze-and-excitation blocks average over the whole input,
+            # padding included (on the OCR set: same recall, boxes within 4 px), hence off on CPUs by default.
+            ph, pw = bucketed_size(rh, rw, self._det_bucket)
+            if (ph, pw) != (rh, rw):
+                padded = np.zeros((1, 3, ph, pw), np.float32)
+                padded[:, :, :rh, :rw] = tensor
+                tensor = padded
+        out = self._det.run(None, {self._det_input: tensor})[0]
+        return np.asarray(out, dtype=np.float32)[..., :rh, :rw]
 
     # ---- recognition -----------------------------------------------------------------------------
 
@@ -250,6 +264,28 @@ def detector_input_size(height: int, width: int, max_resolution: int) -> tuple[i
         return max(_DET_MULTIPLE, round(int(n * ratio) / _DET_MULTIPLE) * _DET_MULTIPLE)
 
     return side(height), side(width)
+
+
+# Immich's 1440-px previews of aspect ratios 1:1 to 2:1 at maxResolution 736: 47 detector shapes, 13 in 128-px buckets.
+DEFAULT_GPU_DET_BUCKET = 128
+
+
+def resolve_det_bucket(configured: int | None, det: ort.InferenceSession) -> int:
+    """Detector input bucket in pixels (0: none). Unset: on a GPU provider 128, on the CPU none, since the CPU
+    provider does not compile per shape and padding would only add pixels to compute."""
+    if configured is not None:
+        if configured % _DET_MULTIPLE:
+            raise ValueError(f"the OCR detector bucket must be a multiple of {_DET_MULTIPLE} px, got {configured}")
+        return configured
+    providers = det.get_providers()
+    return DEFAULT_GPU_DET_BUCKET if providers and providers[0] != "CPUExecutionProvider" else 0
+
+
+def bucketed_size(height: int, width: int, bucket: int) -> tuple[int, int]:
+    """``height`` x ``width`` rounded up to multiples of ``bucket`` (unchanged for 0)."""
+    if bucket <= 0:
+        return height, width
+    return -(-height // bucket) * bucket, -(-width // bucket) * bucket
 
 
 def reading_order(quads: np.ndarray) -> np.ndarray:
@@ -334,6 +370,7 @@ def load_pipeline(
     options: SessionOptions,
     classifier: Path | None = None,
     rec_batch: int = _REC_BATCH,
+    det_bucket: int | None = None,
 ) -> OcrPipeline:
     """Open the sessions (through the service's one session factory) and build the pipeline."""
     det = create_session(files.detection, options)
@@ -348,7 +385,7 @@ def load_pipeline(
         f" from {files.dictionary.name}" if files.dictionary else ", embedded",
         ", angle classifier on" if cls is not None else "",
     )
-    return OcrPipeline(det, rec, characters, cls=cls, rec_batch=rec_batch)
+    return OcrPipeline(det, rec, characters, cls=cls, rec_batch=rec_batch, det_bucket=det_bucket)
 
 
 class OcrFamily:
@@ -374,6 +411,7 @@ class OcrFamily:
         # bench/results/ocr_compare.md.
         self.use_classifier = settings.ocr_use_angle_classifier if use_classifier is None else use_classifier
         self.rec_batch = settings.ocr_rec_batch_size
+        self.det_bucket = settings.ocr_det_bucket_px
 
     def canonical_name(self, name: str) -> str:
         return ALIASES.get(name, name)
@@ -419,7 +457,7 @@ class OcrFamily:
             )
         classifier = bundled_classifier() if self.use_classifier else None
         try:
-            return load_pipeline(files, self.session_options, classifier, self.rec_batch)
+            return load_pipeline(files, self.session_options, classifier, self.rec_batch, self.det_bucket)
         except ModelLoadError as exc:
             raise ModelLoadError(f"ocr model '{name}': {exc}") from exc
         except Exception as exc:  # ONNX Runtime raises its own types for corrupt or truncated files

@@ -1,8 +1,18 @@
-"""ONNX Runtime sessions: execution-provider choice, threads, device selection.
+"""ONNX Runtime sessions: execution-provider choice, threads, device selection, precision.
 
-Every ONNX model in the service is opened through :func:`create_session`, so provider order and
-threading are decided in one place. CUDA is used automatically when the installed ONNX Runtime
-build offers it; ``AI_SERVICE_PROVIDERS`` overrides the order.
+Every ONNX model in the service is opened through :func:`create_session`, so provider order,
+threading, the GPU a process uses and fp16 are decided in one place. CUDA is used automatically
+when the installed ONNX Runtime build offers it; ``AI_SERVICE_PROVIDERS`` overrides the order.
+
+Precision ``fp16`` (``AI_SERVICE_PRECISION``): a ``model_fp16.onnx`` next to ``model.onnx`` is used
+when present; otherwise the model is converted at load, keeping float32 inputs and outputs, so
+callers feed and read float32 either way. The converter is ONNX Runtime's own
+``onnxruntime.transformers.float16`` (shipped in every onnxruntime / onnxruntime-gpu wheel; it needs
+the ``onnx`` package, which the ``gpu`` extra installs): the same algorithm as onnxconverter-common,
+whose 1.16 release breaks graphs that ``Cast`` to float (every CLIP text tower with a padding mask),
+see tests/test_batching.py. Without ``onnx``, or for a model that cannot be converted, the float32
+model is used and a warning says why. fp16 pays off on GPUs (tensor cores, half the memory); ONNX
+Runtime's CPU provider has few fp16 kernels and casts around the rest, so on a CPU it is slower.
 """
 
 from __future__ import annotations
@@ -11,13 +21,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import onnxruntime as ort
+
+from ai_service.runtime.batching import BatchOptions
 
 log = logging.getLogger(__name__)
 
 # Preference order when nothing is configured; only providers the installed build offers are kept.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+Precision = Literal["fp32", "fp16"]
+FP16_SUFFIX = "_fp16"  # model.onnx -> model_fp16.onnx
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,8 @@ class SessionOptions:
     device_id: int = 0
     intra_op_threads: int = 0
     inter_op_threads: int = 1
+    precision: Precision = "fp32"
+    batching: BatchOptions = field(default_factory=BatchOptions)  # off unless the service's settings turn it on
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -58,6 +76,37 @@ def default_intra_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def fp16_path(path: Path) -> Path:
+    """Where a half-precision copy of ``path`` is looked for: ``model.onnx`` -> ``model_fp16.onnx``."""
+    return path.with_name(f"{path.stem}{FP16_SUFFIX}{path.suffix}")
+
+
+def convert_to_fp16(path: Path) -> bytes | None:
+    """``path`` converted to float16 with float32 inputs/outputs, serialised; None if it cannot be done here."""
+    try:
+        import onnx
+        from onnxruntime.transformers import float16
+    except ImportError:
+        log.warning(
+            "AI_SERVICE_PRECISION=fp16: %s has no %s and the 'onnx' package, needed to convert it, is not "
+            "installed (pip install onnx, or the 'gpu' extra); using float32",
+            path,
+            fp16_path(path).name,
+        )
+        return None
+    try:
+        model = onnx.load(str(path))  # external weights (*.onnx_data) are read from the same folder
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+        return bytes(converted.SerializeToString())
+    except Exception as exc:  # the converter raises plain Exceptions; protobuf a ValueError above 2 GB
+        log.warning("AI_SERVICE_PRECISION=fp16: cannot convert %s (%s); using float32", path, exc)
+        return None
+
+
+def _has_fp16_io(session: ort.InferenceSession) -> bool:
+    return any(arg.type == "tensor(float16)" for arg in (*session.get_inputs(), *session.get_outputs()))
+
+
 def create_session(path: Path | str, options: SessionOptions) -> ort.InferenceSession:
     """Open ``path`` with the chosen providers. Raises ``FileNotFoundError`` if it does not exist."""
     path = Path(path)
@@ -72,10 +121,30 @@ def create_session(path: Path | str, options: SessionOptions) -> ort.InferenceSe
     for key, value in options.extra.items():
         so.add_session_config_entry(key, value)
     providers = choose_providers(options.providers)
-    session = ort.InferenceSession(
-        str(path),
-        sess_options=so,
-        providers=[(p, _provider_options(p, options)) for p in providers],
-    )
-    log.info("loaded %s with %s", path, session.get_providers())
+    provider_list = [(p, _provider_options(p, options)) for p in providers]
+
+    source: str | bytes = str(path)
+    what = str(path)
+    if options.precision == "fp16":
+        half = fp16_path(path)
+        if half.is_file():
+            source, what = str(half), f"{half} (fp16)"
+        else:
+            converted = convert_to_fp16(path)
+            if converted is not None:
+                source, what = converted, f"{path} (converted to fp16 at load)"
+    session = ort.InferenceSession(source, sess_options=so, providers=provider_list)
+    if isinstance(source, str) and source != str(path) and _has_fp16_io(session):
+        # The encoders feed and read float32; a copy converted without keep_io_types would fail on
+        # every request, so it is refused here, at load, with the way to fix it.
+        log.warning(
+            "%s takes or returns float16 tensors; convert it with keep_io_types=True. Using %s (float32)",
+            source,
+            path,
+        )
+        session = ort.InferenceSession(str(path), sess_options=so, providers=provider_list)
+        what = str(path)
+    active = session.get_providers()
+    device = f" device {options.device_id}" if active and active[0] == "CUDAExecutionProvider" else ""
+    log.info("loaded %s with %s%s", what, active, device)
     return session

@@ -30,6 +30,7 @@ from tokenizers.processors import BertProcessing
 from ai_service.models.base import ModelLoadError
 from ai_service.models.clip.catalog import flores200_code
 from ai_service.models.clip.common import check_embedding_size, config_embed_dim, l2_normalize, read_json
+from ai_service.runtime.batching import MicroBatcher, make_batcher
 from ai_service.runtime.onnx import SessionOptions, create_session
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -137,9 +138,15 @@ def load_tokenizer(folder: Path, context_length: int, what: str) -> tuple[Tokeni
     return tokenizer, type(tokenizer.model).__name__ == "WordPiece"
 
 
+Feeds = dict[str, np.ndarray]
+
+
 class ClipTextualEncoder:
     """Thread-safe: the tokenizer is configured once at load and only read afterwards (``encode``
-    takes a shared borrow), and ONNX Runtime sessions accept concurrent ``run``."""
+    takes a shared borrow), and ONNX Runtime sessions accept concurrent ``run``.
+
+    Concurrent ``encode_text`` calls are batched into one ONNX Runtime run when the session options turn
+    batching on: every query is padded to ``context_length``, so their feeds stack on the batch axis."""
 
     def __init__(self, name: str, model_dir: Path, config: dict[str, Any], options: SessionOptions) -> None:
         self.name = name
@@ -169,6 +176,10 @@ class ClipTextualEncoder:
                 f"{what}: the ONNX model's inputs {sorted(inputs)} are neither 'text' (OpenCLIP, cn-clip) "
                 "nor 'input_ids' + 'attention_mask' (M-CLIP)"
             )
+        batch_dims = {inputs[feed].shape[0] if inputs[feed].shape else None for feed in feeds}
+        fixed = next(iter(batch_dims)) if len(batch_dims) == 1 else None
+        # Graphs traced without a dynamic batch axis take exactly that many queries per run.
+        self.max_batch: int | None = fixed if isinstance(fixed, int) and fixed > 0 else None
         for feed in feeds:
             dtype = _INT_TYPES.get(inputs[feed].type)
             if dtype is None:
@@ -183,7 +194,10 @@ class ClipTextualEncoder:
         self.tokenizer, is_bert = load_tokenizer(folder, context_length, what)
         self.kind: TextKind = "mclip" if len(feeds) == 2 else ("cn-clip" if is_bert else "openclip")
         self.embedding_size: int = check_embedding_size(
-            self.session, config_embed_dim(config), lambda: self._run_raw(self.tokenize("")), what
+            self.session, config_embed_dim(config), lambda: self._run_chunked(self.tokenize("")), what
+        )
+        self.batcher: MicroBatcher[Feeds, np.ndarray] | None = make_batcher(
+            options.batching, self.session, self._run_rows, fixed_batch=self.max_batch, name=what
         )
 
     def prepare_text(self, text: str, language: str | None = None) -> str:
@@ -206,10 +220,39 @@ class ClipTextualEncoder:
             }
         return {"text": np.asarray([encoding.ids], dtype=self._dtypes["text"])}
 
-    def _run_raw(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_raw(self, feeds: Feeds) -> np.ndarray:
         out = self.session.run(None, feeds)[0]
-        return np.asarray(out).reshape(1, -1)
+        count = next(iter(feeds.values())).shape[0]
+        return np.asarray(out).reshape(count, -1)
+
+    def _run_chunked(self, feeds: Feeds) -> np.ndarray:
+        """Feeds of N queries -> N x D raw rows; a graph with a fixed batch axis is fed full chunks of it."""
+        step = self.max_batch
+        count = next(iter(feeds.values())).shape[0]
+        if step is None:
+            return self._run_raw(feeds)
+        rows = []
+        for start in range(0, count, step):
+            chunk = {k: v[start : start + step] for k, v in feeds.items()}
+            real = next(iter(chunk.values())).shape[0]
+            if real < step:  # pad with copies of the last query (always valid input), then drop those rows
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], step - real, axis=0)]) for k, v in chunk.items()}
+            rows.append(self._run_raw(chunk)[:real])
+        return np.concatenate(rows)
+
+    def _run_rows(self, items: list[Feeds]) -> list[np.ndarray]:
+        # The batcher's call: every queued query in one run; rows are normalised in each request's thread.
+        stacked = {key: np.concatenate([feeds[key] for feeds in items]) for key in items[0]}
+        return list(self._run_chunked(stacked))
 
     def encode_text(self, text: str, language: str | None = None) -> np.ndarray:
         """One query -> L2-normalised float32 vector of ``embedding_size``."""
-        return l2_normalize(self._run_raw(self.tokenize(text, language)), self._what)[0]
+        feeds = self.tokenize(text, language)
+        row = self._run_chunked(feeds)[0] if self.batcher is None else self.batcher.submit(feeds)
+        return l2_normalize(row[None], self._what)[0]
+
+    def encode_texts(self, texts: list[str], language: str | None = None) -> np.ndarray:
+        """Several queries -> N x D in one ONNX run (chunked for a fixed batch axis); never waits for others."""
+        if not texts:
+            return np.zeros((0, self.embedding_size), np.float32)
+        return l2_normalize(self._run_rows([self.tokenize(t, language) for t in texts]), self._what)

@@ -2,6 +2,10 @@
 
 The graph takes NCHW float32 ``image`` and its first output's rows are the embeddings (Immich reads
 ``[0][0]``). Whether the graph normalises or not, rows are L2-normalised here.
+
+Concurrent ``encode_image`` calls are batched into one ONNX Runtime run when the session options
+turn batching on (:mod:`ai_service.runtime.batching`): preprocessing and normalisation stay in each
+caller's thread, only the graph runs once for the batch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from ai_service.models.base import ModelLoadError
 from ai_service.models.clip.common import check_embedding_size, config_embed_dim, l2_normalize, read_json
 from ai_service.models.clip.preprocess import ImagePreprocessor, PreprocessConfig
+from ai_service.runtime.batching import MicroBatcher, make_batcher
 from ai_service.runtime.onnx import SessionOptions, create_session
 
 PREPROCESS_FILE = "preprocess_cfg.json"
@@ -56,8 +61,11 @@ class ClipVisualEncoder:
         self.embedding_size: int = check_embedding_size(
             self.session,
             config_embed_dim(config),
-            lambda: self._run_raw(np.zeros((1, 3, cfg.size, cfg.size), np.float32)),
+            lambda: self._run_chunked(np.zeros((1, 3, cfg.size, cfg.size), np.float32)),
             what,
+        )
+        self.batcher: MicroBatcher[np.ndarray, np.ndarray] | None = make_batcher(
+            options.batching, self.session, self._run_rows, fixed_batch=self.max_batch, name=what
         )
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
@@ -68,22 +76,11 @@ class ClipVisualEncoder:
         out = self.session.run(None, {self._input_name: batch})[0]
         return np.asarray(out).reshape(batch.shape[0], -1)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed N x 3 x size x size float32 -> N x D L2-normalised float32."""
-        return l2_normalize(self._run_raw(batch), self._what)
-
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
-        """One RGB uint8 image -> L2-normalised float32 vector of ``embedding_size``."""
-        return self.run(self.preprocess(image)[None])[0]
-
-    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Several images -> N x D; one ONNX run when the graph's batch axis is dynamic."""
-        if not images:
-            return np.zeros((0, self.embedding_size), np.float32)
-        batch = np.stack([self.preprocess(image) for image in images])
+    def _run_chunked(self, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x S x S -> N x D raw rows; a graph with a fixed batch axis is fed full chunks of it."""
         step = self.max_batch
         if step is None:
-            return self.run(batch)
+            return self._run_raw(batch)
         rows = []
         for start in range(0, len(batch), step):
             chunk = batch[start : start + step]
@@ -91,4 +88,25 @@ class ClipVisualEncoder:
             if count < step:  # a fixed batch axis needs a full batch: pad, then drop the padding rows
                 chunk = np.concatenate([chunk, np.zeros((step - count, *chunk.shape[1:]), chunk.dtype)])
             rows.append(self._run_raw(chunk)[:count])
-        return l2_normalize(np.concatenate(rows), self._what)
+        return np.concatenate(rows)
+
+    def _run_rows(self, tensors: list[np.ndarray]) -> list[np.ndarray]:
+        # The batcher's call: one graph run for every queued image; rows go back un-normalised so that a
+        # broken row fails only the request it belongs to (normalised in that request's thread).
+        return list(self._run_chunked(np.stack(tensors)))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed N x 3 x size x size float32 -> N x D L2-normalised float32."""
+        return l2_normalize(self._run_chunked(batch), self._what)
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """One RGB uint8 image -> L2-normalised float32 vector of ``embedding_size``."""
+        tensor = self.preprocess(image)
+        row = self._run_chunked(tensor[None])[0] if self.batcher is None else self.batcher.submit(tensor)
+        return l2_normalize(row[None], self._what)[0]
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Several images -> N x D in one ONNX run (chunked for a fixed batch axis); never waits for others."""
+        if not images:
+            return np.zeros((0, self.embedding_size), np.float32)
+        return self.run(np.stack([self.preprocess(image) for image in images]))

@@ -10,7 +10,9 @@ As InsightFace's ``norm_crop`` + ``ArcFaceONNX.get_feat`` (and Immich's numpy po
   compares them by cosine distance.
 
 Faces of one image go through the model together when its batch axis is dynamic; a model exported
-with a fixed batch size is fed that many at a time (the last chunk zero-padded).
+with a fixed batch size is fed that many at a time (the last chunk zero-padded). With batching on
+(:mod:`ai_service.runtime.batching`), the faces of concurrent requests share runs too: alignment and
+blob conversion stay in each request's thread, and each request gets back exactly its own rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ai_service.models.base import FaceDetections, ModelLoadError
+from ai_service.runtime.batching import BatchOptions, MicroBatcher, make_batcher
 
 EMBEDDING_SIZE = 512
 CROP_SIZE = 112
@@ -110,11 +113,17 @@ class ArcFaceRecognizer:
 
     ``max_batch_size`` caps how many faces go through the model in one run (Immich's
     ``MAX_BATCH_SIZE__FACIAL_RECOGNITION``); ``None`` runs all faces of an image at once.
+    ``batching`` lets concurrent ``embed`` calls share runs (its ``max_size`` counts faces).
     """
 
     embedding_size = EMBEDDING_SIZE
 
-    def __init__(self, session: ort.InferenceSession, max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        max_batch_size: int | None = None,
+        batching: BatchOptions | None = None,
+    ) -> None:
         self.session = session
         inputs = session.get_inputs()
         outputs = session.get_outputs()
@@ -136,6 +145,14 @@ class ArcFaceRecognizer:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.max_batch_size = max_batch_size
+        self.batcher: MicroBatcher[np.ndarray, np.ndarray] | None = make_batcher(
+            batching or BatchOptions(),
+            session,
+            self._run_blobs,
+            fixed_batch=self.fixed_batch,
+            name="ArcFace recognition",
+            weight=len,  # an item is one image's faces: they count one each against the batch size
+        )
 
     def crops(self, image: np.ndarray, faces: FaceDetections) -> np.ndarray:
         """N x 112 x 112 x 3 aligned crops."""
@@ -154,7 +171,20 @@ class ArcFaceRecognizer:
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """Aligned crops -> N x 512 raw embeddings."""
         blob = to_blob(crops)
+        if self.batcher is None or blob.shape[0] == 0:
+            return self._embed_blob(blob)
+        return self.batcher.submit(blob)
+
+    def _run_blobs(self, blobs: list[np.ndarray]) -> list[np.ndarray]:
+        # The batcher's call: the faces of every queued request in one go, split back per request.
+        rows = self._embed_blob(np.concatenate(blobs))
+        bounds = np.cumsum([len(b) for b in blobs])[:-1]
+        return np.split(rows, bounds)
+
+    def _embed_blob(self, blob: np.ndarray) -> np.ndarray:
         count = blob.shape[0]
+        if count == 0:
+            return np.zeros((0, EMBEDDING_SIZE), np.float32)
         # A fixed batch axis dictates the chunk; otherwise the configured cap, or everything at once.
         chunk = self.fixed_batch if self.fixed_batch is not None else self.max_batch_size or count
         results: list[np.ndarray] = []

@@ -139,7 +139,9 @@ class FaceFamily:
             session = create_session(path, self.session_options)
             if component == DETECTION:
                 return ScrfdDetector(session)
-            return ArcFaceRecognizer(session, max_batch_size=self.max_batch_size)
+            return ArcFaceRecognizer(
+                session, max_batch_size=self.max_batch_size, batching=self.session_options.batching
+            )
         except ModelLoadError as exc:
             raise ModelLoadError(f"{self.task} model '{name}' ({component}) at {path}: {exc}") from exc
         except Exception as exc:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail) are not OSErrors

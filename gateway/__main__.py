@@ -1,4 +1,5 @@
-"""Command line: ``python -m gateway [--host H] [--port P]`` | ``python -m gateway settings``."""
+"""Command line: ``python -m gateway [--host H] [--port P]`` | ``python -m gateway settings`` |
+``python -m gateway regenerate {ocr|clip} ASSET_ID [--api-key KEY]`` (see gateway/search/cli.py)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "settings":
         return _print_settings()
+    if argv and argv[0] == "regenerate":
+        from gateway.search.cli import main as regenerate_main
+
+        return regenerate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m gateway", description="Run the Immich ML gateway.")
     parser.add_argument("--host", help="listen address (GATEWAY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (GATEWAY_PORT, default 3003)")

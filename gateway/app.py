@@ -36,6 +36,7 @@ from gateway.health import Dispatcher, HealthMonitor, NoBackendAvailable
 from gateway.logs import REQUEST_ID, go_direct, request_id_from
 from gateway.metrics import Metrics
 from gateway.routing import MappingError, RoutedTask, Router
+from gateway.search import SearchFeature
 from gateway.settings import GatewaySettings, get_settings
 
 log = logging.getLogger("gateway")
@@ -106,6 +107,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     backends: dict[str, Backend] = build_backends(settings)
     dispatcher = Dispatcher(settings, router, backends, metrics)
     monitor = HealthMonitor(settings, backends, dispatcher, metrics)
+    # POST /api/search/smart and /ai/assets/{id}/{ocr,clip}; None (routes absent: 404) without GATEWAY_IMMICH__URL.
+    search = SearchFeature.from_settings(settings, router, dispatcher)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,12 +129,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             for warning in router.startup_warnings():
                 log.warning(warning)
             checker = asyncio.create_task(monitor.run(), name="health-checks")
+            if search is not None:
+                # Never waits for the database: migration runs in the background and /predict serves at once.
+                await search.start()
             try:
                 yield
             finally:
                 checker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await checker
+                if search is not None:
+                    await search.close()
         finally:
             # Runs after uvicorn let in-flight requests finish (GATEWAY_GRACEFUL_SHUTDOWN_S).
             for backend in reversed(started):
@@ -150,6 +158,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.dispatcher = dispatcher
     app.state.monitor = monitor
     app.state.metrics = metrics
+    app.state.search = search
+    if search is not None:
+        app.include_router(search.api_router())
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, setting_name="GATEWAY_MAX_BODY_BYTES"
     )
@@ -199,6 +210,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 task.value: {name: dispatcher.breakers[(name, task)].snapshot() for name in router.backends_for(task)}
                 for task in ModelTask
             },
+            "search": search.describe() if search is not None else {"enabled": False},
         }
 
     @app.post(
@@ -256,6 +268,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             metrics.in_flight.dec()
             metrics.requests.labels(label, str(status)).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    # Browser-facing pieces under /ai/ (gateway/web): the Immich add-on script and the admin status page.
+    from gateway.web import router as web_router
+
+    app.include_router(web_router)
 
     return app
 

@@ -10,12 +10,14 @@ Examples::
     GATEWAY_ROUTES__CLIP='["gpu","local"]'
     GATEWAY_MODEL_MAP__CLIP='{"cn-clip/":"ViT-B-16__cn-clip"}'
     GATEWAY_TIMEOUTS__OCR=45
+    GATEWAY_IMMICH__URL=http://immich-server:2283   # search front + regenerate (gateway/search/README.md)
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -173,6 +175,143 @@ class HealthSettings(BaseModel):
     )
 
 
+class ImmichSettings(BaseModel):
+    """The Immich server behind the search front (``POST /api/search/smart``) and the regenerate endpoints.
+
+    The gateway calls Immich's API *as the caller* (their cookie, API key or bearer token), so Immich itself
+    decides who sees what; nothing here is a credential of the gateway's own.
+    """
+
+    url: str | None = Field(
+        None,
+        description=(
+            "Base URL of Immich's server as the gateway reaches it directly, e.g. http://immich-server:2283 "
+            "(never the nginx front: a forwarded search would come back to the gateway). Unset: the search "
+            "front and the regenerate endpoints are off (404)."
+        ),
+    )
+    timeout_s: float = Field(30.0, gt=0, le=600, description="Seconds one call to Immich's API may take.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=60, description="Seconds to wait for a TCP connection to Immich.")
+    max_connections: int = Field(
+        64, ge=1, le=1024, description="Most concurrent HTTP connections from the gateway to Immich's API."
+    )
+    keepalive_s: float = Field(
+        4.0,
+        ge=0,
+        le=300,
+        description=(
+            "Seconds an idle connection to Immich is kept for reuse; below Node's 5 s keep-alive, so a pooled "
+            "connection is never reused just as Immich closes it."
+        ),
+    )
+    auth_cache_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds a caller's identity (GET /api/users/me) is reused, keyed by a SHA-256 of the credential "
+            "(never the credential itself); 0 asks Immich on every request."
+        ),
+    )
+    auth_cache_size: int = Field(1024, ge=1, le=1_000_000, description="Most identities kept in that cache.")
+    max_preview_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest preview image read from Immich for a regenerate, in bytes."
+    )
+    max_response_bytes: int = Field(
+        4 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON reply read from Immich's API (an asset, the caller's user), in bytes.",
+    )
+    config_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds Immich's machine-learning settings (system_metadata 'system-config') are reused.",
+    )
+    config_file: Path | None = Field(
+        None,
+        description=(
+            "Immich's config file, when Immich reads its settings from one (IMMICH_CONFIG_FILE) instead of the "
+            "database; mount it read-only into the gateway. Unset: the database, then Immich's defaults."
+        ),
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, e.g. http://immich-server:2283")
+        return value.rstrip("/")
+
+
+class SearchSettings(BaseModel):
+    """The search front (``POST /api/search/smart``) and the regenerate endpoints (``/ai/assets/...``)."""
+
+    hybrid: bool = Field(
+        True,
+        description=(
+            "Queries without the 'ocr:' prefix are ranked by CLIP and OCR together. false: they go to Immich "
+            "unchanged (only 'ocr:' queries are answered by the gateway)."
+        ),
+    )
+    hydrate_concurrency: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Most concurrent GET /api/assets/{id} calls to Immich while building one page of results.",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest accepted search request body, in bytes."
+    )
+    max_filter_ids: int = Field(
+        100, ge=1, le=10_000, description="Most ids accepted in one personIds / albumIds filter."
+    )
+    clip_query_max_chars: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Characters of a query sent to the CLIP text model (CLIP reads only the first ~77 tokens anyway).",
+    )
+    text_embedding_cache_size: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description="CLIP text embeddings kept (by model, query and language), as Immich's own 100-entry cache.",
+    )
+    migrate: bool = Field(
+        True,
+        description=(
+            "Run the search schema's migrations (db.migrate) at start-up. false: another process migrates; the "
+            "gateway only waits for the schema."
+        ),
+    )
+    db_pool_size: int = Field(8, ge=1, le=200, description="Most database connections the search front holds.")
+    db_acquire_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Seconds a request waits for a free database connection before a 503."
+    )
+    db_idle_s: float = Field(
+        60.0, ge=0, le=3600, description="Seconds an idle pooled database connection is kept before it is closed."
+    )
+    db_retry_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds between attempts to reach and migrate the database while it is down (the ML endpoints work "
+            "meanwhile; searches fall back to Immich, 'ocr:' searches get a 503)."
+        ),
+    )
+    context_ttl_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Seconds before the detected search context (vector index, CLIP dimension) is re-read.",
+    )
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_",
@@ -231,6 +370,10 @@ class GatewaySettings(BaseSettings):
         gt=0,
         description="Largest image (width x height) the gateway reads the size of for MT Photos backends.",
     )
+    immich: ImmichSettings = Field(
+        default_factory=ImmichSettings, description="The Immich server behind the search front and regenerate."
+    )
+    search: SearchSettings = Field(default_factory=SearchSettings, description="Search front and regenerate endpoints.")
     graceful_shutdown_s: float = Field(
         30.0, ge=0, le=600, description="Seconds in-flight requests get to finish on SIGTERM before closing."
     )

@@ -1,0 +1,173 @@
+"""The gateway's search half: ``POST /api/search/smart`` in front of Immich, and per-asset regenerate.
+
+Switched on by ``GATEWAY_IMMICH__URL`` (Immich's server as the gateway reaches it). :class:`SearchFeature`
+wires the parts together; ``gateway/app.py`` mounts its router and runs its start/close in the lifespan.
+
+| module | what |
+|---|---|
+| ``credentials.py`` | the caller's credential, where and in the order Immich reads it |
+| ``immich.py`` | Immich's API as the caller: identity, assets, previews, the untouched pass-through |
+| ``immich_config.py``, ``config_source.py`` | Immich's machine-learning settings (models, OCR thresholds) |
+| ``database.py`` | async connection pool, start-up migration, partner scope, regenerate writes |
+| ``inference.py`` | CLIP / OCR through the gateway's routing and failover |
+| ``dto.py`` | SmartSearchDto -> query, filters, paging |
+| ``smart.py`` | the search endpoint |
+| ``regenerate.py`` | the regenerate flow (endpoints and ``python -m gateway regenerate``) |
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from db.settings import DbSearchSettings
+from gateway.backends.http import redact_url
+from gateway.health import Dispatcher
+from gateway.routing import ConfigError, Router
+from gateway.search.config_source import ImmichConfigSource
+from gateway.search.credentials import SharedLinkRefused, credential_from
+from gateway.search.database import SearchDatabase
+from gateway.search.immich import ImmichClient
+from gateway.search.inference import Inference
+from gateway.search.regenerate import RegenerateError, RegenerateKind, Regenerator, parse_asset_id
+from gateway.search.smart import SmartSearchService
+from gateway.settings import GatewaySettings
+
+__all__ = ["SearchFeature"]
+
+log = logging.getLogger("gateway.search")
+
+
+def db_settings_from_env() -> DbSearchSettings:
+    """DbSearchSettings from DB_SEARCH_* / Immich's DB_* variables; a bad value is a ConfigError that names the
+    variable but never echoes it (DB_SEARCH_URL holds a password)."""
+    try:
+        return DbSearchSettings()
+    except ValidationError as exc:
+        where = ", ".join(
+            "DB_SEARCH_" + ".".join(str(p) for p in e["loc"]).upper() + f" ({e['msg']})"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        raise ConfigError(f"invalid search database settings: {where}") from None
+
+
+class SearchFeature:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        router: Router,
+        dispatcher: Dispatcher,
+        db_settings: DbSearchSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db_settings = db_settings or db_settings_from_env()
+        self.immich = ImmichClient(settings.immich)
+        self.database = SearchDatabase(self.db_settings, settings.search)
+        self.inference = Inference(settings, router, dispatcher)
+        self.config = ImmichConfigSource(settings.immich, self.database)
+        self.regenerator = Regenerator(self.immich, self.database, self.inference, self.config)
+        self.smart = SmartSearchService(
+            settings, self.db_settings, self.immich, self.database, self.inference, self.config
+        )
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings, router: Router, dispatcher: Dispatcher) -> SearchFeature | None:
+        """The feature, or None when ``GATEWAY_IMMICH__URL`` is unset (the endpoints then do not exist: 404)."""
+        if settings.immich.url is None:
+            return None
+        return cls(settings, router, dispatcher)
+
+    async def start(self, *, bootstrap_database: bool = True) -> None:
+        await self.immich.start()
+        if bootstrap_database:
+            log.info(
+                "search front enabled",
+                extra={
+                    "fields": {
+                        "immich": redact_url(self.immich.base),
+                        "hybrid": self.settings.search.hybrid,
+                        "database": self.db_settings.redacted_conninfo(),
+                    }
+                },
+            )
+            self.database.start(migrate_schema=self.settings.search.migrate)
+
+    async def close(self) -> None:
+        await self.database.close()
+        await self.immich.close()
+
+    def describe(self) -> dict[str, Any]:
+        """For GET /status: whether search is served and why not (no URLs with credentials, no secrets)."""
+        return {
+            "enabled": True,
+            "hybrid": self.settings.search.hybrid,
+            "database_ready": self.database.ready,
+            "database_error": self.database.last_error,
+        }
+
+    def api_router(self) -> APIRouter:
+        api = APIRouter()
+
+        @api.post(
+            "/api/search/smart",
+            summary="Immich's smart search, with 'ocr:' OCR search and hybrid CLIP + OCR ranking",
+            responses={
+                200: {"description": "Immich's SearchResponseDto"},
+                400: {"description": "Invalid SmartSearchDto field (Immich's error shape)"},
+                401: {"description": "No or invalid Immich credentials"},
+                403: {"description": "Shared link, or Immich refused the caller"},
+                503: {"description": "'ocr:' search while the search database is unavailable"},
+            },
+        )
+        async def smart_search(request: Request) -> Response:
+            return await self.smart.handle(request)
+
+        async def regenerate(kind: RegenerateKind, request: Request, asset_id: str) -> Response:
+            fields: dict[str, Any] = request.scope.get("state", {}).get("log_fields", {})
+            fields["regenerate"] = kind.value
+            try:
+                try:
+                    credential = credential_from(request)
+                except SharedLinkRefused:
+                    raise RegenerateError(403, "Shared links cannot regenerate") from None
+                body = await self.regenerator.run(kind, credential, parse_asset_id(asset_id))
+            except RegenerateError as exc:
+                return _json(exc.status, {"detail": exc.detail})
+            return _json(200, body)
+
+        error_responses: dict[int | str, dict[str, Any]] = {
+            400: {"description": "assetId is not a UUID"},
+            401: {"description": "No or invalid Immich credentials"},
+            403: {"description": "Not the asset's owner, a shared link, or Immich refused"},
+            404: {"description": "Asset not found or not visible to the caller, or no preview yet"},
+            409: {"description": "Hidden asset, task switched off in Immich, or the model changed meanwhile"},
+            502: {"description": "Immich failed, or a model refused the preview"},
+            503: {"description": "No model available, or the database is unavailable"},
+        }
+
+        @api.post(
+            "/ai/assets/{asset_id}/ocr",
+            summary="Re-run OCR on one photo: {assetId, lines, text}",
+            responses=error_responses,
+        )
+        async def regenerate_ocr(asset_id: str, request: Request) -> Response:
+            return await regenerate(RegenerateKind.OCR, request, asset_id)
+
+        @api.post(
+            "/ai/assets/{asset_id}/clip",
+            summary="Re-run CLIP on one photo: {assetId, dimension, model}",
+            responses=error_responses,
+        )
+        async def regenerate_clip(asset_id: str, request: Request) -> Response:
+            return await regenerate(RegenerateKind.CLIP, request, asset_id)
+
+        return api
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")

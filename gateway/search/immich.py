@@ -1,0 +1,248 @@
+"""Immich's API, called as the caller: identity, one asset, its preview, and the untouched pass-through.
+
+Every call carries the caller's own credential (:class:`~gateway.search.credentials.Credential`), so Immich's
+permission checks decide what the gateway may see or do on their behalf. Replies are read with size bounds,
+and no credential, cookie or header is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+import orjson
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from gateway.search.credentials import Credential
+from gateway.settings import ImmichSettings
+
+log = logging.getLogger("gateway.search")
+
+# Marks a request the gateway forwarded: if it ever comes back (GATEWAY_IMMICH__URL pointing at the nginx
+# front instead of Immich), the gateway answers 508 instead of forwarding in a loop.
+FORWARDED_MARK = "x-immich-zh-ai-forwarded"
+
+# Connection-level headers never forwarded (RFC 9110 §7.6.1), plus Host (httpx sets Immich's) and
+# Content-Length (recomputed for the request).
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED_IN = _HOP_BY_HOP | {"host", "content-length", FORWARDED_MARK}
+
+
+class ImmichError(Exception):
+    """Immich said no, or could not be reached. ``status`` is what Immich answered (502 when unreachable or
+    unreadable); ``message`` is Immich's own message where it sent one, safe to show the caller."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated user, as Immich's ``GET /api/users/me`` describes them."""
+
+    id: UUID
+    is_admin: bool
+
+
+def _immich_message(body: bytes, status: int) -> str:
+    """Immich's error bodies are ``{"message": str | [str], "error": ..., "statusCode": ...}``."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        message = data.get("message") or data.get("detail")
+        if isinstance(message, list):
+            message = "; ".join(str(m) for m in message)
+        if isinstance(message, str) and message:
+            return message[:500]
+    return f"Immich answered HTTP {status}"
+
+
+class ImmichClient:
+    def __init__(self, settings: ImmichSettings) -> None:
+        if settings.url is None:
+            raise ValueError("GATEWAY_IMMICH__URL is not set")
+        self.settings = settings
+        self.base = settings.url
+        self._client: httpx.AsyncClient | None = None
+        self._identities: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.settings.timeout_s, connect=self.settings.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=self.settings.max_connections,
+                max_keepalive_connections=self.settings.max_connections,
+                keepalive_expiry=self.settings.keepalive_s,
+            ),
+            follow_redirects=False,
+            # The gateway's environment (HTTP_PROXY, ...) must not divert calls that carry users' credentials.
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("ImmichClient.start() was not called")
+        return self._client
+
+    # ---- plumbing ------------------------------------------------------------------------------------------
+
+    async def _get(
+        self, path: str, credential: Credential, *, limit: int, params: dict[str, str] | None = None
+    ) -> tuple[int, bytes, str]:
+        """(status, body, content type) of a GET as the caller; ImmichError(502) when Immich cannot be read."""
+        try:
+            async with self.client.stream(
+                "GET", self.base + path, headers=credential.headers(), params=params
+            ) as reply:
+                body = bytearray()
+                async for chunk in reply.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ImmichError(502, f"Immich's reply is larger than {limit} bytes")
+                return reply.status_code, bytes(body), reply.headers.get("content-type", "")
+        except httpx.TimeoutException:
+            raise ImmichError(504, f"Immich did not answer within {self.settings.timeout_s:g}s") from None
+        except httpx.HTTPError as exc:
+            raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
+
+    async def _get_json(self, path: str, credential: Credential, params: dict[str, str] | None = None) -> Any:
+        status, body, _ = await self._get(path, credential, limit=self.settings.max_response_bytes, params=params)
+        if status != 200:
+            raise ImmichError(status, _immich_message(body, status))
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ImmichError(502, "Immich's reply is not JSON") from None
+
+    # ---- identity ------------------------------------------------------------------------------------------
+
+    async def me(self, credential: Credential) -> Caller:
+        """The caller (``GET /api/users/me``), reused for ``auth_cache_ttl_s``; ImmichError(401/403) if refused."""
+        key = credential.cache_key()
+        now = time.monotonic()
+        cached = self._identities.get(key)
+        if cached is not None and cached[0] > now:
+            self._identities.move_to_end(key)
+            return cached[1]
+        data = await self._get_json("/api/users/me", credential)
+        try:
+            caller = Caller(id=UUID(str(data["id"])), is_admin=bool(data.get("isAdmin", False)))
+        except (KeyError, TypeError, ValueError):
+            raise ImmichError(502, "Immich's /api/users/me reply has no user id") from None
+        if self.settings.auth_cache_ttl_s > 0:
+            self._identities[key] = (now + self.settings.auth_cache_ttl_s, caller)
+            self._identities.move_to_end(key)
+            while len(self._identities) > self.settings.auth_cache_size:
+                self._identities.popitem(last=False)
+        return caller
+
+    def forget(self, credential: Credential) -> None:
+        """Drop a cached identity (Immich refused the credential since it was cached)."""
+        self._identities.pop(credential.cache_key(), None)
+
+    async def is_elevated(self, credential: Credential) -> bool:
+        """Whether the session is PIN-elevated (may see locked assets): ``GET /api/auth/status``."""
+        data = await self._get_json("/api/auth/status", credential)
+        return bool(isinstance(data, dict) and data.get("isElevated"))
+
+    # ---- assets --------------------------------------------------------------------------------------------
+
+    async def asset(self, credential: Credential, asset_id: UUID) -> dict[str, Any]:
+        """``GET /api/assets/{id}`` as the caller: Immich's AssetResponseDto, or ImmichError with Immich's status
+        (400 "Not found or no asset.read access" for assets the caller may not read)."""
+        data = await self._get_json(f"/api/assets/{asset_id}", credential)
+        if not isinstance(data, dict) or "id" not in data:
+            raise ImmichError(502, "Immich's asset reply has no id")
+        return data
+
+    async def assets(
+        self, credential: Credential, asset_ids: list[UUID], concurrency: int
+    ) -> list[dict[str, Any] | None]:
+        """Many assets at once (Immich 3.1 has no bulk read), at most ``concurrency`` in flight; None for an asset
+        Immich will not show this caller (400/403/404). A refused credential (401) or an Immich failure raises."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(asset_id: UUID) -> dict[str, Any] | None:
+            async with gate:
+                try:
+                    return await self.asset(credential, asset_id)
+                except ImmichError as exc:
+                    if exc.status in (400, 403, 404):
+                        return None
+                    raise
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                jobs = [group.create_task(one(asset_id)) for asset_id in asset_ids]
+        except BaseExceptionGroup as group:
+            # The first failure stops the page (the others were cancelled); callers expect a plain ImmichError.
+            for error in group.exceptions:
+                if isinstance(error, ImmichError):
+                    raise error from None
+            raise
+        return [job.result() for job in jobs]
+
+    async def preview(self, credential: Credential, asset_id: UUID) -> bytes:
+        """The unedited preview (what Immich's own OCR and CLIP jobs read), as the caller."""
+        status, body, _ = await self._get(
+            f"/api/assets/{asset_id}/thumbnail",
+            credential,
+            limit=self.settings.max_preview_bytes,
+            params={"size": "preview", "edited": "false"},
+        )
+        if status != 200:
+            raise ImmichError(status, _immich_message(body, status))
+        if not body:
+            raise ImmichError(502, "Immich sent an empty preview")
+        return body
+
+    # ---- pass-through --------------------------------------------------------------------------------------
+
+    async def forward(self, request: Request, body: bytes) -> Response:
+        """The request as it came (method, path, query, body, the caller's headers) to Immich, and Immich's reply
+        as it comes back (status, headers, encoded body), streamed."""
+        url = self.base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _NOT_FORWARDED_IN]
+        headers.append((FORWARDED_MARK.encode(), b"1"))
+        outgoing = self.client.build_request(request.method, url, headers=headers, content=body)
+        try:
+            reply = await self.client.send(outgoing, stream=True)
+        except httpx.TimeoutException:
+            raise ImmichError(504, f"Immich did not answer within {self.settings.timeout_s:g}s") from None
+        except httpx.HTTPError as exc:
+            raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
+        response = StreamingResponse(
+            reply.aiter_raw(), status_code=reply.status_code, background=BackgroundTask(reply.aclose)
+        )
+        response.raw_headers = [(k, v) for k, v in reply.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP]
+        return response

@@ -1,0 +1,121 @@
+"""Inference for search and regenerate, through the gateway's own routing.
+
+Requests are built exactly as Immich builds them (same ``entries``, the model names from Immich's settings)
+and go through the same :class:`~gateway.routing.Router` (model map, CLIP dimension checks) and
+:class:`~gateway.health.Dispatcher` (route order, failover, breakers, reply validation) as Immich's own
+``/predict`` calls. So a regenerated row holds exactly what Immich's job would have stored, and a search
+query is encoded by the same model as the library.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from ai_service.protocol.immich import EntriesError, ModelTask, parse_entries
+from db.immich_writer import OcrLine
+from gateway.backends.base import ClientInputError
+from gateway.backends.http import snippet
+from gateway.health import Dispatcher, NoBackendAvailable
+from gateway.logs import REQUEST_ID
+from gateway.routing import MappingError, Router
+from gateway.search.immich_config import OcrConfig
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway.search")
+
+
+class InferenceError(Exception):
+    """No model could answer. ``status``: 503 (nothing available / misconfigured), 502 (a backend refused the
+    input Immich gave us, e.g. an undecodable preview)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Inference:
+    def __init__(self, settings: GatewaySettings, router: Router, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.router = router
+        self.dispatcher = dispatcher
+        self._text_cache: OrderedDict[tuple[str, str, str | None], list[float]] = OrderedDict()
+
+    async def _run(self, task: ModelTask, entries: dict[str, Any], image: bytes | None, text: str | None) -> Any:
+        raw = {task.value: entries}
+        try:
+            parsed = parse_entries(orjson.dumps(raw))
+            routed = self.router.route_task(task, parsed[task], entries)
+            result, backend = await self.dispatcher.dispatch(
+                routed,
+                image,
+                text,
+                request_id=REQUEST_ID.get() or "",
+                deadline=time.monotonic() + self.settings.request_deadline_s,
+            )
+        except (MappingError, EntriesError) as exc:
+            # Immich's configured model cannot be served as configured (e.g. a dimension mismatch): an admin
+            # has to change a setting, no retry helps.
+            raise InferenceError(503, f"{task} model is misconfigured: {exc}") from None
+        except NoBackendAvailable as exc:
+            raise InferenceError(503, str(exc)) from None
+        except ClientInputError as exc:
+            raise InferenceError(502, f"{task} refused the input (HTTP {exc.status}: {snippet(exc.body)})") from None
+        log.debug("inference done", extra={"fields": {"task": task.value, "backend": backend}})
+        return result
+
+    @staticmethod
+    def _vector(result: dict[str, Any]) -> list[float]:
+        # The dispatcher validated it: a JSON array of finite numbers of the expected dimension.
+        return [float(x) for x in orjson.loads(result[ModelTask.CLIP.value])]
+
+    async def clip_text(self, model_name: str, text: str, language: str | None) -> list[float]:
+        """CLIP text embedding, as Immich's smart search computes it (cached like Immich's 100-entry LRU)."""
+        key = (model_name, text, language)
+        cached = self._text_cache.get(key)
+        if cached is not None:
+            self._text_cache.move_to_end(key)
+            return cached
+        options: dict[str, Any] = {"language": language} if language else {}
+        result = await self._run(ModelTask.CLIP, {"textual": {"modelName": model_name, "options": options}}, None, text)
+        vector = self._vector(result)
+        limit = self.settings.search.text_embedding_cache_size
+        if limit > 0:
+            self._text_cache[key] = vector
+            while len(self._text_cache) > limit:
+                self._text_cache.popitem(last=False)
+        return vector
+
+    async def clip_image(self, model_name: str, image: bytes) -> list[float]:
+        """CLIP image embedding of a preview, as Immich's SmartSearch job requests it."""
+        result = await self._run(ModelTask.CLIP, {"visual": {"modelName": model_name}}, image, None)
+        return self._vector(result)
+
+    async def ocr(self, config: OcrConfig, image: bytes) -> list[OcrLine]:
+        """OCR lines of a preview, with the options Immich's OCR job sends."""
+        entries = {
+            "detection": {
+                "modelName": config.model_name,
+                "options": {"minScore": config.min_detection_score, "maxResolution": config.max_resolution},
+            },
+            "recognition": {"modelName": config.model_name, "options": {"minScore": config.min_recognition_score}},
+        }
+        result = await self._run(ModelTask.OCR, entries, image, None)
+        ocr = result[ModelTask.OCR.value]
+        texts, boxes = ocr.get("text", []), ocr.get("box", [])
+        box_scores, text_scores = ocr.get("boxScore", []), ocr.get("textScore", [])
+        # Immich's OcrService.parseOcrResults: line i is text[i], box[8i:8i+8], boxScore[i], textScore[i].
+        return [
+            OcrLine(
+                text=str(texts[i]),
+                box=tuple(float(v) for v in boxes[8 * i : 8 * i + 8]),  # type: ignore[arg-type]
+                box_score=float(box_scores[i]),
+                text_score=float(text_scores[i]),
+            )
+            for i in range(len(texts))
+        ]

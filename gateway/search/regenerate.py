@@ -1,0 +1,178 @@
+"""Regenerate one asset's OCR or CLIP data, acting with the caller's own rights.
+
+Immich 3.1 has no per-asset OCR or smart-search job (``POST /api/assets/jobs`` knows only faces, metadata,
+thumbnails and video), so the gateway does what Immich's job would do, for one asset:
+
+1. identify the caller (``GET /api/users/me`` with their credential);
+2. read the asset as the caller (``GET /api/assets/{id}``): Immich's own access check. Writing needs more than
+   reading: like Immich's ``asset.update`` permission, only the **owner** may regenerate (a partner or an
+   album member who can see a photo cannot rewrite its index);
+3. skip what Immich's jobs skip: ``hidden`` assets (the video halves of motion photos), and a task switched
+   off in Immich's machine-learning settings;
+4. fetch the unedited preview as the caller (``GET /api/assets/{id}/thumbnail?size=preview``), the image
+   Immich's own jobs read;
+5. infer through the gateway's routing with the models and options Immich is configured for;
+6. write Immich's tables exactly as Immich's job does (``db.immich_writer``), one transaction.
+
+Errors carry the HTTP status to answer with and a message safe to show (no credentials, no internals).
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from db.immich_writer import AssetNotFoundError
+from gateway.search.config_source import ConfigFileError, ImmichConfigSource
+from gateway.search.credentials import Credential
+from gateway.search.database import DatabaseUnavailable, SearchDatabase
+from gateway.search.immich import Caller, ImmichClient, ImmichError
+from gateway.search.inference import Inference, InferenceError
+
+log = logging.getLogger("gateway.search")
+
+
+class RegenerateKind(StrEnum):
+    OCR = "ocr"
+    CLIP = "clip"
+
+
+class RegenerateError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+AUTH_REQUIRED = (
+    "Authentication required: send your Immich session (cookie immich_access_token or Authorization: Bearer) "
+    "or an API key (x-api-key)"
+)
+
+
+def parse_asset_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise RegenerateError(400, "assetId must be a UUID") from None
+
+
+class Regenerator:
+    def __init__(
+        self, immich: ImmichClient, database: SearchDatabase, inference: Inference, config: ImmichConfigSource
+    ) -> None:
+        self.immich = immich
+        self.database = database
+        self.inference = inference
+        self.config = config
+
+    async def _caller(self, credential: Credential) -> Caller:
+        try:
+            return await self.immich.me(credential)
+        except ImmichError as exc:
+            if exc.status == 401:
+                raise RegenerateError(401, f"Immich refused the credentials: {exc.message}") from None
+            if exc.status == 403:
+                raise RegenerateError(403, f"Immich refused to identify the caller: {exc.message}") from None
+            raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
+
+    async def _owned_asset(self, credential: Credential, caller: Caller, asset_id: UUID) -> dict[str, Any]:
+        try:
+            asset = await self.immich.asset(credential, asset_id)
+        except ImmichError as exc:
+            if exc.status == 401:
+                self.immich.forget(credential)
+                raise RegenerateError(401, f"Immich refused the credentials: {exc.message}") from None
+            if exc.status in (400, 404):
+                # Immich answers 400 "Not found or no asset.read access" for both: the caller learns nothing more.
+                raise RegenerateError(404, "Asset not found, or you may not see it") from None
+            if exc.status == 403:
+                raise RegenerateError(403, f"Immich refused access to the asset: {exc.message}") from None
+            raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
+        if str(asset.get("ownerId")) != str(caller.id):
+            raise RegenerateError(403, "Only the owner of a photo can regenerate its OCR or CLIP data")
+        if asset.get("visibility") == "hidden":
+            raise RegenerateError(409, "This is the hidden video part of a motion photo; Immich never indexes it")
+        return asset
+
+    async def _preview(self, credential: Credential, asset_id: UUID) -> bytes:
+        try:
+            return await self.immich.preview(credential, asset_id)
+        except ImmichError as exc:
+            if exc.status == 404:
+                raise RegenerateError(404, "The asset has no preview yet (Immich generates it after upload)") from None
+            if exc.status in (401, 403):
+                raise RegenerateError(exc.status, f"Immich refused the preview: {exc.message}") from None
+            raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
+
+    async def run(self, kind: RegenerateKind, credential: Credential | None, asset_id: UUID) -> dict[str, Any]:
+        """Regenerate and return the endpoint's 200 body; raises RegenerateError."""
+        if credential is None:
+            raise RegenerateError(401, AUTH_REQUIRED)
+        caller = await self._caller(credential)
+        await self._owned_asset(credential, caller, asset_id)
+        try:
+            config = await self.config.get()
+        except DatabaseUnavailable as exc:
+            raise _database_down(exc) from None
+        except ConfigFileError as exc:
+            raise RegenerateError(503, f"Immich's settings cannot be read: {exc}") from None
+        if kind is RegenerateKind.OCR and not config.ocr_enabled:
+            raise RegenerateError(409, "OCR is switched off in Immich's machine-learning settings")
+        if kind is RegenerateKind.CLIP and not config.clip_enabled:
+            raise RegenerateError(409, "Smart search (CLIP) is switched off in Immich's machine-learning settings")
+        preview = await self._preview(credential, asset_id)
+        try:
+            if kind is RegenerateKind.OCR:
+                lines = await self.inference.ocr(config.ocr, preview)
+                await self.database.write_ocr(asset_id, lines)
+                body: dict[str, Any] = {
+                    "assetId": str(asset_id),
+                    "lines": len(lines),
+                    "text": "\n".join(line.text for line in lines),
+                }
+            else:
+                vector = await self.inference.clip_image(config.clip.model_name, preview)
+                latest = await self.config.get(fresh=True)
+                if latest.clip.model_name != config.clip.model_name:
+                    # Immich's job skips the write in this case too: the vector belongs to the old model.
+                    raise RegenerateError(409, "Immich's CLIP model changed while encoding; try again")
+                await self.database.write_clip(asset_id, vector)
+                body = {"assetId": str(asset_id), "dimension": len(vector), "model": config.clip.model_name}
+        except InferenceError as exc:
+            raise RegenerateError(exc.status, exc.message) from None
+        except DatabaseUnavailable as exc:
+            raise _database_down(exc) from None
+        except ConfigFileError as exc:
+            raise RegenerateError(503, f"Immich's settings cannot be read: {exc}") from None
+        except AssetNotFoundError:
+            raise RegenerateError(404, "The asset was deleted meanwhile") from None
+        except ValueError as exc:
+            # db.immich_writer: the vector does not fit smart_search.embedding (Immich's model and column
+            # disagree until Immich re-indexes), or the model sent non-finite numbers.
+            raise RegenerateError(503, f"cannot store the result: {exc}") from None
+        log.info(
+            "regenerated",
+            extra={
+                "fields": {
+                    "kind": kind.value,
+                    "asset_id": str(asset_id),
+                    "user_id": str(caller.id),
+                    **({"lines": body["lines"]} if kind is RegenerateKind.OCR else {"dimension": body["dimension"]}),
+                }
+            },
+        )
+        return body
+
+
+def _database_down(exc: DatabaseUnavailable) -> RegenerateError:
+    # The reason (host, port, server message) goes to the log, not to the user.
+    log.warning("regenerate: database unavailable", extra={"fields": {"error": str(exc)}})
+    return RegenerateError(503, "Immich's database cannot be reached right now; try again later")
+
+
+def _upstream_status(status: int) -> int:
+    # Immich failing (5xx, unreachable) is a bad gateway from the caller's point of view; a timeout stays 504.
+    return 504 if status == 504 else 502

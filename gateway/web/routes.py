@@ -1,0 +1,273 @@
+"""The gateway's web pieces under ``/ai/`` (reached through the nginx front, same origin as Immich).
+
+* ``GET /ai/addon.js`` - the script nginx injects into Immich's HTML: adds *Regenerate OCR* and
+  *Regenerate smart search* to the asset viewer's ⋮ menu. Public (it also loads on Immich's login page),
+  holds nothing secret, cached briefly and revalidated by ETag so an upgrade reaches browsers quickly.
+* ``GET /ai/`` - a read-only status page (backend health, installed models, routing) for Immich admins.
+* ``GET /ai/status.json`` - what the page shows: ``GET /status`` plus ``installed_models``, admins only.
+
+Who is an admin is Immich's call: the caller's own credential (session cookie ``immich_access_token``, a
+bearer token or ``x-api-key``, found as :mod:`gateway.search.credentials` finds it) is presented to
+``GET <GATEWAY_IMMICH__URL>/api/users/me`` and ``isAdmin`` must be true. No credential is ever logged; the
+search front's identity cache keys on a SHA-256 of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import html
+import inspect
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, SecretStr
+
+from gateway.backends.local import LocalBackend
+from gateway.search.credentials import Credential, SharedLinkRefused, credential_from
+from gateway.search.immich import Caller, ImmichClient, ImmichError
+from gateway.settings import ImmichSettings
+
+log = logging.getLogger("gateway.web")
+
+WEB_DIR = Path(__file__).resolve().parent
+
+# Browsers re-check the add-on after five minutes (a cheap 304), so a gateway upgrade reaches open tabs soon
+# without every Immich page load fetching it again.
+ADDON_CACHE_CONTROL = "public, max-age=300"
+
+
+@dataclass(frozen=True, slots=True)
+class StaticAsset:
+    body: bytes
+    media_type: str
+    etag: str
+
+    @classmethod
+    def load(cls, name: str, media_type: str) -> StaticAsset:
+        body = (WEB_DIR / name).read_bytes()
+        return cls(body, media_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+
+    def matches(self, if_none_match: str | None) -> bool:
+        """RFC 9110 weak comparison against an If-None-Match list."""
+        if not if_none_match:
+            return False
+        tags = [tag.strip() for tag in if_none_match.split(",")]
+        return "*" in tags or any(tag.removeprefix("W/") == self.etag for tag in tags)
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+def _inline_blocks(page: str, tag: str) -> list[str]:
+    return re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+
+
+ADDON = StaticAsset.load("addon.js", "text/javascript; charset=utf-8")
+STATUS_PAGE = (WEB_DIR / "status.html").read_text(encoding="utf-8")
+# The page runs only its own inline script and style (pinned by hash) and may only call back home.
+STATUS_PAGE_CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src " + " ".join(_csp_hash(s) for s in _inline_blocks(STATUS_PAGE, "script")),
+        "style-src " + " ".join(_csp_hash(s) for s in _inline_blocks(STATUS_PAGE, "style")),
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Vary": "Cookie, Authorization, X-Api-Key",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+router = APIRouter(prefix="/ai", tags=["web"])
+
+
+# ---- the add-on ----------------------------------------------------------------------------------------
+
+
+@router.api_route("/addon.js", methods=["GET", "HEAD"], summary="Immich web add-on (injected by the nginx front)")
+async def addon(request: Request) -> Response:
+    headers = {"ETag": ADDON.etag, "Cache-Control": ADDON_CACHE_CONTROL, "X-Content-Type-Options": "nosniff"}
+    if ADDON.matches(request.headers.get("if-none-match")):
+        return Response(status_code=304, headers=headers)
+    return Response(ADDON.body, media_type=ADDON.media_type, headers=headers)
+
+
+# ---- who is asking -------------------------------------------------------------------------------------
+
+
+class AccessDenied(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _running_immich_client(app: Any) -> ImmichClient | None:
+    """The search front's Immich client (``app.state.search.immich``): its identity cache spares Immich a call."""
+    client = getattr(getattr(app.state, "search", None), "immich", None)
+    return client if isinstance(client, ImmichClient) else None
+
+
+async def _who(request: Request, credential: Credential, settings: ImmichSettings) -> Caller:
+    client = _running_immich_client(request.app)
+    if client is not None:
+        return await client.me(credential)
+    # Without a running search front a short-lived client does: this page is rarely opened.
+    client = ImmichClient(settings)
+    await client.start()
+    try:
+        return await client.me(credential)
+    finally:
+        await client.close()
+
+
+async def require_admin(request: Request) -> None:
+    """Return when Immich says the caller is an admin; raise AccessDenied otherwise.
+
+    The caller's credential is found exactly where Immich looks for it (the search package's
+    ``credential_from``) and presented to ``GET /api/users/me`` as theirs, so Immich alone decides.
+    """
+    try:
+        credential = credential_from(request)
+    except SharedLinkRefused:
+        raise AccessDenied(403, "a shared link cannot open the AI status") from None
+    if credential is None:
+        raise AccessDenied(401, "sign in to Immich first: this page is for Immich administrators")
+    settings: ImmichSettings = request.app.state.dispatcher.settings.immich
+    if settings.url is None:
+        raise AccessDenied(503, "GATEWAY_IMMICH__URL is not set, so the gateway cannot ask Immich who is signed in")
+    try:
+        caller = await _who(request, credential, settings)
+    except ImmichError as exc:
+        if exc.status == 401:
+            raise AccessDenied(401, "the Immich session is not valid any more: sign in again") from None
+        if exc.status == 403:
+            raise AccessDenied(403, f"Immich refused to say who is signed in: {exc.message}") from None
+        log.warning("Immich session check failed", extra={"fields": {"status": exc.status}})
+        raise AccessDenied(502 if exc.status < 500 else exc.status, exc.message) from None
+    if not caller.is_admin:
+        raise AccessDenied(403, "only Immich administrators may see the AI status")
+
+
+# ---- status data ---------------------------------------------------------------------------------------
+
+
+def _secret_strings(value: Any, out: set[str]) -> None:
+    """Every secret the settings hold: SecretStr values, and user, password and query values of URLs and
+    libpq DSNs (a database URL is a SecretStr whose password must not show up on its own either)."""
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        out.add(secret)
+        _secret_strings(secret, out)
+        out.update(re.findall(r"password\s*=\s*'?([^\s']+)", secret))
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _secret_strings(getattr(value, name), out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _secret_strings(item, out)
+    elif isinstance(value, list | tuple | set):
+        for item in value:
+            _secret_strings(item, out)
+    elif isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        out.update(p for p in (parts.username, parts.password) if p)
+        out.update(v for _, v in parse_qsl(parts.query))
+
+
+def scrub(value: Any, secrets: list[str]) -> Any:
+    """``value`` with every secret replaced by '***' (a second line of defence behind /status's own masking)."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v, secrets) for v in value]
+    return value
+
+
+async def gateway_status(request: Request) -> dict[str, Any]:
+    """Exactly what ``GET /status`` answers: its own handler is called, so the two can never drift apart."""
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.path == "/status" and "GET" in route.methods:
+            result = route.endpoint()
+            data = await result if inspect.isawaitable(result) else result
+            return dict(data)
+    raise RuntimeError("the gateway has no GET /status route")
+
+
+async def installed_models(request: Request) -> dict[str, dict[str, list[str]]]:
+    """Per in-process backend, the models on disk by task. Remote backends cannot be asked (no such API)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, backend in request.app.state.dispatcher.backends.items():
+        if not isinstance(backend, LocalBackend) or backend.service is None:
+            continue
+        # Listing walks the model folder: off the event loop, so /ping never waits on a slow disk.
+        out[name] = await asyncio.to_thread(backend.service.registry.installed)
+    return out
+
+
+async def status_data(request: Request) -> dict[str, Any]:
+    data = await gateway_status(request)
+    data["installed_models"] = await installed_models(request)
+    secrets: set[str] = set()
+    _secret_strings(request.app.state.dispatcher.settings, secrets)
+    # The search front's database settings (DB_SEARCH_URL / DB_PASSWORD) live outside GatewaySettings.
+    _secret_strings(getattr(getattr(request.app.state, "search", None), "db_settings", None), secrets)
+    # Longest first, so a secret containing another is masked whole; very short ones would mangle the text.
+    return scrub(data, sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
+
+
+# ---- the page ------------------------------------------------------------------------------------------
+
+
+def _denied_page(denied: AccessDenied) -> Response:
+    hint = '<p><a href="/auth/login">Sign in to Immich</a></p>' if denied.status == 401 else ""
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>immich-zh-ai · AI status</title></head>'
+        f"<body><h1>AI status</h1><p>{html.escape(denied.detail)}</p>{hint}</body></html>"
+    )
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'"}
+    return Response(body, status_code=denied.status, media_type="text/html; charset=utf-8", headers=headers)
+
+
+@router.get("/", summary="AI status page for Immich admins (read-only)", response_class=Response)
+async def status_page(request: Request) -> Response:
+    try:
+        await require_admin(request)
+    except AccessDenied as denied:
+        return _denied_page(denied)
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": STATUS_PAGE_CSP}
+    return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=headers)
+
+
+@router.get("/status.json", summary="GET /status plus installed models, for Immich admins", response_class=Response)
+async def status_json(request: Request) -> Response:
+    try:
+        await require_admin(request)
+    except AccessDenied as denied:
+        return Response(
+            orjson.dumps({"detail": denied.detail}),
+            status_code=denied.status,
+            media_type="application/json",
+            headers=PAGE_HEADERS,
+        )
+    return Response(orjson.dumps(await status_data(request)), media_type="application/json", headers=PAGE_HEADERS)

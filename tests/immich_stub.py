@@ -1,0 +1,483 @@
+"""A small Immich API server for tests, on loopback, answering from the real test database.
+
+It implements just what the gateway and the nginx front call, with Immich 3.1's semantics:
+
+* authentication in Immich's order (shared-link key, then session token from ``x-immich-user-token`` /
+  ``x-immich-session-token`` / ``?sessionKey=`` / ``Authorization: Bearer`` / cookie ``immich_access_token``,
+  then ``x-api-key`` / ``?apiKey=``); 401 ``Authentication required`` / ``Invalid user token`` as Immich says;
+* ``GET /api/users/me``, ``GET /api/auth/status`` (``isElevated`` for PIN-elevated sessions);
+* ``GET /api/assets/{id}``: Immich's AssetRead access rule evaluated on the database rows (owner, with locked
+  assets only for elevated sessions; album member; partner with a non-trashed timeline/hidden asset), 400
+  ``Not found or no asset.read access`` otherwise, and the AssetResponseDto built from the rows;
+* ``GET /api/assets/{id}/thumbnail?size=preview``: the JPEG registered for the asset (404 ``Asset media not
+  found`` without one), after the same access check;
+* ``POST /api/search/smart`` (Immich's own smart search: records the body, answers a canned result),
+  ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/ping``, ``GET /api/server/about``
+  (JSON that contains ``</head>``), a websocket at ``/api/socket.io/`` that echoes, the web app's HTML at
+  ``/`` (gzip-compressed when the client accepts it, as Immich's precompressed files are) and a script under
+  ``/_app/immutable/`` that also contains ``</head>``.
+
+Every request is recorded (method, path, query, headers, body) so a test can assert what reached Immich.
+Two switches let tests check the gateway's own defences: ``leaky`` (the asset endpoint shows every asset to
+everyone, as a buggy Immich would) and ``deny`` (assets Immich refuses although the rows would allow them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gzip
+import io
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from tests.gateway_support import _ThreadedUvicorn
+from tests.servers import free_port
+
+FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
+
+HTML_PAGE = (
+    '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8" />\n<title>Immich</title>\n'
+    '<!-- metadata:tags -->\n</head>\n<body><div id="app">immich web</div></body>\n</html>\n'
+)
+APP_SCRIPT = 'const marker = "</head>"; export const app = () => marker;\n'
+CANNED_SMART_SEARCH = {
+    "albums": {"total": 0, "count": 0, "items": [], "facets": []},
+    "assets": {"total": 0, "count": 0, "items": [], "facets": [], "nextPage": None},
+    "answeredBy": "immich-stub",
+}
+
+
+def render_text_jpeg(lines: list[str], *, width: int = 1440, height: int = 960, font_px: int = 64) -> bytes:
+    """A preview-sized JPEG with ``lines`` in black on white, set in a real CJK font (what OCR reads)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.truetype(str(FONT), font_px)
+    y = 120
+    for line in lines:
+        draw.text((100, y), line, fill="black", font=font)
+        y += int(font_px * 2)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+@dataclass
+class StubUser:
+    id: UUID
+    email: str = ""
+    name: str = ""
+    api_key: str = field(default_factory=lambda: "key-" + secrets.token_hex(16))
+    session_token: str = field(default_factory=lambda: "sess-" + secrets.token_hex(16))
+    elevated_token: str = field(default_factory=lambda: "pin-" + secrets.token_hex(16))  # a PIN-elevated session
+    is_admin: bool = False
+    api_key_permissions: tuple[str, ...] = ("all",)
+
+    @property
+    def cookie(self) -> dict[str, str]:
+        return {"cookie": f"immich_is_authenticated=true; immich_access_token={self.session_token}; other=1"}
+
+    @property
+    def key_header(self) -> dict[str, str]:
+        return {"x-api-key": self.api_key}
+
+    @property
+    def bearer(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.session_token}"}
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Auth:
+    user: StubUser | None
+    elevated: bool = False
+    api_key: bool = False
+    shared_link: bool = False
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    phrases = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
+    return JSONResponse(
+        {"message": message, "error": phrases.get(status, "Error"), "statusCode": status, "correlationId": "stub"},
+        status_code=status,
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_ASSET_ACCESS_SQL = """
+SELECT a.*, e."assetId" AS exif_asset, e.make, e.model, e.city, e.state, e.country, e."lensModel", e.rating,
+       e.description, u.email AS owner_email, u.name AS owner_name
+FROM asset AS a
+JOIN "user" AS u ON u.id = a."ownerId"
+LEFT JOIN asset_exif AS e ON e."assetId" = a.id
+WHERE a.id = %(id)s AND (
+  %(leaky)s
+  OR (a."ownerId" = %(user)s AND (a.visibility <> 'locked' OR %(elevated)s))
+  OR (a."deletedAt" IS NULL AND EXISTS (
+        SELECT 1 FROM album_asset AS aa
+        JOIN album AS al ON al.id = aa."albumId" AND al."deletedAt" IS NULL
+        JOIN album_user AS au ON au."albumId" = al.id AND au."userId" = %(user)s
+        WHERE aa."assetId" = a.id))
+  OR (a."deletedAt" IS NULL AND a.visibility IN ('timeline', 'hidden') AND EXISTS (
+        SELECT 1 FROM partner AS p
+        JOIN "user" AS sharer ON sharer.id = p."sharedById" AND sharer."deletedAt" IS NULL
+        WHERE p."sharedWithId" = %(user)s AND p."sharedById" = a."ownerId"))
+)
+"""
+
+
+class ImmichStub:
+    def __init__(self, db_uri: str, users: list[StubUser] | None = None) -> None:
+        self.db_uri = db_uri
+        self.users: list[StubUser] = list(users or [])
+        self.previews: dict[UUID, bytes] = {}
+        self.share_keys: set[str] = {"share-" + secrets.token_hex(8)}
+        self.requests: list[Recorded] = []
+        self.leaky = False
+        self.deny: set[UUID] = set()
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_user(self, user: StubUser) -> StubUser:
+        self.users.append(user)
+        return user
+
+    def recorded(self, path: str, method: str | None = None) -> list[Recorded]:
+        return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
+
+    # ---- auth, in Immich's order --------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> Auth | Response:
+        headers, query = request.headers, request.query_params
+        share = headers.get("x-immich-share-key") or query.get("key")
+        if share:
+            return Auth(None, shared_link=True) if share in self.share_keys else _error(401, "Invalid share key")
+        token = (
+            headers.get("x-immich-user-token")
+            or headers.get("x-immich-session-token")
+            or query.get("sessionKey")
+            or (headers.get("authorization", "")[7:] if headers.get("authorization", "").startswith("Bearer ") else "")
+            or request.cookies.get("immich_access_token")
+        )
+        if token:
+            for user in self.users:
+                if token in (user.session_token, user.elevated_token):
+                    return Auth(user, elevated=token == user.elevated_token)
+            return _error(401, "Invalid user token")
+        key = headers.get("x-api-key") or query.get("apiKey")
+        if key:
+            for user in self.users:
+                if key == user.api_key:
+                    return Auth(user, api_key=True)
+            return _error(401, "Invalid API key")
+        return _error(401, "Authentication required")
+
+    def _user_auth(self, request: Request, permission: str) -> Auth | Response:
+        auth = self._auth(request)
+        if isinstance(auth, Response):
+            return auth
+        if auth.shared_link:
+            return _error(403, "Shared link is not allowed")  # routes without sharedLink: true
+        assert auth.user is not None
+        granted = auth.user.api_key_permissions
+        if auth.api_key and "all" not in granted and permission not in granted:
+            return _error(403, f"Missing required permission: {permission}")
+        return auth
+
+    async def _record(self, request: Request) -> bytes:
+        body = await request.body()
+        self.requests.append(Recorded(request.method, request.url.path, request.url.query, dict(request.headers), body))
+        return body
+
+    # ---- endpoints ----------------------------------------------------------------------------------------
+
+    async def ping(self, request: Request) -> Response:
+        await self._record(request)
+        return JSONResponse({"res": "pong"})
+
+    async def about(self, request: Request) -> Response:
+        await self._record(request)
+        return JSONResponse({"version": "v3.1.0", "note": "a JSON value with </head> in it"})
+
+    async def me(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "user.read")
+        if isinstance(auth, Response):
+            return auth
+        user = auth.user
+        assert user is not None
+        return JSONResponse(
+            {
+                "id": str(user.id),
+                "email": user.email,
+                "name": user.name,
+                "profileImagePath": "",
+                "avatarColor": "primary",
+                "profileChangedAt": "2024-01-01T00:00:00.000Z",
+                "storageLabel": None,
+                "shouldChangePassword": False,
+                "isAdmin": user.is_admin,
+                "createdAt": "2024-01-01T00:00:00.000Z",
+                "deletedAt": None,
+                "updatedAt": "2024-01-01T00:00:00.000Z",
+                "oauthId": "",
+                "quotaSizeInBytes": None,
+                "quotaUsageInBytes": 0,
+                "status": "active",
+                "license": None,
+            }
+        )
+
+    async def auth_status(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "auth.read")
+        if isinstance(auth, Response):
+            return auth
+        return JSONResponse({"password": True, "pinCode": True, "isElevated": auth.elevated})
+
+    def _read_asset(self, asset_id: str, auth: Auth) -> dict[str, Any] | None:
+        try:
+            uid = UUID(asset_id)
+        except ValueError:
+            return None
+        if uid in self.deny:
+            return None
+        assert auth.user is not None
+        with psycopg.connect(self.db_uri, autocommit=True, row_factory=dict_row) as conn:
+            return conn.execute(
+                _ASSET_ACCESS_SQL, {"id": uid, "user": auth.user.id, "elevated": auth.elevated, "leaky": self.leaky}
+            ).fetchone()
+
+    @staticmethod
+    def _dto(row: dict[str, Any], auth: Auth) -> dict[str, Any]:
+        assert auth.user is not None
+        owner = row["ownerId"] == auth.user.id
+        exif = (
+            {
+                "make": row["make"],
+                "model": row["model"],
+                "city": row["city"],
+                "state": row["state"],
+                "country": row["country"],
+                "lensModel": row["lensModel"],
+                "rating": row["rating"],
+                "description": row["description"],
+            }
+            if row["exif_asset"] is not None
+            else {}
+        )
+        return {
+            "id": str(row["id"]),
+            "type": row["type"],
+            "thumbhash": None,
+            "localDateTime": _iso(row["localDateTime"]),
+            "duration": row["duration"],
+            "hasMetadata": True,
+            "width": row["width"],
+            "height": row["height"],
+            "createdAt": _iso(row["createdAt"]),
+            "ownerId": str(row["ownerId"]),
+            "originalPath": row["originalPath"],
+            "originalFileName": row["originalFileName"],
+            "originalMimeType": "image/jpeg",
+            "fileCreatedAt": _iso(row["fileCreatedAt"]),
+            "fileModifiedAt": _iso(row["fileModifiedAt"]),
+            "updatedAt": _iso(row["updatedAt"]),
+            "isFavorite": bool(owner and row["isFavorite"]),
+            "isArchived": row["visibility"] == "archive",
+            "isTrashed": row["deletedAt"] is not None,
+            "isOffline": row["isOffline"],
+            "visibility": row["visibility"],
+            "checksum": base64.b64encode(bytes(row["checksum"])).decode(),
+            "isEdited": row["isEdited"],
+            "livePhotoVideoId": None if row["livePhotoVideoId"] is None else str(row["livePhotoVideoId"]),
+            "libraryId": None if row["libraryId"] is None else str(row["libraryId"]),
+            "duplicateId": None if row["duplicateId"] is None else str(row["duplicateId"]),
+            "resized": True,
+            "owner": {"id": str(row["ownerId"]), "email": row["owner_email"], "name": row["owner_name"]},
+            "exifInfo": exif,
+            "tags": [],
+            "people": [],
+            "stack": None,
+        }
+
+    async def asset(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "asset.read")
+        if isinstance(auth, Response):
+            return auth
+        asset_id = request.path_params["asset_id"]
+        try:
+            UUID(asset_id)
+        except ValueError:
+            return _error(400, "id must be a UUID")
+        row = await asyncio.to_thread(self._read_asset, asset_id, auth)
+        if row is None:
+            return _error(400, "Not found or no asset.read access")
+        return JSONResponse(self._dto(row, auth))
+
+    async def thumbnail(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "asset.view")
+        if isinstance(auth, Response):
+            return auth
+        asset_id = request.path_params["asset_id"]
+        row = await asyncio.to_thread(self._read_asset, asset_id, auth)
+        if row is None:
+            return _error(400, "Not found or no asset.view access")
+        if request.query_params.get("size") != "preview":
+            return _error(400, "the stub serves previews only")
+        data = self.previews.get(UUID(asset_id))
+        if data is None:
+            return _error(404, "Asset media not found")
+        return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
+
+    async def smart_search(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "asset.read")
+        if isinstance(auth, Response):
+            return auth
+        return JSONResponse(CANNED_SMART_SEARCH)
+
+    async def upload(self, request: Request) -> Response:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        self.requests.append(Recorded(request.method, request.url.path, request.url.query, dict(request.headers), b""))
+        return JSONResponse({"receivedBytes": size}, status_code=201)
+
+    async def web(self, request: Request) -> Response:
+        await self._record(request)
+        path = request.url.path
+        if path.startswith("/_app/immutable/"):
+            return Response(APP_SCRIPT, media_type="application/javascript")
+        html = HTML_PAGE.encode()
+        headers = {"cache-control": "no-store"}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            # Immich serves its precompressed index.html.gz to clients that accept gzip.
+            return Response(
+                gzip.compress(html), media_type="text/html", headers={**headers, "content-encoding": "gzip"}
+            )
+        return Response(html, media_type="text/html", headers=headers)
+
+    async def socket(self, websocket: WebSocket) -> None:
+        self.requests.append(
+            Recorded("WEBSOCKET", websocket.url.path, websocket.url.query, dict(websocket.headers), b"")
+        )
+        await websocket.accept()
+        try:
+            while True:
+                message = await websocket.receive_text()
+                await websocket.send_text(f"echo:{message}")
+        except WebSocketDisconnect:
+            pass
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/api/server/ping", self.ping, methods=["GET"]),
+                Route("/api/server/about", self.about, methods=["GET"]),
+                Route("/api/users/me", self.me, methods=["GET"]),
+                Route("/api/auth/status", self.auth_status, methods=["GET"]),
+                Route("/api/assets", self.upload, methods=["POST"]),
+                Route("/api/assets/{asset_id}", self.asset, methods=["GET"]),
+                Route("/api/assets/{asset_id}/thumbnail", self.thumbnail, methods=["GET"]),
+                Route("/api/search/smart", self.smart_search, methods=["POST"]),
+                WebSocketRoute("/api/socket.io/", self.socket),
+                Route("/{path:path}", self.web, methods=["GET"]),
+            ]
+        )
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ImmichStub]:
+        server = _ThreadedUvicorn(self.app(), self.port)
+        server.start()
+        try:
+            yield self
+        finally:
+            server.stop()
+
+
+# ---- a gateway with the search front, for the tests ------------------------------------------------------------
+
+# Immich's default CLIP model answered by the tiny 512-d test model (random weights: shapes, not meaning).
+TEST_CLIP_MAP = '{"ViT-B-32__openai": "test-cn-clip-512", "cn-clip/": "test-cn-clip-512"}'
+TEST_CLIP_DIMENSIONS = '{"test-cn-clip-512": 512}'
+
+
+def search_gateway_env(immich_url: str | None, db_uri: str, model_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment of a gateway process with the search front on (``immich_url`` None: off)."""
+    env = {
+        "DB_SEARCH_URL": db_uri,
+        "AI_SERVICE_MODEL_DIR": str(model_dir),
+        "GATEWAY_MODEL_MAP__CLIP": TEST_CLIP_MAP,
+        "GATEWAY_CLIP_DIMENSIONS": TEST_CLIP_DIMENSIONS,
+        "GATEWAY_SEARCH__DB_RETRY_S": "1",
+        "GATEWAY_IMMICH__CONFIG_TTL_S": "0",
+        "GATEWAY_LOG_LEVEL": "debug",
+        **extra,
+    }
+    if immich_url is not None:
+        env["GATEWAY_IMMICH__URL"] = immich_url
+    return env
+
+
+def wait_search_ready(base: str, timeout_s: float = 120.0) -> None:
+    """Until the gateway's search database is migrated and loaded (GET /status)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = httpx.get(base + "/status", timeout=5).json().get("search")
+        if last and last.get("database_ready"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"search database not ready: {last}")
+
+
+def create_system_metadata(conn: psycopg.Connection[Any], config: dict[str, Any] | None) -> None:
+    """Immich's system_metadata table (not in the schema fixture) with an optional stored 'system-config'."""
+    conn.execute(
+        'CREATE TABLE IF NOT EXISTS system_metadata ("key" character varying NOT NULL PRIMARY KEY, '
+        '"value" jsonb NOT NULL)'
+    )
+    conn.execute("DELETE FROM system_metadata WHERE key = 'system-config'")
+    if config is not None:
+        conn.execute(
+            "INSERT INTO system_metadata (key, value) VALUES ('system-config', %s)", [psycopg.types.json.Jsonb(config)]
+        )

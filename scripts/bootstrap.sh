@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up everything this project needs on a fresh Debian/Ubuntu machine: system packages the tests
-# use, a virtual environment in .venv, and the project with its CPU extra (+ test extra with --test).
+# Sets up everything this project needs on a fresh Debian/Ubuntu machine: a virtual environment in .venv
+# with the project and its CPU extra; with --test also the test extra and the system packages tests use.
 # Safe to run again: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,10 +8,13 @@ cd "$(dirname "$0")/.."
 WITH_TEST=0
 [[ "${1:-}" == "--test" ]] && WITH_TEST=1
 
-APT_PACKAGES=(fonts-wqy-zenhei nginx-light chromium chromium-driver)
+# Only the test suite needs system packages: a CJK font to render OCR test images, nginx for the search
+# front and Debian's Chromium for the web add-on. Running the services needs none.
+APT_PACKAGES=()
+((WITH_TEST)) && APT_PACKAGES=(fonts-wqy-zenhei nginx-light chromium chromium-driver)
 
 missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
+for pkg in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -353,3 +353,18 @@ def test_service_still_answers_after_bad_input(client: httpx.Client, ai_server: 
         im.predict(client, ai_server, im.clip_visual("test-cn-clip-512"), image=b"garbage")
     ok = im.predict(client, ai_server, im.clip_textual("test-cn-clip-512"), text="北京")
     assert ok.status_code == 200
+
+
+def test_ocr_on_rendered_chinese_and_english_text(client: httpx.Client, ai_server: str) -> None:
+    from tests.test_ocr_model import FONT, RENDERED, render
+
+    if not FONT.is_file():
+        pytest.skip(f"CJK font {FONT} not installed (apt fonts-wqy-zenhei)")
+    data = _jpeg(Image.fromarray(render(RENDERED, (1000, 360))), quality=95)
+    ocr = im.predict(client, ai_server, im.OCR, image=data).json()["ocr"]
+    joined = _normalise("".join(ocr["text"]))
+    for text, _ in RENDERED:
+        assert _normalise(text) in joined, (text, ocr["text"])
+    mt = client.post(ai_server + "/ocr", files={"file": ("a.jpg", data, "image/jpeg")}, headers={"api-key": API_KEY})
+    assert mt.status_code == 200
+    assert _normalise("".join(mt.json()["result"]["texts"])) == joined

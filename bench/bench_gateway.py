@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from tests.assets import preview_jpeg  # noqa: E402
 from tests.builders.clip_models import build_test_models  # noqa: E402
 from tests.conftest import shared_data_dir  # noqa: E402
 from tests.gateway_support import node_formdata  # noqa: E402
-from tests.servers import free_port, wait_for_http  # noqa: E402
+from tests.servers import module_process  # noqa: E402
 
 CLIP_MODEL = "test-cn-clip-512"
 CLIP_ENTRIES = {"clip": {"textual": {"modelName": "ViT-B-32__openai", "options": {"language": "zh-CN"}}}}
@@ -81,25 +80,8 @@ class Result:
 
 @contextmanager
 def server(module: str, env: dict[str, str], log: Path) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=120, proc=proc)
-            yield f"http://127.0.0.1:{port}", proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with module_process(module, env, log=log, ready_timeout=120) as proc:
+        yield proc.base, proc.proc.pid
 
 
 def rss_mib(pid: int) -> float:

@@ -17,10 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -37,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from tests.servers import REPO, free_port, wait_for_http
+from tests.servers import ServerProcess, free_port, module_process
 
 # ---- Immich's request, byte for byte --------------------------------------------------------------------
 
@@ -89,39 +86,13 @@ def immich_predict(
 @contextlib.contextmanager
 def gateway_process(env: dict[str, str], log: Path, *, ready_timeout: float = 90.0) -> Iterator[GatewayProcess]:
     """``python -m gateway`` on a free loopback port; yields the process handle and base URL."""
-    port = free_port()
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-    out = open(log, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env=full_env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    handle = GatewayProcess(proc=proc, base=f"http://127.0.0.1:{port}", log=log)
-    try:
-        wait_for_http(handle.base + "/ping", timeout_s=ready_timeout, proc=proc)
-        yield handle
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
+    with module_process("gateway", env, log=log, ready_timeout=ready_timeout) as server:
+        yield GatewayProcess(proc=server.proc, base=server.base, log=log)
 
 
 @dataclass
-class GatewayProcess:
-    proc: subprocess.Popen[bytes]
-    base: str
+class GatewayProcess(ServerProcess):
     log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
 
     def status(self) -> dict[str, Any]:
         return httpx.get(self.base + "/status", timeout=5).json()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,31 +38,58 @@ def wait_for_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen[byte
     raise TimeoutError(f"{url} did not answer within {timeout_s}s: {last}")
 
 
+@dataclass
+class ServerProcess:
+    """A ``python -m MODULE`` server started by :func:`module_process`."""
+
+    proc: subprocess.Popen[bytes]
+    base: str  # http://127.0.0.1:PORT
+    log: Path | None
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log else ""
+
+
 @contextlib.contextmanager
-def python_module_server(
-    module: str, env: dict[str, str], *, port: int | None = None, ready_path: str = "/ping", log: Path | None = None
-) -> Iterator[str]:
-    """Run ``python -m module --host 127.0.0.1 --port P`` and yield its base URL."""
+def module_process(
+    module: str,
+    env: dict[str, str],
+    *,
+    log: Path | None = None,
+    port: int | None = None,
+    ready_path: str = "/ping",
+    ready_timeout: float = 90.0,
+) -> Iterator[ServerProcess]:
+    """Run ``python -m module --host 127.0.0.1 --port P`` until the block ends; wait until it answers."""
     port = port or free_port()
-    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
-        env=full_env,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         stdout=out,
         stderr=subprocess.STDOUT,
     )
-    base = f"http://127.0.0.1:{port}"
+    handle = ServerProcess(proc=proc, base=f"http://127.0.0.1:{port}", log=log)
     try:
-        wait_for_http(base + ready_path, proc=proc)
-        yield base
+        wait_for_http(handle.base + ready_path, timeout_s=ready_timeout, proc=proc)
+        yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if log:
             out.close()  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def python_module_server(
+    module: str, env: dict[str, str], *, port: int | None = None, ready_path: str = "/ping", log: Path | None = None
+) -> Iterator[str]:
+    """Like :func:`module_process`, yielding just the base URL."""
+    with module_process(module, env, log=log, port=port, ready_path=ready_path) as server:
+        yield server.base

@@ -44,7 +44,7 @@ from ai_service.runtime.onnx import SessionOptions, create_session, fp16_path
 from ai_service.settings import AIServiceSettings
 from tests.builders.clip_models import TextSpec, build_clip_model
 from tests.builders.face_models import arcface_random_model
-from tests.servers import free_port, wait_for_http
+from tests.servers import module_process
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_KINDS = ["test-cn-clip-tiny", "test-clip-tiny", "test-mclip-tiny"]
@@ -662,39 +662,20 @@ def test_worker_slots_are_claimed_once_and_freed_with_the_process(tmp_path: Path
 
 def test_each_worker_process_gets_the_next_device(clip_model_dir: Path, tmp_path: Path) -> None:
     """``python -m ai_service`` with two workers: both answer on one port, worker i uses device_ids[i]."""
-    port = free_port()
     log_path = tmp_path / "workers.log"
     env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
         "AI_SERVICE_MODEL_DIR": str(clip_model_dir),
         "AI_SERVICE_WORKERS": "2",
         "AI_SERVICE_DEVICE_IDS": "4,7",
     }
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ai_service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/ping", timeout_s=120, proc=proc)
-            pattern = re.compile(r"worker (\d) of 2 \(pid \d+\) uses GPU device (\d)")
-            deadline = time.monotonic() + 120
-            found: dict[str, str] = {}
-            while time.monotonic() < deadline and len(found) < 2:
-                found = dict(pattern.findall(log_path.read_text(errors="replace")))
-                time.sleep(0.2)
-            assert found == {"0": "4", "1": "7"}, log_path.read_text(errors="replace")[-3000:]
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with module_process("ai_service", env, log=log_path, ready_timeout=120):
+        pattern = re.compile(r"worker (\d) of 2 \(pid \d+\) uses GPU device (\d)")
+        deadline = time.monotonic() + 120
+        found: dict[str, str] = {}
+        while time.monotonic() < deadline and len(found) < 2:
+            found = dict(pattern.findall(log_path.read_text(errors="replace")))
+            time.sleep(0.2)
+        assert found == {"0": "4", "1": "7"}, log_path.read_text(errors="replace")[-3000:]
 
 
 # ---- OCR detector input buckets ---------------------------------------------------------------------------

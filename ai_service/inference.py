@@ -18,11 +18,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ai_service.imaging import DecodedImage, decode_image
+from ai_service.imaging import DecodedImage, ImageError, ImageTooLargeError, decode_image
 from ai_service.models.base import (
     ClipTextualModel,
     ClipVisualModel,
-    FaceDetections,
     FaceDetectorModel,
     FaceRecognizerModel,
     ModelError,
@@ -278,8 +277,6 @@ class InferenceService:
     # ---- building blocks (also used by the MT Photos API) ----------------------------------------
 
     def decode(self, data: bytes, *, min_side: int | None = None) -> DecodedImage:
-        from ai_service.imaging import ImageError, ImageTooLargeError
-
         try:
             return decode_image(data, max_pixels=self.settings.max_image_pixels, min_side=min_side)
         except ImageTooLargeError as exc:
@@ -304,31 +301,20 @@ class InferenceService:
         types: dict[ModelType, PipelineEntry],
         decoded: DecodedImage,
     ) -> FaceResult:
-        detector = models[(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION)]
-        assert isinstance(detector, FaceDetectorModel)
         min_score = types[ModelType.DETECTION].options.min_score
-        detections = detector.detect(decoded.rgb, DEFAULT_FACE_MIN_SCORE if min_score is None else min_score)
-        embeddings = None
-        if ModelType.RECOGNITION in types:
-            recognizer = models[(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION)]
-            assert isinstance(recognizer, FaceRecognizerModel)
-            embeddings = (
-                recognizer.embed(decoded.rgb, detections)
-                if len(detections)
-                else np.zeros((0, recognizer.embedding_size), np.float32)
-            )
-        return FaceResult(boxes=detections.boxes, scores=detections.scores, embeddings=embeddings)
+        return detect_faces(
+            models[(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION)],
+            models[(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION)] if ModelType.RECOGNITION in types else None,
+            decoded.rgb,
+            DEFAULT_FACE_MIN_SCORE if min_score is None else min_score,
+        )
 
     def faces(
         self, detector: ModelRef, recognizer: ModelRef, data: bytes, min_score: float
-    ) -> tuple[FaceDetections, np.ndarray, DecodedImage]:
-        det = self.cache.get(detector)
-        rec = self.cache.get(recognizer)
-        assert isinstance(det, FaceDetectorModel) and isinstance(rec, FaceRecognizerModel)
+    ) -> tuple[FaceResult, DecodedImage]:
+        det, rec = self.cache.get(detector), self.cache.get(recognizer)
         decoded = self.decode(data)
-        detections = det.detect(decoded.rgb, min_score)
-        embeddings = rec.embed(decoded.rgb, detections) if len(detections) else np.zeros((0, rec.embedding_size))
-        return detections, embeddings, decoded
+        return detect_faces(det, rec, decoded.rgb, min_score), decoded
 
     def _ocr(
         self,
@@ -336,25 +322,52 @@ class InferenceService:
         types: dict[ModelType, PipelineEntry],
         decoded: DecodedImage,
     ) -> TextLines:
-        engine = models[(ModelTask.OCR, ModelType.DETECTION)]
-        assert isinstance(engine, OcrModel)
         det_options = types[ModelType.DETECTION].options
-        detections = engine.detect(
+        rec_min: float | None = None
+        if ModelType.RECOGNITION in types:
+            rec_min = types[ModelType.RECOGNITION].options.min_score
+            rec_min = DEFAULT_OCR_REC_MIN_SCORE if rec_min is None else rec_min
+        return read_text(
+            models[(ModelTask.OCR, ModelType.DETECTION)],
             decoded.rgb,
             DEFAULT_OCR_DET_MIN_SCORE if det_options.min_score is None else det_options.min_score,
             det_options.max_resolution or DEFAULT_OCR_MAX_RESOLUTION,
+            rec_min,
         )
-        if ModelType.RECOGNITION not in types:
-            return TextLines(quads=detections.quads, box_scores=detections.scores)
-        rec_min = types[ModelType.RECOGNITION].options.min_score
-        return engine.recognize(decoded.rgb, detections, DEFAULT_OCR_REC_MIN_SCORE if rec_min is None else rec_min)
 
     def ocr(self, ref: ModelRef, data: bytes) -> tuple[TextLines, DecodedImage]:
         engine = self.cache.get(ref)
-        assert isinstance(engine, OcrModel)
         decoded = self.decode(data)
-        detections = engine.detect(decoded.rgb, DEFAULT_OCR_DET_MIN_SCORE, DEFAULT_OCR_MAX_RESOLUTION)
-        return engine.recognize(decoded.rgb, detections, DEFAULT_OCR_REC_MIN_SCORE), decoded
+        lines = read_text(
+            engine, decoded.rgb, DEFAULT_OCR_DET_MIN_SCORE, DEFAULT_OCR_MAX_RESOLUTION, DEFAULT_OCR_REC_MIN_SCORE
+        )
+        return lines, decoded
+
+
+def detect_faces(detector: object, recognizer: object | None, rgb: np.ndarray, min_score: float) -> FaceResult:
+    """Detect faces, then embed them unless ``recognizer`` is None (detection-only requests)."""
+    assert isinstance(detector, FaceDetectorModel)
+    detections = detector.detect(rgb, min_score)
+    embeddings = None
+    if recognizer is not None:
+        assert isinstance(recognizer, FaceRecognizerModel)
+        embeddings = (
+            recognizer.embed(rgb, detections)
+            if len(detections)
+            else np.zeros((0, recognizer.embedding_size), np.float32)
+        )
+    return FaceResult(boxes=detections.boxes, scores=detections.scores, embeddings=embeddings)
+
+
+def read_text(
+    engine: object, rgb: np.ndarray, det_min_score: float, max_resolution: int, rec_min_score: float | None
+) -> TextLines:
+    """Detect text lines, then recognise them unless ``rec_min_score`` is None (detection-only requests)."""
+    assert isinstance(engine, OcrModel)
+    detections = engine.detect(rgb, det_min_score, max_resolution)
+    if rec_min_score is None:
+        return TextLines(quads=detections.quads, box_scores=detections.scores)
+    return engine.recognize(rgb, detections, rec_min_score)
 
 
 # ---- Immich response shapes ----------------------------------------------------------------------

@@ -29,7 +29,8 @@ from ai_service.protocol.immich import (
     EntriesError,
     ModelTask,
     check_dependencies,
-    parse_entries,
+    load_entries_json,
+    validate_entries,
 )
 from gateway.backends import Backend, ClientInputError, build_backends
 from gateway.health import Dispatcher, HealthMonitor, NoBackendAvailable
@@ -235,9 +236,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         status = 500
         metrics.in_flight.inc()
         try:
-            parsed = parse_entries(entries)
+            raw = load_entries_json(entries)  # kept as sent: options this gateway does not know pass through
+            parsed = validate_entries(raw)
             check_dependencies(parsed)
-            raw = orjson.loads(entries)
             label = "+".join(task.value for task, types in parsed.items() if types)
             fields["task"] = label
             data = await image.read() if image is not None else None

@@ -124,11 +124,12 @@ async def represent(request: Request, file: Annotated[UploadFile, File()]) -> Re
     name = service.settings.mtphotos_face_model
     detector = service.registry.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION, name)
     recognizer = service.registry.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION, name)
-    detections, embeddings, _ = await service.run_blocking(
+    found, _ = await service.run_blocking(
         service.faces, detector, recognizer, await _read(file), service.settings.mtphotos_face_min_score
     )
     faces = []
-    for box, score, embedding in zip(detections.boxes, detections.scores, embeddings, strict=True):
+    assert found.embeddings is not None
+    for box, score, embedding in zip(found.boxes, found.scores, found.embeddings, strict=True):
         x1, y1, x2, y2 = (round(float(v)) for v in box)
         norm = float(np.linalg.norm(embedding)) or 1.0
         # MT Photos stores InsightFace's normed_embedding: send unit vectors whatever the model.

@@ -73,12 +73,21 @@ class EntriesError(ValueError):
     """``entries`` is not what Immich sends; the message says what is wrong."""
 
 
-def parse_entries(raw: str | bytes) -> dict[ModelTask, dict[ModelType, PipelineEntry]]:
-    """Parse and check ``entries``: known tasks and types, dependencies present, at least one entry."""
+def load_entries_json(raw: str | bytes) -> Any:
+    """The ``entries`` form field as JSON data (not yet checked)."""
     try:
-        data: Any = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise EntriesError(f"'entries' is not valid JSON: {exc}") from None
+
+
+def parse_entries(raw: str | bytes) -> dict[ModelTask, dict[ModelType, PipelineEntry]]:
+    """Parse and check ``entries``: known tasks and types, dependencies present, at least one entry."""
+    return validate_entries(load_entries_json(raw))
+
+
+def validate_entries(data: Any) -> dict[ModelTask, dict[ModelType, PipelineEntry]]:
+    """Check already-decoded ``entries`` data (see :func:`parse_entries`)."""
     try:
         entries = Entries.model_validate(data).root
     except ValidationError as exc:

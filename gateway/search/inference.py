@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ai_service.protocol.immich import EntriesError, ModelTask, parse_entries
+from ai_service.protocol.immich import EntriesError, ModelTask, validate_entries
 from db.immich_writer import OcrLine
 from gateway.backends.base import ClientInputError
 from gateway.backends.http import snippet
@@ -49,7 +49,7 @@ class Inference:
     async def _run(self, task: ModelTask, entries: dict[str, Any], image: bytes | None, text: str | None) -> Any:
         raw = {task.value: entries}
         try:
-            parsed = parse_entries(orjson.dumps(raw))
+            parsed = validate_entries(raw)
             routed = self.router.route_task(task, parsed[task], entries)
             result, backend = await self.dispatcher.dispatch(
                 routed,

@@ -470,6 +470,21 @@ def wait_search_ready(base: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"search database not ready: {last}")
 
 
+@contextlib.contextmanager
+def search_gateway(env: dict[str, str], log: Path, secrets_: list[str]) -> Iterator[str]:
+    """A gateway process with the search front on, ready once its database is; yields its base URL.
+
+    On the way out, none of ``secrets_`` (API keys, session tokens) may appear in its log."""
+    from tests.gateway_support import gateway_process
+
+    with gateway_process(env, log) as gw:
+        wait_search_ready(gw.base)
+        yield gw.base
+        text = gw.log_text()
+        leaked = [f"secret #{i}" for i, secret in enumerate(secrets_) if secret in text]
+        assert not leaked, f"credentials in the gateway log: {leaked}"
+
+
 def create_system_metadata(conn: psycopg.Connection[Any], config: dict[str, Any] | None) -> None:
     """Immich's system_metadata table (not in the schema fixture) with an optional stored 'system-config'."""
     conn.execute(

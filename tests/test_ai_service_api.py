@@ -368,3 +368,35 @@ def test_ocr_on_rendered_chinese_and_english_text(client: httpx.Client, ai_serve
     mt = client.post(ai_server + "/ocr", files={"file": ("a.jpg", data, "image/jpeg")}, headers={"api-key": API_KEY})
     assert mt.status_code == 200
     assert _normalise("".join(mt.json()["result"]["texts"])) == joined
+
+
+MT_BAD_REQUESTS = [
+    pytest.param("/ocr", {"files": {"file": ("a.jpg", b"not an image", "image/jpeg")}}, 400, id="ocr-undecodable"),
+    pytest.param("/ocr", {"files": {"file": ("a.jpg", b"", "image/jpeg")}}, 400, id="ocr-empty-file"),
+    pytest.param("/ocr", {"data": {"x": "1"}}, 422, id="ocr-no-file"),
+    pytest.param(
+        "/clip/img", {"files": {"file": ("a.png", _png_header_only(20000, 20000), "image/png")}}, 413, id="bomb"
+    ),
+    pytest.param("/clip/txt", {"json": {"text": ""}}, 422, id="clip-empty-text"),
+    pytest.param(
+        "/clip/txt", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, id="bad-json"
+    ),
+    pytest.param("/clip/txt", {"json": {"text": "字" * (MAX_TEXT + 1)}}, 413, id="clip-text-too-long"),
+    pytest.param("/represent", {"files": {"file": ("a.jpg", b"\xff\xd8\xff\x00", "image/jpeg")}}, 400, id="faces-bad"),
+]
+
+
+@pytest.mark.parametrize(("path", "request_kwargs", "status"), MT_BAD_REQUESTS)
+def test_mtphotos_bad_input_gets_a_clear_4xx(
+    client: httpx.Client, ai_server: str, path: str, request_kwargs: dict[str, object], status: int
+) -> None:
+    kwargs = dict(request_kwargs)
+    headers = {"api-key": API_KEY, **kwargs.pop("headers", {})}  # type: ignore[dict-item]
+    response = client.post(ai_server + path, headers=headers, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["detail"]
+    if status != 422:
+        # MT Photos clients read the reason from 'msg'; never a 200 with an empty result.
+        assert body["msg"] == body["detail"] and body["result"] == []
+    assert client.get(ai_server + "/ping").text == "pong"

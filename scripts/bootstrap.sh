@@ -30,7 +30,19 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
-  "$PYTHON" -m venv .venv
+  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+    # Debian's python3 ships venv/ensurepip separately.
+    rm -rf .venv
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv
+    elif command -v sudo >/dev/null; then
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv
+    else
+      echo "bootstrap: '$PYTHON -m venv' failed; install python3-venv" >&2
+      exit 1
+    fi
+    "$PYTHON" -m venv .venv
+  fi
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ai_service.api import immich, mtphotos
+from ai_service.api import immich, mtphotos, status
 from ai_service.api.limits import BodySizeLimitMiddleware
 from ai_service.inference import InferenceService, RequestError
 from ai_service.models.base import ModelError
@@ -49,6 +49,7 @@ def create_app(settings: AIServiceSettings | None = None, service: InferenceServ
     )
     app.include_router(immich.router)
     app.include_router(mtphotos.router)
+    app.include_router(status.router)
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, setting_name="AI_SERVICE_MAX_UPLOAD_BYTES"
     )

@@ -25,10 +25,13 @@ from ai_service.models.base import (
     FaceDetectorModel,
     FaceRecognizerModel,
     ModelError,
+    ModelNotInstalledError,
     OcrModel,
     TextLines,
 )
 from ai_service.models.cache import ModelCache
+from ai_service.models.downloads import ModelDownloader
+from ai_service.models.install import pull_model
 from ai_service.models.registry import ModelRef, ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import (
@@ -112,6 +115,13 @@ class InferenceService:
         self.settings = settings
         self.registry = registry or build_registry(settings)
         self.cache = ModelCache(self.registry, settings.model_ttl)
+        store = ModelStore(settings.model_dir)
+        self.downloader = ModelDownloader(
+            store,
+            lambda name, task: pull_model(store, settings, name, task),
+            source=settings.hf_endpoint,
+            retry_s=settings.auto_pull_retry_s,
+        )
         self.executor = ThreadPoolExecutor(max_workers=request_threads(settings), thread_name_prefix="inference")
         self._reaper: asyncio.Task[None] | None = None
 
@@ -128,6 +138,7 @@ class InferenceService:
             self._reaper.cancel()
         # Waiting for in-flight inference must not block the event loop that is still finishing responses.
         await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=False)
+        self.downloader.close()
         self.cache.unload_all()
 
     def suggested_model(self, task: ModelTask) -> str:
@@ -186,7 +197,7 @@ class InferenceService:
         ]
         for task, type_, name in wanted:
             try:
-                ref = self.registry.resolve(task, type_, name)
+                ref = await self.resolve(task, type_, name)
                 await self.run_blocking(self.cache.get, ref)
             except ModelError as exc:
                 # A missing preload must not keep the service down: it still serves everything else.
@@ -202,6 +213,29 @@ class InferenceService:
                 504, f"inference took longer than {self.settings.request_timeout_s:g}s (AI_SERVICE_REQUEST_TIMEOUT_S)"
             ) from None
 
+    # ---- model lookup ------------------------------------------------------------------------------
+
+    async def resolve(self, task: ModelTask, type_: ModelType, name: str) -> ModelRef:
+        """The installed model for a request, downloading it first when it is missing and may be fetched
+        (``AI_SERVICE_AUTO_PULL``); waits at most ``AI_SERVICE_AUTO_PULL_WAIT_S``."""
+        try:
+            return self.registry.resolve(task, type_, name)
+        except ModelNotInstalledError as exc:
+            if not (self.settings.auto_pull and exc.downloadable and exc.name):
+                raise
+            await self.downloader.fetch(task, exc.name, self.settings.auto_pull_wait_s)
+        return self.registry.resolve(task, type_, name)
+
+    async def prepare(
+        self, entries: dict[ModelTask, dict[ModelType, PipelineEntry]]
+    ) -> dict[tuple[ModelTask, ModelType], ModelRef]:
+        """Every model a request names, resolved (and downloaded if needed)."""
+        return {
+            (task, type_): await self.resolve(task, type_, entry.model_name)
+            for task, types in entries.items()
+            for type_, entry in types.items()
+        }
+
     # ---- Immich /predict --------------------------------------------------------------------------
 
     async def predict(
@@ -209,15 +243,14 @@ class InferenceService:
         entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
         image: bytes | None,
         text: str | None,
+        refs: dict[tuple[ModelTask, ModelType], ModelRef] | None = None,
     ) -> dict[str, Any]:
+        """Immich's /predict; ``refs`` from :meth:`prepare` when the caller resolved the models already."""
         check_dependencies(entries)
         if image is None and text is None:
             raise RequestError(400, "Either image or text must be provided")
-        refs = {
-            (task, type_): self.registry.resolve(task, type_, entry.model_name)
-            for task, types in entries.items()
-            for type_, entry in types.items()
-        }
+        if refs is None:
+            refs = await self.prepare(entries)
         if image is not None:
             if any(t == ModelType.TEXTUAL for (_, t) in refs):
                 raise RequestError(400, "clip/textual needs a 'text' field, not an image")

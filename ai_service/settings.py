@@ -214,7 +214,36 @@ class AIServiceSettings(BaseSettings):
 
     hf_endpoint: str = Field(
         "https://huggingface.co",
-        description="Hugging Face-compatible endpoint that 'models pull' downloads from (a mirror works).",
+        description=(
+            "Hugging Face-compatible endpoint that 'models pull' and download on first use fetch from (a mirror "
+            "works, e.g. https://hf-mirror.com). Connection and read timeouts: HF_HUB_ETAG_TIMEOUT and "
+            "HF_HUB_DOWNLOAD_TIMEOUT (10 s each by default)."
+        ),
+    )
+    auto_pull: bool = Field(
+        True,
+        description=(
+            "Download a model that a request needs and that is not installed, then answer (as Immich's ML service "
+            "does). false: such requests get a 503 that says how to install the model."
+        ),
+    )
+    auto_pull_wait_s: float = Field(
+        240.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Longest time, in seconds, one request waits for a model being downloaded; then it gets a 503 saying "
+            "how far the download got, and the download goes on. Immich gives up on a request after about 300 s."
+        ),
+    )
+    auto_pull_retry_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds after a failed download during which requests for that model get the same 503 at once "
+            "instead of starting another download (so an unreachable hub costs each request nothing)."
+        ),
     )
     hf_token: str | None = Field(None, description="Token for the download endpoint, if it needs one.", repr=False)
     model_repo_owner: str = Field(

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class FakeHub:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._truncated: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self.file_delay_s = 0.0  # seconds each file download waits before its body: lets requests overlap
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -144,6 +146,8 @@ class FakeHub:
                 return None
             if not head and failure is not None:
                 return self._send(req, 500, b"storage backend failed", {}, head)
+            if not head and self.file_delay_s:
+                time.sleep(self.file_delay_s)
             return self._send(req, 200, data, headers, head)
         return self._send(req, 404, b"", {}, head)
 

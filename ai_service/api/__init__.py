@@ -1,1 +1,1 @@
-"""HTTP routers: Immich's ML protocol and the MT Photos AI API."""
+"""HTTP routers: Immich's ML protocol, the MT Photos AI API and the service's own status."""

@@ -78,7 +78,7 @@ async def _read(file: UploadFile) -> bytes:
 @router.post("/ocr", response_model=OcrResponse, summary="MT Photos: recognise text in an image")
 async def ocr(request: Request, file: Annotated[UploadFile, File()]) -> OcrResponse:
     service = _service(request)
-    ref = service.registry.resolve(ModelTask.OCR, ModelType.DETECTION, service.settings.mtphotos_ocr_model)
+    ref = await service.resolve(ModelTask.OCR, ModelType.DETECTION, service.settings.mtphotos_ocr_model)
     lines, _ = await service.run_blocking(service.ocr, ref, await _read(file))
     boxes = []
     for quad in np.asarray(lines.quads).reshape(-1, 4, 2):
@@ -104,7 +104,7 @@ async def ocr(request: Request, file: Annotated[UploadFile, File()]) -> OcrRespo
 @router.post("/clip/img", response_model=ClipResponse, summary="MT Photos: CLIP image embedding")
 async def clip_image(request: Request, file: Annotated[UploadFile, File()]) -> ClipResponse:
     service = _service(request)
-    ref = service.registry.resolve(ModelTask.CLIP, ModelType.VISUAL, service.settings.mtphotos_clip_model)
+    ref = await service.resolve(ModelTask.CLIP, ModelType.VISUAL, service.settings.mtphotos_clip_model)
     vector, _ = await service.run_blocking(service.encode_image, ref, await _read(file))
     return ClipResponse(result=[format_number(v) for v in vector.tolist()])
 
@@ -113,7 +113,7 @@ async def clip_image(request: Request, file: Annotated[UploadFile, File()]) -> C
 async def clip_text(request: Request, body: ClipTextRequest) -> ClipResponse:
     service = _service(request)
     service.check_text(body.text)
-    ref = service.registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, service.settings.mtphotos_clip_model)
+    ref = await service.resolve(ModelTask.CLIP, ModelType.TEXTUAL, service.settings.mtphotos_clip_model)
     vector = await service.run_blocking(service.encode_text, ref, body.text, None)
     return ClipResponse(result=[format_number(v) for v in vector.tolist()])
 
@@ -122,8 +122,8 @@ async def clip_text(request: Request, body: ClipTextRequest) -> ClipResponse:
 async def represent(request: Request, file: Annotated[UploadFile, File()]) -> RepresentResponse:
     service = _service(request)
     name = service.settings.mtphotos_face_model
-    detector = service.registry.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION, name)
-    recognizer = service.registry.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION, name)
+    detector = await service.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION, name)
+    recognizer = await service.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION, name)
     found, _ = await service.run_blocking(
         service.faces, detector, recognizer, await _read(file), service.settings.mtphotos_face_min_score
     )

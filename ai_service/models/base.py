@@ -30,9 +30,17 @@ class UnknownModelError(ModelError):
 
 
 class ModelNotInstalledError(ModelError):
-    """A known model whose files are missing; the message says how to install it."""
+    """A known model whose files are missing; the message says how to install it.
+
+    ``downloadable`` says whether the service can fetch it by itself (download on first use)."""
 
     status = 503
+
+    def __init__(self, message: str, *, task: str | None = None, name: str | None = None, downloadable: bool = False):
+        super().__init__(message)
+        self.task = task
+        self.name = name
+        self.downloadable = downloadable
 
 
 class ModelLoadError(ModelError):

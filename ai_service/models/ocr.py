@@ -437,6 +437,9 @@ class OcrFamily:
         # this service cannot do offline, so they are reported as unknown, listing what is installed.
         return sorted({BUNDLED_NAME, *self.installed()})
 
+    def downloadable(self, name: str) -> bool:
+        return False  # the bundled pack serves Immich's names; other packs are put in place by hand
+
     def install_hint(self, name: str) -> str:
         if name == BUNDLED_NAME:
             return (

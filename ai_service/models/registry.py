@@ -49,6 +49,10 @@ class ModelFamily(Protocol):
 
     def install_hint(self, name: str) -> str: ...
 
+    def downloadable(self, name: str) -> bool:
+        """Whether ``name`` can be fetched from the configured hub (download on first use)."""
+        ...
+
     def load(self, name: str, component: str) -> object: ...
 
 
@@ -75,7 +79,10 @@ class ModelRegistry:
         if canonical in family.known():
             raise ModelNotInstalledError(
                 f"{task} model '{canonical}' ({component}) is not installed. {family.install_hint(canonical)} "
-                f"Installed {task} models: {listed}."
+                f"Installed {task} models: {listed}.",
+                task=str(task),
+                name=canonical,
+                downloadable=family.downloadable(canonical),
             )
         raise UnknownModelError(f"unknown {task} model '{name}'. Installed {task} models: {listed}.")
 

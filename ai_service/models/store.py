@@ -58,6 +58,10 @@ class ModelPullError(ModelError):
     status = 502
 
 
+class InstallBusyError(ModelPullError):
+    """Another install of the same model (maybe in another process) is running."""
+
+
 class LayoutError(ModelLoadError):
     """A folder does not have the files its task needs."""
 
@@ -314,7 +318,7 @@ def _exclusive_lock(path: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ModelPullError(f"another install of {what} is running; wait for it to finish") from None
+            raise InstallBusyError(f"another install of {what} is running; wait for it to finish") from None
         try:
             yield
         finally:

@@ -47,16 +47,23 @@ class LocalBackend(Backend):
             self.service = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model_dir": str(self.settings.model_dir)}
+        described: dict[str, Any] = {"kind": self.kind, "model_dir": str(self.settings.model_dir)}
+        if self.service is not None:
+            described["downloads"] = self.service.downloader.snapshot()
+        return described
 
     async def predict(
         self, routed: RoutedTask, image: bytes | None, text: str | None, *, timeout_s: float, request_id: str
     ) -> dict[str, Any]:
         if self.service is None:
             raise BackendFailure("not_started", "local models are not loaded")
+        entries = {routed.task: routed.entries}
         try:
+            # Resolving may download a model on first use; that wait has its own bound
+            # (AI_SERVICE_AUTO_PULL_WAIT_S) and must not count against the inference timeout.
+            refs = await self.service.prepare(entries)
             async with asyncio.timeout(timeout_s):
-                return await self.service.predict({routed.task: routed.entries}, image, text)
+                return await self.service.predict(entries, image, text, refs)
         except TimeoutError:
             raise BackendFailure("timeout", f"no result within {timeout_s:g}s") from None
         except RequestError as exc:

@@ -67,6 +67,12 @@ class ClipFamily:
         known = KNOWN_CLIP_MODELS.get(name)
         return known.embed_dim if known else None
 
+    def downloadable(self, name: str) -> bool:
+        # Immich's allow-list is on its hub; Chinese-CLIP names only where a source repo is configured.
+        if cn_clip_arch(name) is not None:
+            return name in getattr(self.settings, "cn_clip_repos", {})
+        return name in KNOWN_CLIP_MODELS
+
     def install_hint(self, name: str) -> str:
         source = f"{self.settings.hf_endpoint.rstrip('/')}/{self.settings.model_repo_owner}/{name}"
         pull = f"`python -m ai_service models pull {name}`"

@@ -100,6 +100,9 @@ class FaceFamily:
     def known(self) -> list[str]:
         return sorted({*INSIGHTFACE_PACKS, DLIB})
 
+    def downloadable(self, name: str) -> bool:
+        return name in INSIGHTFACE_PACKS  # Immich's packs, in Immich's layout on the hub
+
     def install_hint(self, name: str) -> str:
         if name == DLIB:
             return (

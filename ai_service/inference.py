@@ -169,6 +169,16 @@ class InferenceService:
                 log.info("%s models installed in %s: %s", task, self.settings.model_dir, ", ".join(names))
                 continue
             name = self.suggested_model(task)
+            if self.settings.auto_pull and family.downloadable(name):
+                log.info(
+                    "no %s model is installed in %s yet; the first request for one downloads it from %s "
+                    "(AI_SERVICE_AUTO_PULL), e.g. %s",
+                    task,
+                    self.settings.model_dir,
+                    self.settings.hf_endpoint,
+                    name,
+                )
+                continue
             log.warning(
                 "no %s model is installed in %s (AI_SERVICE_MODEL_DIR); %s requests fail until one is. "
                 "For %s: %s Run it where this service runs (in Docker: docker compose exec ai-service <command>); "

@@ -216,8 +216,16 @@ class AIServiceSettings(BaseSettings):
         "https://huggingface.co",
         description=(
             "Hugging Face-compatible endpoint that 'models pull' and download on first use fetch from (a mirror "
-            "works, e.g. https://hf-mirror.com). Connection and read timeouts: HF_HUB_ETAG_TIMEOUT and "
-            "HF_HUB_DOWNLOAD_TIMEOUT (10 s each by default)."
+            "works, e.g. https://hf-mirror.com)."
+        ),
+    )
+    hub_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        le=600,
+        description=(
+            "Longest wait, in seconds, for the download endpoint to connect or to send the next bytes: a hub that "
+            "stops answering fails the download after this long instead of hanging it (a slow download is not cut)."
         ),
     )
     auto_pull: bool = Field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -185,6 +186,21 @@ def test_an_unreachable_hub_answers_503_within_seconds_and_ocr_keeps_serving(tmp
         status = httpx.get(server.base + "/status", timeout=5).json()
     (failed,) = status["downloads"]
     assert failed["model"] == CLIP and failed["state"] == "failed" and dead in failed["error"]
+
+
+def test_a_hub_that_accepts_but_never_answers_fails_the_download_in_bounded_time(tmp_path: Path) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections are accepted by the kernel and then never answered
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = _env(tmp_path, endpoint, AI_SERVICE_HUB_TIMEOUT_S="2")
+        with module_process("ai_service", env, log=tmp_path / "ai.log") as server, httpx.Client() as client:
+            started = time.monotonic()
+            reply = immich_predict(client, server.base, TEXT_ENTRIES, text="a cat", timeout=120)
+            took = time.monotonic() - started
+    assert reply.status_code == 503, reply.text
+    assert "timed out" in reply.json()["detail"] and f"models pull {CLIP}" in reply.json()["detail"]
+    assert took < 20, took
 
 
 def test_auto_pull_off_downloads_nothing(tmp_path: Path, hub: FakeHub) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ai_service.models.store import ModelStore
+from ai_service.models.store import ModelStore, set_hub_timeout
 from ai_service.protocol.immich import ModelTask
 from ai_service.settings import AIServiceSettings
 
@@ -17,6 +17,7 @@ def pull_model(
     task: ModelTask | None = None,
     revision: str | None = None,
 ) -> Path:
+    set_hub_timeout(settings.hub_timeout_s)
     return store.pull(
         name,
         task,

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from ai_service.models.base import InvalidModelNameError, ModelError, ModelLoadError, clean_name
@@ -233,6 +234,61 @@ class ModelStore:
                 return self.install(task, local_name, files)
             except LayoutError as exc:
                 raise ModelPullError(f"{endpoint}/{repo_id} is not a usable {task} model: {exc}.{kept}") from exc
+
+
+_hub_timeout_s: float | None = None
+
+
+class _BoundedTimeouts:
+    """Wraps the transport of huggingface_hub's HTTP client so that no wait is unbounded.
+
+    huggingface_hub passes ``timeout=None`` on some calls (the repository listing of
+    ``snapshot_download``), which overrides any client default: a hub that accepts connections but never
+    answers would hang a download, and every request waiting for it, forever. The transport sees each
+    request's timeouts and caps them. A read timeout is per read, so a slow but moving download is never cut."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def handle_request(self, request: Any) -> Any:
+        asked = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {
+            key: min(asked[key], self.seconds) if asked.get(key) else self.seconds
+            for key in ("connect", "read", "write", "pool")
+        }
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> _BoundedTimeouts:
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.__exit__(*exc)
+
+
+def set_hub_timeout(seconds: float) -> None:
+    """Bound every network wait of huggingface_hub (connect, each read, write) to ``seconds``."""
+    global _hub_timeout_s
+    if _hub_timeout_s == seconds:
+        return
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    default_factory = _http.default_client_factory
+
+    def factory() -> Any:
+        client = default_factory()
+        # httpx's transport attribute (the same in huggingface_hub's httpx fork); the proxies' mounts too.
+        client._transport = _BoundedTimeouts(client._transport, seconds)
+        client._mounts = {pattern: _BoundedTimeouts(t, seconds) if t else t for pattern, t in client._mounts.items()}
+        return client
+
+    set_client_factory(factory)
+    _hub_timeout_s = seconds
 
 
 def split_repo_name(name: str, repo_owner: str) -> tuple[str, str]:

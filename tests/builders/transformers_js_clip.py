@@ -163,8 +163,12 @@ def build_transformers_js_repo(
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.relative_to(folder).parts[0] != "tok"
     }
-    # transformers 5 splits the image processor by backend; the default one needs torchvision, the PIL one does not.
-    from transformers import ChineseCLIPImageProcessorPil as processor_class
+    # transformers 5 splits the image processor by backend: the default one needs torchvision, the PIL one
+    # does not. In 4.x the plain ChineseCLIPImageProcessor is the PIL/numpy one.
+    import transformers
+
+    processor_class = getattr(transformers, "ChineseCLIPImageProcessorPil", None)
+    processor_class = processor_class or transformers.ChineseCLIPImageProcessor
 
     settings = {k: v for k, v in PREPROCESSOR_CONFIG.items() if k not in ("feature_extractor_type",)}
     settings["size"] = {"height": image_size, "width": image_size}

@@ -247,9 +247,8 @@ class AIServiceSettings(BaseSettings):
         description=(
             "Which graph of a transformers.js Chinese-CLIP repository to install: fp32 (onnx/model.onnx, the "
             "reference), fp16 (onnx/model_fp16.onnx: half the download, for GPUs) or quantized "
-            "(onnx/model_quantized.onnx: 8-bit weights, a quarter of the download and faster on CPUs, slightly "
-            "different vectors). Switching variants needs a new pull; vectors of different variants should not "
-            "be mixed in one library."
+            "(onnx/model_quantized.onnx: 8-bit weights, a quarter of the download, slightly different vectors). "
+            "Switching variants needs a new pull; vectors of different variants should not be mixed in one library."
         ),
     )
 

@@ -34,7 +34,7 @@ from ai_service.protocol.immich import ModelTask
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
 from tests import immich_requests as im
-from tests.builders.transformers_js_clip import TinyChineseClip, build_transformers_js_repo
+from tests.builders.transformers_js_clip import TinyChineseClip, build_transformers_js_repo, export_combined
 from tests.fake_hub import FakeHub
 from tests.servers import python_module_server
 
@@ -207,6 +207,28 @@ def test_variants_are_chosen_by_the_setting(
     images = _images(224)
     _, expected = tiny.image_features(images)
     assert _cosines(visual.encode_images(images), expected).min() >= min_cosine
+
+
+def test_other_spellings_of_an_export(tmp_path: Path, tiny: TinyChineseClip) -> None:
+    """An export whose graph also takes token_type_ids, and a repository with tokenizer.json but no vocab.txt."""
+    graph = tmp_path / "model.onnx"
+    export_combined(tiny.model, graph, tiny.image_size, token_type_ids=True)
+    assert "token_type_ids" in {i.name for i in onnx.load(str(graph)).graph.input}
+    files = {k: v for k, v in tiny.files.items() if k != "vocab.txt"}
+    files["onnx/model.onnx"] = graph.read_bytes()
+    hub = FakeHub()
+    try:
+        hub.add(REPO, files)
+        settings = _settings(tmp_path, hub)
+        store = ModelStore(settings.model_dir)
+        install.pull_model(store, settings, NAME)
+    finally:
+        hub.close()
+    textual, _ = _load(store)
+    for query in QUERIES:
+        expected = tiny.tokenizer(query, padding="max_length", max_length=52, truncation=True)["input_ids"]
+        assert textual.tokenize(query)["text"][0].tolist() == expected, query
+    assert _cosines(textual.encode_texts(QUERIES), tiny.text_features(QUERIES)).min() >= MIN_COSINE
 
 
 # ---- the CLI, aliases, and the service ---------------------------------------------------------------------

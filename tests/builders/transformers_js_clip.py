@@ -47,6 +47,11 @@ PREPROCESSOR_CONFIG: dict[str, Any] = {
     "size": {"height": 224, "width": 224},
 }
 
+# transformers' default (0.02) leaves a tiny random model's attention almost uniform: every query then gets
+# nearly the same vector (cosine 0.99999 between different texts) and a wrong attention mask goes unnoticed.
+# At 0.3 different queries are ~0.5-0.85 apart and ignoring the mask moves a padded query's vector to ~0.8.
+INIT_STD = 0.3
+
 INPUT_NAMES = ["input_ids", "pixel_values", "attention_mask"]
 OUTPUT_NAMES = ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
 
@@ -117,6 +122,7 @@ def build_transformers_js_repo(
             "intermediate_size": 64,
             "max_position_embeddings": 64,
             "type_vocab_size": 2,
+            "initializer_range": INIT_STD,
         },
         vision_config={
             "hidden_size": 32,
@@ -126,6 +132,7 @@ def build_transformers_js_repo(
             "image_size": image_size,
             "patch_size": patch_size,
             "projection_dim": projection_dim,
+            "initializer_range": INIT_STD,
         },
         projection_dim=projection_dim,
     )
@@ -176,18 +183,35 @@ def build_transformers_js_repo(
     return TinyChineseClip(model, tokenizer, fast, processor, files, projection_dim, image_size)
 
 
-def _export_combined(torch: Any, model: Any, path: Path, image_size: int) -> None:
+def export_combined(model: Any, path: Path, image_size: int, *, token_type_ids: bool = False) -> None:
+    """The combined graph as optimum exports it; ``token_type_ids`` adds that input (BERT's third one),
+    which an export made another way may have."""
+    import torch
+
+    _export_combined(torch, model, path, image_size, token_type_ids=token_type_ids)
+
+
+def _export_combined(torch: Any, model: Any, path: Path, image_size: int, *, token_type_ids: bool = False) -> None:
     class Combined(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, pixel_values: Any, attention_mask: Any) -> tuple[Any, ...]:
-            out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+        def forward(self, input_ids: Any, pixel_values: Any, attention_mask: Any, *types: Any) -> tuple[Any, ...]:
+            out = self.model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                token_type_ids=types[0] if types else None,
+            )
             return out.logits_per_image, out.logits_per_text, out.text_embeds, out.image_embeds
 
     ids = torch.tensor([[101, 110, 120, 102, 0], [101, 130, 102, 0, 0]], dtype=torch.long)
-    example = (ids, torch.randn(3, 3, image_size, image_size), (ids != 0).long())
+    example: tuple[Any, ...] = (ids, torch.randn(3, 3, image_size, image_size), (ids != 0).long())
+    input_names = list(INPUT_NAMES)
+    if token_type_ids:
+        example += (torch.zeros_like(ids),)
+        input_names.append("token_type_ids")
     dynamic_axes = {
         "input_ids": {0: "text_batch_size", 1: "sequence_length"},
         "pixel_values": {0: "image_batch_size", 1: "num_channels", 2: "height", 3: "width"},
@@ -196,13 +220,14 @@ def _export_combined(torch: Any, model: Any, path: Path, image_size: int) -> Non
         "logits_per_text": {0: "text_batch_size", 1: "image_batch_size"},
         "text_embeds": {0: "text_batch_size"},
         "image_embeds": {0: "image_batch_size"},
+        "token_type_ids": {0: "text_batch_size", 1: "sequence_length"},
     }
     with torch.no_grad():
         torch.onnx.export(
             Combined().eval(),
             example,
             str(path),
-            input_names=INPUT_NAMES,
+            input_names=input_names,
             output_names=OUTPUT_NAMES,
             dynamic_axes=dynamic_axes,
             opset_version=14,

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,18 +45,22 @@ from typing import Any, Literal
 import numpy as np
 
 from ai_service.models.clip.catalog import CN_CLIP_CONTEXT_LENGTH, CN_CLIP_MEAN, CN_CLIP_STD, cn_clip_arch
+from ai_service.models.clip.family import ClipFamily
 from ai_service.models.clip.preprocess import PreprocessConfig
 from ai_service.models.clip.textual import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     VOCAB_FILE,
+    ClipTextualEncoder,
     bert_tokenizer_config,
     bert_wordpiece_tokenizer,
     read_vocab,
 )
-from ai_service.models.clip.visual import PREPROCESS_FILE
+from ai_service.models.clip.visual import PREPROCESS_FILE, ClipVisualEncoder
 from ai_service.models.store import ModelPullError, ModelStore, download_snapshot
 from ai_service.protocol.immich import ModelTask
+from ai_service.runtime.onnx import SessionOptions
+from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +131,11 @@ def pull_transformers_js(
         staged = ModelStore(staging / "store")
         folder = staged.model_dir(ModelTask.CLIP, name)
         what = f"{endpoint.rstrip('/')}/{source.repo_id} ({source.graph_path})"
+        started = time.monotonic()
+        log.info("converting %s into %s's image and text encoders", what, name)
         convert_transformers_js(files, folder, name=name, source=source, scratch=staging / "scratch", what=what)
         check_loads(staged, name)
+        log.info("converted %s in %.1f s", what, time.monotonic() - started)
         return store.install(ModelTask.CLIP, name, folder)
 
 
@@ -157,6 +166,10 @@ def convert_transformers_js(
         graph, folder / "textual" / "model.onnx", folder / "visual" / "model.onnx",
         scratch=scratch, pad_id=vocab["[PAD]"], image_size=image_size, what=what,
     )  # fmt: skip
+    # The towers hold everything now: free the disk (up to twice the graph's size) before the load check.
+    shutil.rmtree(scratch, ignore_errors=True)
+    for leftover in graph.parent.glob(f"{graph.name}*"):
+        leftover.unlink()
     _write_json(folder / "config.json", _layout_config(embed_dim, vision, text, image_size, source, arch, len(vocab)))
     processor_file = files / "preprocessor_config.json"
     processor = _read_json(processor_file, what) if processor_file.is_file() else {}
@@ -164,18 +177,16 @@ def convert_transformers_js(
     textual = folder / "textual"
     bert_wordpiece_tokenizer(vocab, CN_CLIP_CONTEXT_LENGTH).save(str(textual / TOKENIZER_FILE))
     _write_json(textual / TOKENIZER_CONFIG_FILE, bert_tokenizer_config(CN_CLIP_CONTEXT_LENGTH))
-    ordered = sorted(vocab, key=vocab.__getitem__)
-    (textual / VOCAB_FILE).write_text("".join(f"{token}\n" for token in ordered), encoding="utf-8")
+    if (files / VOCAB_FILE).is_file():
+        shutil.copyfile(files / VOCAB_FILE, textual / VOCAB_FILE)
+    else:  # line number = id; ids the vocabulary skips get placeholders so the lines stay aligned
+        by_id = {index: token for token, index in vocab.items()}
+        lines = (by_id.get(i, f"[unused-{i}]") for i in range(max(by_id) + 1))
+        (textual / VOCAB_FILE).write_text("".join(f"{token}\n" for token in lines), encoding="utf-8")
 
 
 def check_loads(store: ModelStore, name: str) -> None:
     """Load both towers through the service's CLIP loaders (on the CPU) and run each once."""
-    from ai_service.models.clip.family import ClipFamily  # family imports the settings, which import nothing here
-    from ai_service.models.clip.textual import ClipTextualEncoder
-    from ai_service.models.clip.visual import ClipVisualEncoder
-    from ai_service.runtime.onnx import SessionOptions
-    from ai_service.settings import AIServiceSettings
-
     options = SessionOptions(providers=("CPUExecutionProvider",))
     family = ClipFamily(store, options, AIServiceSettings(model_dir=store.root))
     try:
@@ -184,8 +195,6 @@ def check_loads(store: ModelStore, name: str) -> None:
         assert isinstance(visual, ClipVisualEncoder) and isinstance(textual, ClipTextualEncoder)
         textual.encode_text("一张照片 a photo")
         visual.encode_image(np.full((32, 48, 3), 128, np.uint8))
-    except ModelPullError:
-        raise
     except Exception as exc:  # a load or run failure of the converted graphs, whatever ONNX Runtime raised
         raise ConversionError(f"the converted {name} does not load or run: {exc}") from exc
     if visual.embedding_size != textual.embedding_size:

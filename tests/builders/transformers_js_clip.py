@@ -51,6 +51,7 @@ PREPROCESSOR_CONFIG: dict[str, Any] = {
 # nearly the same vector (cosine 0.99999 between different texts) and a wrong attention mask goes unnoticed.
 # At 0.3 different queries are ~0.5-0.85 apart and ignoring the mask moves a padded query's vector to ~0.8.
 INIT_STD = 0.3
+FULL_VOCAB_SIZE = 21128  # cn-clip's vocabulary
 
 INPUT_NAMES = ["input_ids", "pixel_values", "attention_mask"]
 OUTPUT_NAMES = ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
@@ -106,34 +107,34 @@ def build_transformers_js_repo(
     patch_size: int = 16,
     seed: int = 0,
     variants: tuple[str, ...] = ("fp32", "quantized", "fp16"),
+    full_size: bool = False,
 ) -> TinyChineseClip:
-    """Build the model, export it, write the repository under ``folder``; returns files + reference."""
+    """Build the model, export it, write the repository under ``folder``; returns files + reference.
+
+    ``full_size``: the shapes of OFA-Sys' ViT-B-16 (RoBERTa-wwm-ext-base, 21128-token vocabulary, ViT-B/16)
+    for benchmarks; about 750 MB of random weights, a minute or two to build and export."""
     import torch
     from transformers import BertTokenizer, BertTokenizerFast, ChineseCLIPConfig, ChineseCLIPModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = write_vocab(folder / "vocab.txt", VOCAB)
+    vocab = VOCAB + [f"[unused-{i}]" for i in range(len(VOCAB), FULL_VOCAB_SIZE)] if full_size else VOCAB
+    vocab_file = write_vocab(folder / "vocab.txt", vocab)
+    width, layers, heads = (768, 12, 12) if full_size else (32, 2, 2)
+    common = {
+        "hidden_size": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * width if full_size else 64,
+        "initializer_range": INIT_STD,
+    }
     config = ChineseCLIPConfig(
         text_config={
-            "vocab_size": len(VOCAB),
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 64,
+            **common,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 512 if full_size else 64,
             "type_vocab_size": 2,
-            "initializer_range": INIT_STD,
         },
-        vision_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "projection_dim": projection_dim,
-            "initializer_range": INIT_STD,
-        },
+        vision_config={**common, "image_size": image_size, "patch_size": patch_size, "projection_dim": projection_dim},
         projection_dim=projection_dim,
     )
     torch.manual_seed(seed)

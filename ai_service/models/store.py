@@ -5,9 +5,10 @@ already downloaded. Names reaching this module are already cleaned (see ``base.c
 path built here never leaves ``root``.
 
 Installing (``pull`` from a Hugging Face-compatible endpoint, or ``install`` of a folder the cn-clip
-exporter wrote) is all-or-nothing: files land in a staging folder under ``<root>/.incoming/`` (same
-filesystem, so the final move is a rename), the layout is checked, and only then is the folder
-renamed into place. An existing copy stays where it is until the new one is complete, and a failed
+exporter or the transformers.js converter wrote, the latter after ``download_snapshot``) is
+all-or-nothing: files land in a staging folder under ``<root>/.incoming/`` (same filesystem, so the
+final move is a rename), the layout is checked, and only then is the folder renamed into place. An
+existing copy stays where it is until the new one is complete, and a failed
 or interrupted install leaves nothing under ``<root>/<task>/``.
 """
 

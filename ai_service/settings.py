@@ -18,6 +18,16 @@ from ai_service.runtime.batching import DEFAULT_MAX_SIZE, DEFAULT_WAIT_MS, Batch
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.runtime.workers import worker_slot
 
+# Where `models pull` converts Chinese-CLIP from (ai_service.models.clip.transformers_js): the ONNX
+# exports published for transformers.js. Kept here, not in the CLIP catalog, because that package
+# imports these settings.
+DEFAULT_CN_CLIP_REPOS: dict[str, str] = {
+    "ViT-B-16__cn-clip": "Xenova/chinese-clip-vit-base-patch16",
+    "ViT-L-14__cn-clip": "Xenova/chinese-clip-vit-large-patch14",
+    "ViT-L-14-336__cn-clip": "Xenova/chinese-clip-vit-large-patch14-336px",
+}
+_CN_CLIP_SUFFIX = "__cn-clip"  # catalog.CN_CLIP_SUFFIX; importing the catalog here would be circular
+
 
 def _default_model_dir() -> Path:
     return Path.home() / ".cache" / "immich-zh-ai" / "models"
@@ -258,6 +268,37 @@ class AIServiceSettings(BaseSettings):
         "immich-app",
         description="Owner of the model repositories on the endpoint ('models pull NAME' fetches OWNER/NAME).",
     )
+
+    cn_clip_repos: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_CN_CLIP_REPOS),
+        description=(
+            "Repositories on AI_SERVICE_HF_ENDPOINT holding a transformers.js-style ONNX export of a Chinese-CLIP "
+            "model (onnx/model*.onnx + tokenizer + configs), which 'models pull' converts to the service's layout "
+            "without torch; JSON, e.g. '{\"ViT-B-16__cn-clip\":\"me/my-export\"}'. Entries given are merged over "
+            "the defaults (the three Xenova/chinese-clip-vit-* repos); an empty repo makes that name pull "
+            "AI_SERVICE_MODEL_REPO_OWNER/<name> as an Immich-layout model instead."
+        ),
+    )
+    cn_clip_variant: Literal["fp32", "fp16", "quantized"] = Field(
+        "fp32",
+        description=(
+            "Which graph of a transformers.js Chinese-CLIP repository to install: fp32 (onnx/model.onnx, the "
+            "reference), fp16 (onnx/model_fp16.onnx: half the download, for GPUs) or quantized "
+            "(onnx/model_quantized.onnx: 8-bit weights, a quarter of the download, slightly different vectors). "
+            "Switching variants needs a new pull; vectors of different variants should not be mixed in one library."
+        ),
+    )
+
+    @field_validator("cn_clip_repos", mode="after")
+    @classmethod
+    def _merge_cn_clip_repos(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value if not name.endswith(_CN_CLIP_SUFFIX)]
+        if bad:
+            raise ValueError(f"cn_clip_repos keys must be Chinese-CLIP names ending in {_CN_CLIP_SUFFIX}: {bad}")
+        bad = [repo for repo in value.values() if repo and repo.count("/") != 1]
+        if bad:
+            raise ValueError(f"cn_clip_repos values must be OWNER/NAME repository ids (or empty): {bad}")
+        return {**DEFAULT_CN_CLIP_REPOS, **value}
 
     @field_validator("device_ids", mode="before")
     @classmethod

@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.builders.clip_models import build_vit_b16_model  # noqa: E402
+from tests.fake_hub import OWNER, FakeHub, files_of  # noqa: E402
 from tests.gateway_support import immich_predict  # noqa: E402
 from tests.servers import module_process  # noqa: E402
-from tests.test_model_store import OWNER, FakeHub, _files_of  # noqa: E402
 
 NAME = "ViT-B-16__openai"  # a name Immich's hub serves; the files are a ViT-B/16-shaped test model
 ENTRIES = {"clip": {"textual": {"modelName": NAME, "options": {"language": "zh-CN"}}}}
@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-first-use-") as tmp:
         work = Path(tmp)
         folder = build_vit_b16_model(work / "src", NAME, with_text=True)
-        files = _files_of(folder)
+        files = files_of(folder)
         size = sum(len(b) for b in files.values())
         hub = FakeHub()
         hub.add(f"{OWNER}/{NAME}", files)

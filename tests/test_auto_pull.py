@@ -24,9 +24,9 @@ from PIL import Image
 
 from tests.builders.clip_models import build_clip_model
 from tests.builders.face_models import arcface_random_model, scrfd_random_model, write_immich_pack
+from tests.fake_hub import OWNER, FakeHub, files_of
 from tests.gateway_support import gateway_process, immich_predict
 from tests.servers import free_port, module_process
-from tests.test_model_store import OWNER, FakeHub, _files_of
 
 CLIP = "ViT-B-32__openai"  # Immich's default CLIP model: 512-d in Immich's table
 FACES = "buffalo_l"
@@ -48,11 +48,11 @@ OCR_ENTRIES = {
 @pytest.fixture(scope="module")
 def repo_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
     src = tmp_path_factory.mktemp("hub-src")
-    clip = _files_of(build_clip_model(src / "clip", CLIP, kind="openclip", embed_dim=512, seed=7))
+    clip = files_of(build_clip_model(src / "clip", CLIP, kind="openclip", embed_dim=512, seed=7))
     pack = write_immich_pack(
         src / "faces", FACES, detection=scrfd_random_model(seed=3), recognition=arcface_random_model(seed=4)
     )
-    return {CLIP: clip, FACES: _files_of(pack)}
+    return {CLIP: clip, FACES: files_of(pack)}
 
 
 @pytest.fixture()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from tests.builders.clip_models import (
     visual_graph,
     write_vocab,
 )
+from tests.servers import REPO
 
 TINY = ["test-cn-clip-tiny", "test-clip-tiny", "test-mclip-tiny", "test-cn-clip-512"]
 CN_ID = {token: i for i, token in enumerate(TINY_CN_VOCAB)}
@@ -481,6 +485,51 @@ def test_export_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None
     with pytest.raises(ExportDependencyError, match=r"immich-zh-ai\[export\]"):
         export_cn_clip("ViT-B-16", store)
     assert store.installed(ModelTask.CLIP) == []
+
+
+@pytest.mark.parametrize(
+    ("torchvision_init", "expected"),
+    [
+        # PyPI's torchvision next to another torch release fails like this at import.
+        (
+            "raise RuntimeError('operator torchvision::nms does not exist')",
+            "importing torchvision failed: RuntimeError: operator torchvision::nms does not exist",
+        ),
+        (None, "torchvision is missing"),
+    ],
+    ids=["broken-torchvision", "no-torchvision"],
+)
+def test_export_turns_every_import_failure_into_the_install_hint(
+    tmp_path: Path, torchvision_init: str | None, expected: str
+) -> None:
+    """A real ``models export-cn-clip`` process whose torchvision import really fails (torch, from the test
+    extra, imports fine): exit 1 and one line that says what to install, no traceback."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchvision is installed here")
+    path = [str(tmp_path / "site")]
+    if torchvision_init is not None:
+        package = tmp_path / "site" / "torchvision"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(torchvision_init + "\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "AI_SERVICE_MODEL_DIR": str(tmp_path / "models")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ai_service", "models", "export-cn-clip", "--arch", "ViT-B-16"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert expected in proc.stderr and "immich-zh-ai[export]" in proc.stderr
+    assert "models pull <arch>__cn-clip" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "clip").exists()
 
 
 def test_large_graphs_get_one_external_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

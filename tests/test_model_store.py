@@ -1,29 +1,14 @@
 """Model installs: ``ModelStore.pull`` against a real HTTP server speaking the Hugging Face Hub API,
-``ModelStore.install``'s all-or-nothing swap, and the ``models`` CLI.
-
-The server implements what ``huggingface_hub.snapshot_download`` calls (read from its source):
-
-* ``GET /api/models/<owner>/<repo>/revision/<rev>``: ``id``, ``sha`` and ``siblings`` (older
-  huggingface_hub versions list files from here);
-* ``GET /api/models/<owner>/<repo>/tree/<rev>?recursive=…``: the file list newer versions use;
-* ``HEAD|GET /<owner>/<repo>/resolve/<rev>/<path>``: ``X-Repo-Commit`` (required, else "not a Hub
-  endpoint"), ``ETag`` (required) and ``Content-Length`` (checked against the bytes received);
-* ``X-Error-Code: RepoNotFound`` on unknown repositories.
+``ModelStore.install``'s all-or-nothing swap, and the ``models`` CLI. The fake hub is
+:class:`tests.fake_hub.FakeHub`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -36,130 +21,8 @@ from ai_service.protocol.immich import ModelTask
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
 from tests.builders.clip_models import build_clip_model
+from tests.fake_hub import OWNER, FakeHub, files_of
 from tests.servers import free_port
-
-OWNER = "test-owner"
-
-
-def _files_of(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@dataclass
-class Repo:
-    files: dict[str, bytes]
-    sha: str
-    # path -> "500" (GET answers 500) or "truncate" (first GET stops half-way, later ones answer 500)
-    failures: dict[str, str] = field(default_factory=dict)
-
-
-class FakeHub:
-    """A threaded HTTP server on 127.0.0.1 holding repositories in memory; records every request."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, Repo] = {}
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self._truncated: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-        self.file_delay_s = 0.0  # seconds each file download waits before its body: lets requests overlap
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def do_HEAD(self) -> None:
-                hub._handle(self, head=True)
-
-            def do_GET(self) -> None:
-                hub._handle(self, head=False)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self._thread.start()
-
-    def add(self, name: str, files: dict[str, bytes], failures: dict[str, str] | None = None) -> Repo:
-        digest = hashlib.sha1(b"".join(k.encode() + v for k, v in sorted(files.items()))).hexdigest()
-        repo = Repo(files, digest, failures or {})
-        self.repos[name] = repo
-        return repo
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def file_requests(self) -> list[str]:
-        return [path for method, path, _ in self.requests if method == "GET" and "/resolve/" in path]
-
-    # -- request handling ------------------------------------------------------------------------
-
-    def _handle(self, req: BaseHTTPRequestHandler, head: bool) -> None:
-        path = unquote(urlsplit(req.path).path)
-        with self._lock:
-            self.requests.append(("HEAD" if head else "GET", path, dict(req.headers)))
-        parts = path.strip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
-            repo_id = f"{parts[2]}/{parts[3]}"
-            repo = self.repos.get(repo_id)
-            if repo is None:
-                return self._send(req, 404, b'{"error":"Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head)
-            if parts[4] == "revision":
-                body = {
-                    "id": repo_id,
-                    "modelId": repo_id,
-                    "sha": repo.sha,
-                    "private": False,
-                    "siblings": [{"rfilename": p} for p in repo.files],
-                }
-            else:
-                body = [
-                    {"type": "file", "path": p, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                    for p, data in repo.files.items()
-                ]
-            return self._send(req, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
-        if len(parts) >= 5 and parts[2] == "resolve":
-            repo_id = f"{parts[0]}/{parts[1]}"
-            repo = self.repos.get(repo_id)
-            file_path = "/".join(parts[4:])
-            if repo is None:
-                return self._send(req, 404, b"", {"X-Error-Code": "RepoNotFound"}, head)
-            data = repo.files.get(file_path)
-            if data is None:
-                return self._send(req, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.sha}, head)
-            headers = {
-                "X-Repo-Commit": repo.sha,
-                "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
-                "Content-Type": "application/octet-stream",
-            }
-            failure = repo.failures.get(file_path)
-            if not head and failure == "truncate" and (repo_id, file_path) not in self._truncated:
-                self._truncated.add((repo_id, file_path))
-                req.send_response(200)
-                for key, value in headers.items():
-                    req.send_header(key, value)
-                req.send_header("Content-Length", str(len(data)))
-                req.end_headers()
-                req.wfile.write(data[: len(data) // 2])
-                req.wfile.flush()
-                req.close_connection = True  # the connection drops mid-file
-                return None
-            if not head and failure is not None:
-                return self._send(req, 500, b"storage backend failed", {}, head)
-            if not head and self.file_delay_s:
-                time.sleep(self.file_delay_s)
-            return self._send(req, 200, data, headers, head)
-        return self._send(req, 404, b"", {}, head)
-
-    @staticmethod
-    def _send(req: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str], head: bool) -> None:
-        req.send_response(status)
-        for key, value in headers.items():
-            req.send_header(key, value)
-        req.send_header("Content-Length", str(len(body)))
-        req.end_headers()
-        if not head:
-            req.wfile.write(body)
 
 
 @pytest.fixture(autouse=True)
@@ -184,8 +47,8 @@ def hub() -> Iterator[FakeHub]:
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
     """Two versions of a tiny CLIP model (different weights) and a face pack, as repository files."""
     src = tmp_path_factory.mktemp("repo-src")
-    v1 = _files_of(build_clip_model(src / "v1", "test-clip-tiny", kind="openclip", seed=1))
-    v2 = _files_of(build_clip_model(src / "v2", "test-clip-tiny", kind="openclip", seed=2))
+    v1 = files_of(build_clip_model(src / "v1", "test-clip-tiny", kind="openclip", seed=1))
+    v2 = files_of(build_clip_model(src / "v2", "test-clip-tiny", kind="openclip", seed=2))
     assert v1["visual/model.onnx"] != v2["visual/model.onnx"]
     extras = {
         "visual/model.armnn": b"armnn build we never run",
@@ -219,7 +82,7 @@ def test_pull_installs_the_layout_and_only_what_the_service_runs(
     path = _pull(store, hub, "test-clip-tiny")
 
     assert path == store.model_dir(ModelTask.CLIP, "test-clip-tiny")
-    installed = _files_of(path)
+    installed = files_of(path)
     expected = {k: v for k, v in model_files["v1"].items() if k.endswith((".onnx", ".json"))}
     assert installed == expected, "exactly the ONNX/JSON files, byte for byte"
     fetched = hub.file_requests()
@@ -256,7 +119,7 @@ def test_failed_pull_installs_nothing_and_keeps_the_old_copy(
     repo_id = f"{OWNER}/test-clip-tiny"
     hub.add(repo_id, model_files["v1"])
     path = _pull(store, hub, "test-clip-tiny")
-    before = _files_of(path)
+    before = files_of(path)
 
     # A new revision whose biggest file fails mid-way.
     hub.add(repo_id, model_files["v2"], failures={"visual/model.onnx": failure})
@@ -264,7 +127,7 @@ def test_failed_pull_installs_nothing_and_keeps_the_old_copy(
         _pull(store, hub, "test-clip-tiny")
 
     assert "left as it was" in str(err.value)
-    assert _files_of(path) == before, "the installed copy is untouched"
+    assert files_of(path) == before, "the installed copy is untouched"
     assert _incoming_leftovers(store) == [], "no staging folder survives"
     family = ClipFamily(store, SessionOptions(), AIServiceSettings(model_dir=store.root))
     assert family.load("test-clip-tiny", "visual").embedding_size == 16  # type: ignore[attr-defined]
@@ -272,7 +135,7 @@ def test_failed_pull_installs_nothing_and_keeps_the_old_copy(
     # Once the server recovers, the same pull replaces the model completely.
     hub.add(repo_id, model_files["v2"])
     _pull(store, hub, "test-clip-tiny")
-    assert _files_of(path) == {k: v for k, v in model_files["v2"].items() if k.endswith((".onnx", ".json"))}
+    assert files_of(path) == {k: v for k, v in model_files["v2"].items() if k.endswith((".onnx", ".json"))}
     assert _incoming_leftovers(store) == []
 
 

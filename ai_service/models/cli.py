@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ai_service.models.base import ModelError
-from ai_service.models.clip.catalog import CN_CLIP_ARCHS, KNOWN_CLIP_MODELS, canonical_clip_name
+from ai_service.models.clip.catalog import CN_CLIP_ARCHS, KNOWN_CLIP_MODELS
 from ai_service.models.clip.family import ClipFamily
+from ai_service.models.install import pull_model
 from ai_service.models.store import FACE_MODEL_NAMES, MODEL_FILE, ModelStore
 from ai_service.protocol.immich import ModelTask
 from ai_service.settings import AIServiceSettings
@@ -29,7 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="installed models per task, and known ones not installed yet")
     listing.add_argument("--task", choices=[str(t) for t in ModelTask], help="only this task")
 
-    pull = commands.add_parser("pull", help="download a model from the Hugging Face-compatible endpoint")
+    pull = commands.add_parser(
+        "pull",
+        help=(
+            "download a model from the Hugging Face-compatible endpoint (Chinese-CLIP: converted from the "
+            "transformers.js export in AI_SERVICE_CN_CLIP_REPOS, no torch needed)"
+        ),
+    )
     pull.add_argument("name", help="model name (e.g. ViT-B-32__openai, buffalo_l) or OWNER/NAME")
     pull.add_argument(
         "--task",
@@ -100,32 +107,24 @@ def _list(settings: AIServiceSettings, only: str | None, out: TextIO) -> None:
         if missing:
             print(f"{task}: known, not installed", file=out)
         for name in missing:
-            print(f"  {name}{_describe_known(task, name)}", file=out)
+            print(f"  {name}{_describe_known(settings, task, name)}", file=out)
 
 
-def _describe_known(task: ModelTask, name: str) -> str:
+def _describe_known(settings: AIServiceSettings, task: ModelTask, name: str) -> str:
     if task == ModelTask.FACIAL_RECOGNITION and name in FACE_MODEL_NAMES:
         return " (models pull)"
     known = KNOWN_CLIP_MODELS.get(name) if task == ModelTask.CLIP else None
     if known is None:
         return ""
-    how = "models export-cn-clip or models pull" if known.source == "cn-clip" else "models pull"
+    how = "models pull"
+    if known.source == "cn-clip":
+        how = "models pull, or models export-cn-clip" if settings.cn_clip_repos.get(name) else "models export-cn-clip"
     return f" {known.embed_dim}-d, {known.source} ({how})"
 
 
 def _pull(store: ModelStore, settings: AIServiceSettings, args: argparse.Namespace, out: TextIO) -> None:
-    name = args.name
     task = ModelTask(args.task) if args.task else None
-    if "/" not in name and (task or store.infer_task(name)) == ModelTask.CLIP:
-        name = canonical_clip_name(name)  # e.g. chinese-clip-vit-base-patch16 -> ViT-B-16__cn-clip
-    path = store.pull(
-        name,
-        task,
-        endpoint=settings.hf_endpoint,
-        repo_owner=settings.model_repo_owner,
-        token=settings.hf_token,
-        revision=args.revision,
-    )
+    path = pull_model(store, settings, args.name, task, revision=args.revision)
     print(f"installed {path}", file=out)
 
 

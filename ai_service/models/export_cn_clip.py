@@ -1,8 +1,10 @@
 """Export an official Chinese-CLIP checkpoint to ONNX in Immich's model layout.
 
-Needs the optional ``export`` extra (``cn_clip`` + ``torch`` + ``onnx``) and a machine that can
-download the checkpoint from OFA-Sys' bucket (or a checkpoint file already on disk); the service
-itself never imports torch. The result is ``<model_dir>/clip/<arch>__cn-clip/``::
+Needs the optional ``export`` extra (``cn_clip`` + ``torch`` + ``torchvision`` + ``onnx``) and a machine
+that can download the checkpoint from OFA-Sys' bucket (or a checkpoint file already on disk); the
+service itself never imports torch. ViT-B-16, ViT-L-14 and ViT-L-14-336 need none of this:
+``models pull`` converts the ONNX exports published for transformers.js (``clip.transformers_js``).
+The result is ``<model_dir>/clip/<arch>__cn-clip/``::
 
     config.json                  embed_dim, vision_cfg, text_cfg (context_length 52), export facts
     visual/model.onnx            image  [batch, 3, S, S] float32 -> embedding [batch, D]
@@ -72,8 +74,8 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 MIN_COSINE = 0.9999
 
 INSTALL_EXTRA_HINT = (
-    "pip install 'immich-zh-ai[export]' (cn_clip, torch, onnx; on a CPU-only machine install torch from "
-    "https://download.pytorch.org/whl/cpu first)"
+    "pip install 'immich-zh-ai[export]' in a virtual environment of its own (cn_clip, onnx, and torch with the "
+    "torchvision built for it, pinned together; a torchvision of another torch release fails to import)"
 )
 
 
@@ -157,15 +159,37 @@ class ExportReport:
 
 
 def _import_export_deps() -> tuple[Any, Any, Any]:
+    """torch, onnx and cn_clip's utilities, or :class:`ExportDependencyError` whatever way importing fails.
+
+    Not only ImportError: a torchvision built for another torch raises RuntimeError ("operator
+    torchvision::nms does not exist"), a CUDA build without its libraries OSError. torchvision is
+    imported on its own first because cn_clip needs it and that is where mismatches show."""
+    module = "onnx"
     try:
         import onnx
+
+        module = "torch"
         import torch
+
+        module = "torchvision"
+        import torchvision  # noqa: F401
+
+        module = "cn_clip"
         from cn_clip.clip import utils as cn_utils
-    except ImportError as exc:
+    except (ImportError, RuntimeError, OSError, AttributeError) as exc:
+        missing = isinstance(exc, ImportError) and exc.name is not None and exc.name.split(".")[0] == module
+        problem = f"{module} is missing" if missing else f"importing {module} failed: {_first_line(exc)}"
         raise ExportDependencyError(
-            f"exporting Chinese-CLIP needs the 'export' extra ({exc.name} is missing): {INSTALL_EXTRA_HINT}"
+            f"exporting Chinese-CLIP needs the 'export' extra ({problem}): {INSTALL_EXTRA_HINT}. "
+            "No torch at all is needed for ViT-B-16, ViT-L-14 and ViT-L-14-336: "
+            "`python -m ai_service models pull <arch>__cn-clip` converts a published ONNX export."
         ) from exc
     return torch, onnx, cn_utils
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def export_cn_clip(

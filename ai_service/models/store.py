@@ -5,9 +5,10 @@ already downloaded. Names reaching this module are already cleaned (see ``base.c
 path built here never leaves ``root``.
 
 Installing (``pull`` from a Hugging Face-compatible endpoint, or ``install`` of a folder the cn-clip
-exporter wrote) is all-or-nothing: files land in a staging folder under ``<root>/.incoming/`` (same
-filesystem, so the final move is a rename), the layout is checked, and only then is the folder
-renamed into place. An existing copy stays where it is until the new one is complete, and a failed
+exporter or the transformers.js converter wrote, the latter after ``download_snapshot``) is
+all-or-nothing: files land in a staging folder under ``<root>/.incoming/`` (same filesystem, so the
+final move is a rename), the layout is checked, and only then is the folder renamed into place. An
+existing copy stays where it is until the new one is complete, and a failed
 or interrupted install leaves nothing under ``<root>/<task>/``.
 """
 
@@ -197,43 +198,82 @@ class ModelStore:
                 f"{task} models are not pulled from a model endpoint (OCR models are fetched by RapidOCR)"
             )
         target = self.model_dir(task, local_name)
-        kept = f" The installed copy at {target} was left as it was." if target.exists() else ""
-        if _hub_offline():
-            raise ModelPullError(
-                f"cannot download {repo_id}: Hugging Face downloads are switched off (HF_HUB_OFFLINE is set). "
-                f"Unset HF_HUB_OFFLINE, or copy the model folder to {target} by hand.{kept}"
-            )
-        if token is None and urlparse(endpoint).hostname not in _OFFICIAL_HUB_HOSTS:
-            send_token: str | bool | None = False
-        else:
-            send_token = token
-        from huggingface_hub import snapshot_download  # imported here: only pulls need it
-
         with self.staging(task, local_name) as staging:
-            files = staging / "model"
-            try:
-                snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    endpoint=endpoint.rstrip("/"),
-                    token=send_token,
-                    local_dir=files,
-                    # Keep huggingface_hub's own cache inside the staging folder: the model folder is
-                    # the only copy we keep, and a half-finished download disappears with staging.
-                    cache_dir=staging / "hf-cache",
-                    allow_patterns=PULL_ALLOW_PATTERNS,
-                    ignore_patterns=PULL_IGNORE_PATTERNS,
-                )
-            except Exception as exc:  # huggingface_hub raises many types across versions
-                raise ModelPullError(f"{_describe_download_error(exc, repo_id, endpoint, target)}{kept}") from exc
-            # huggingface_hub's bookkeeping for local_dir downloads; not part of the model.
-            shutil.rmtree(files / ".cache", ignore_errors=True)
-            if not files.is_dir():
-                raise ModelPullError(f"{endpoint}/{repo_id} has no model files (.onnx/.json/.txt).{kept}")
+            files = download_snapshot(
+                repo_id,
+                staging,
+                endpoint=endpoint,
+                token=token,
+                revision=revision,
+                allow_patterns=PULL_ALLOW_PATTERNS,
+                ignore_patterns=PULL_IGNORE_PATTERNS,
+                target=target,
+            )
             try:
                 return self.install(task, local_name, files)
             except LayoutError as exc:
-                raise ModelPullError(f"{endpoint}/{repo_id} is not a usable {task} model: {exc}.{kept}") from exc
+                raise ModelPullError(
+                    f"{endpoint}/{repo_id} is not a usable {task} model: {exc}.{_kept(target)}"
+                ) from exc
+
+
+def _kept(target: Path) -> str:
+    return f" The installed copy at {target} was left as it was." if target.exists() else ""
+
+
+def download_snapshot(
+    repo_id: str,
+    staging: Path,
+    *,
+    endpoint: str,
+    token: str | None,
+    revision: str | None,
+    allow_patterns: list[str],
+    ignore_patterns: list[str] | None = None,
+    target: Path,
+    repo_setting: str = "AI_SERVICE_MODEL_REPO_OWNER",
+) -> Path:
+    """Download the matching files of ``repo_id`` into ``staging/download`` (returned) and nothing else
+    anywhere: huggingface_hub's cache and partial files stay inside ``staging`` too, so the folder's
+    size is the download's progress and a cut download vanishes with it.
+
+    ``target`` (where the model will be installed) and ``repo_setting`` (the setting that names the
+    repository) only shape the error messages. Without an explicit ``token`` a token saved for
+    huggingface.co is only sent to huggingface.co, never to a mirror."""
+    kept = _kept(target)
+    if _hub_offline():
+        raise ModelPullError(
+            f"cannot download {repo_id}: Hugging Face downloads are switched off (HF_HUB_OFFLINE is set). "
+            f"Unset HF_HUB_OFFLINE, or copy the model folder to {target} by hand.{kept}"
+        )
+    if token is None and urlparse(endpoint).hostname not in _OFFICIAL_HUB_HOSTS:
+        send_token: str | bool | None = False
+    else:
+        send_token = token
+    from huggingface_hub import snapshot_download  # imported here: only downloads need it
+
+    files = staging / "download"
+    try:
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            endpoint=endpoint.rstrip("/"),
+            token=send_token,
+            local_dir=files,
+            # Keep huggingface_hub's own cache inside the staging folder: the model folder is
+            # the only copy we keep, and a half-finished download disappears with staging.
+            cache_dir=staging / "hf-cache",
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+        )
+    except Exception as exc:  # huggingface_hub raises many types across versions
+        message = _describe_download_error(exc, repo_id, endpoint, target, repo_setting)
+        raise ModelPullError(f"{message}{kept}") from exc
+    # huggingface_hub's bookkeeping for local_dir downloads; not part of the model.
+    shutil.rmtree(files / ".cache", ignore_errors=True)
+    if not files.is_dir() or not any(files.iterdir()):
+        raise ModelPullError(f"{endpoint}/{repo_id} has none of the files needed ({', '.join(allow_patterns)}).{kept}")
+    return files
 
 
 _hub_timeout_s: float | None = None
@@ -323,7 +363,9 @@ def _error_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _describe_download_error(exc: Exception, repo_id: str, endpoint: str, target: Path) -> str:
+def _describe_download_error(
+    exc: Exception, repo_id: str, endpoint: str, target: Path, repo_setting: str = "AI_SERVICE_MODEL_REPO_OWNER"
+) -> str:
     """A message a user can act on, from whatever huggingface_hub (any version) raised."""
     chain = _error_chain(exc)
     names = {cls.__name__ for e in chain for cls in type(e).__mro__}
@@ -344,7 +386,7 @@ def _describe_download_error(exc: Exception, repo_id: str, endpoint: str, target
         return f"{url} refused access (HTTP {status or 'gated'}); set AI_SERVICE_HF_TOKEN to a token that may read it."
     if "RepositoryNotFoundError" in names or "RevisionNotFoundError" in names or status == 404:
         return (
-            f"{url} was not found on the endpoint (HTTP 404). Check the name, AI_SERVICE_MODEL_REPO_OWNER and "
+            f"{url} was not found on the endpoint (HTTP 404). Check the name, {repo_setting} and "
             "AI_SERVICE_HF_ENDPOINT; a private repository also needs AI_SERVICE_HF_TOKEN."
         )
     network = {"ConnectError", "ConnectionError", "ConnectTimeout", "Timeout", "TimeoutException", "ProxyError"}

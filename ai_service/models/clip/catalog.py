@@ -3,8 +3,9 @@
 Two sources of names:
 
 * Chinese-CLIP (OFA-Sys/Chinese-CLIP), named after Immich's ``<arch>__<pretrained>`` convention as
-  ``<cn_clip arch>__cn-clip``. Installed by ``models export-cn-clip`` or pulled from an endpoint that
-  hosts an export.
+  ``<cn_clip arch>__cn-clip``. ``models pull`` converts ViT-B-16, ViT-L-14 and ViT-L-14-336 from the
+  ONNX exports published for transformers.js (``transformers_js``); ``models export-cn-clip`` exports
+  any of them from the official checkpoints (needs torch).
 * Immich's own allow-list (``ai_service.protocol.immich_clip_models``, from Immich's server
   ``CLIP_MODEL_INFO``), so ``models list`` can show what ``models pull`` can fetch and the
   dimension each needs in Immich's ``smart_search`` column.

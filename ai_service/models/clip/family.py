@@ -70,21 +70,30 @@ class ClipFamily:
     def downloadable(self, name: str) -> bool:
         # Immich's allow-list is on its hub; Chinese-CLIP names only where a source repo is configured.
         if cn_clip_arch(name) is not None:
-            return name in getattr(self.settings, "cn_clip_repos", {})
+            return name in self.settings.cn_clip_repos
         return name in KNOWN_CLIP_MODELS
 
     def install_hint(self, name: str) -> str:
-        source = f"{self.settings.hf_endpoint.rstrip('/')}/{self.settings.model_repo_owner}/{name}"
+        endpoint = self.settings.hf_endpoint.rstrip("/")
+        source = f"{endpoint}/{self.settings.model_repo_owner}/{name}"
         pull = f"`python -m ai_service models pull {name}`"
         arch = cn_clip_arch(name)
-        if arch is not None:
+        if arch is None:
+            return f"Install it with {pull} (downloads {source})."
+        export = (
+            f"`python -m ai_service models export-cn-clip --arch {arch.arch}` on a machine that can download the "
+            "official Chinese-CLIP checkpoint (needs the 'export' extra and torch)"
+        )
+        repo = self.settings.cn_clip_repos.get(name)
+        if repo:
             return (
-                f"Export it with `python -m ai_service models export-cn-clip --arch {arch.arch}` on a machine "
-                f"that can download the official Chinese-CLIP checkpoint (needs the 'export' extra) and copy "
-                f"the resulting folder to {self.store.root / str(self.task) / name}, or run {pull} if {source} "
-                "hosts an export (set AI_SERVICE_HF_ENDPOINT / AI_SERVICE_MODEL_REPO_OWNER)."
+                f"Install it with {pull} (converts the ONNX export {endpoint}/{repo}, no torch needed; "
+                f"AI_SERVICE_CN_CLIP_REPOS / AI_SERVICE_HF_ENDPOINT choose the source), or export it with {export}."
             )
-        return f"Install it with {pull} (downloads {source})."
+        return (
+            f"Export it with {export} and copy the resulting folder to {self.store.root / str(self.task) / name}, "
+            f"or run {pull} if {source} hosts an export (set AI_SERVICE_HF_ENDPOINT / AI_SERVICE_MODEL_REPO_OWNER)."
+        )
 
     def load(self, name: str, component: str) -> ClipVisualEncoder | ClipTextualEncoder:
         model_dir = self.store.model_dir(self.task, name)

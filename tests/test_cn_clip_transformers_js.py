@@ -382,3 +382,27 @@ def test_external_weights_in_the_source_and_the_result(
     assert _cosines(textual.encode_texts(QUERIES), tiny.text_features(QUERIES)).min() >= MIN_COSINE
     images = _images(224)
     assert _cosines(visual.encode_images(images), tiny.image_features(images)[1]).min() >= MIN_COSINE
+
+
+def test_first_use_downloads_and_converts_the_export(tmp_path: Path, hub: FakeHub, tiny: TinyChineseClip) -> None:
+    """Nothing installed: an MT Photos /clip/txt call (its default model is ViT-B-16__cn-clip) and an
+    Immich /predict both trigger the download and conversion, once, then match transformers."""
+    env = {
+        "AI_SERVICE_MODEL_DIR": str(tmp_path / "models"),
+        "AI_SERVICE_MODEL_TTL": "0",
+        "AI_SERVICE_HF_ENDPOINT": hub.url,
+        "AI_SERVICE_CN_CLIP_REPOS": json.dumps({NAME: REPO}),
+        "AI_SERVICE_MTPHOTOS_API_KEY": "test-key",
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
+    query = QUERIES[1]
+    with python_module_server("ai_service", env, log=tmp_path / "ai.log") as base, httpx.Client(timeout=120) as c:
+        mt = c.post(f"{base}/clip/txt", json={"text": query}, headers={"api-key": "test-key"})
+        immich = im.predict(c, base, im.clip_textual(NAME), text=query)
+    assert mt.status_code == 200, mt.text
+    assert immich.status_code == 200, immich.text
+    reference = tiny.text_features([query])[0]
+    assert _cosines(np.array(mt.json()["result"], dtype=np.float32), reference) >= MIN_COSINE
+    assert _cosines(np.array(im.parse_embedding(immich.json()["clip"])), reference) >= MIN_COSINE
+    graph_downloads = [p for m, p, _ in hub.requests if m == "GET" and p.endswith("onnx/model.onnx")]
+    assert len(graph_downloads) == 1, graph_downloads

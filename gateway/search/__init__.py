@@ -6,6 +6,7 @@ wires the parts together; ``gateway/app.py`` mounts its router and runs its star
 | module | what |
 |---|---|
 | ``credentials.py`` | the caller's credential, where and in the order Immich reads it |
+| ``caller.py`` | whether Immich lets the caller do it (API-key permissions), and who they are |
 | ``immich.py`` | Immich's API as the caller: identity, assets, previews, the untouched pass-through |
 | ``immich_config.py``, ``config_source.py`` | Immich's machine-learning settings (models, OCR thresholds) |
 | ``database.py`` | async connection pool, start-up migration, partner scope, regenerate writes |
@@ -29,6 +30,7 @@ from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
 from gateway.health import Dispatcher
 from gateway.routing import ConfigError, Router
+from gateway.search.caller import Callers
 from gateway.search.config_source import ImmichConfigSource
 from gateway.search.credentials import SharedLinkRefused, credential_from
 from gateway.search.database import SearchDatabase
@@ -68,11 +70,12 @@ class SearchFeature:
         self.db_settings = db_settings or db_settings_from_env()
         self.immich = ImmichClient(settings.immich)
         self.database = SearchDatabase(self.db_settings, settings.search)
+        self.callers = Callers(settings.immich, self.immich, self.database)
         self.inference = Inference(settings, router, dispatcher)
         self.config = ImmichConfigSource(settings.immich, self.database)
-        self.regenerator = Regenerator(self.immich, self.database, self.inference, self.config)
+        self.regenerator = Regenerator(self.immich, self.callers, self.database, self.inference, self.config)
         self.smart = SmartSearchService(
-            settings, self.db_settings, self.immich, self.database, self.inference, self.config
+            settings, self.db_settings, self.immich, self.callers, self.database, self.inference, self.config
         )
 
     @classmethod

@@ -100,12 +100,45 @@ router = APIRouter(prefix="/ai", tags=["web"])
 # ---- the add-on ----------------------------------------------------------------------------------------
 
 
-@router.api_route("/addon.js", methods=["GET", "HEAD"], summary="Immich web add-on (injected by the nginx front)")
+class JavaScript(Response):
+    media_type = "text/javascript; charset=utf-8"
+
+
+class HTMLPage(Response):
+    media_type = "text/html; charset=utf-8"
+
+
+class JSONBody(Response):
+    media_type = "application/json"
+
+
+_DETAIL = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}
+_PAGE = {"text/html; charset=utf-8": {"schema": {"type": "string"}}}
+_REFUSALS = {
+    401: "Not signed in to Immich, or the session is no longer valid",
+    403: "Not an Immich administrator, or a shared link",
+    502: "Immich failed to say who is signed in",
+    503: "GATEWAY_IMMICH__URL is not set, or Immich is unavailable",
+    504: "Immich did not answer in time",
+}
+
+
+def _refusals(content: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"description": text, "content": content} for status, text in _REFUSALS.items()}
+
+
+@router.api_route(
+    "/addon.js",
+    methods=["GET", "HEAD"],
+    response_class=JavaScript,
+    summary="Immich web add-on (injected by the nginx front)",
+    responses={304: {"description": "Not modified (If-None-Match matched the ETag)"}},
+)
 async def addon(request: Request) -> Response:
     headers = {"ETag": ADDON.etag, "Cache-Control": ADDON_CACHE_CONTROL, "X-Content-Type-Options": "nosniff"}
     if ADDON.matches(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
-    return Response(ADDON.body, media_type=ADDON.media_type, headers=headers)
+    return JavaScript(ADDON.body, headers=headers)
 
 
 # ---- who is asking -------------------------------------------------------------------------------------
@@ -160,7 +193,8 @@ async def require_admin(request: Request) -> None:
         if exc.status == 403:
             raise AccessDenied(403, f"Immich refused to say who is signed in: {exc.message}") from None
         log.warning("Immich session check failed", extra={"fields": {"status": exc.status}})
-        raise AccessDenied(502 if exc.status < 500 else exc.status, exc.message) from None
+        # Immich failing is a bad gateway from the browser's point of view; a timeout stays a timeout.
+        raise AccessDenied(504 if exc.status == 504 else 502, exc.message) from None
     if not caller.is_admin:
         raise AccessDenied(403, "only Immich administrators may see the AI status")
 
@@ -249,25 +283,36 @@ def _denied_page(denied: AccessDenied) -> Response:
     return Response(body, status_code=denied.status, media_type="text/html; charset=utf-8", headers=headers)
 
 
-@router.get("/", summary="AI status page for Immich admins (read-only)", response_class=Response)
+@router.get(
+    "/",
+    summary="AI status page for Immich admins (read-only)",
+    response_class=HTMLPage,
+    responses=_refusals(_PAGE),
+)
 async def status_page(request: Request) -> Response:
     try:
         await require_admin(request)
     except AccessDenied as denied:
         return _denied_page(denied)
     headers = {**PAGE_HEADERS, "Content-Security-Policy": STATUS_PAGE_CSP}
-    return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=headers)
+    return HTMLPage(STATUS_PAGE, headers=headers)
 
 
-@router.get("/status.json", summary="GET /status plus installed models, for Immich admins", response_class=Response)
+@router.get(
+    "/status.json",
+    summary="GET /status plus installed models, for Immich admins",
+    response_class=JSONBody,
+    responses={
+        200: {
+            "description": "What GET /status answers, plus installed_models",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **_refusals(_DETAIL),
+    },
+)
 async def status_json(request: Request) -> Response:
     try:
         await require_admin(request)
     except AccessDenied as denied:
-        return Response(
-            orjson.dumps({"detail": denied.detail}),
-            status_code=denied.status,
-            media_type="application/json",
-            headers=PAGE_HEADERS,
-        )
-    return Response(orjson.dumps(await status_data(request)), media_type="application/json", headers=PAGE_HEADERS)
+        return JSONBody(orjson.dumps({"detail": denied.detail}), status_code=denied.status, headers=PAGE_HEADERS)
+    return JSONBody(orjson.dumps(await status_data(request)), headers=PAGE_HEADERS)

@@ -19,6 +19,8 @@ wires the parts together; ``gateway/app.py`` mounts its router and runs its star
 from __future__ import annotations
 
 import logging
+from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -43,6 +45,8 @@ from gateway.settings import GatewaySettings
 __all__ = ["SearchFeature"]
 
 log = logging.getLogger("gateway.search")
+
+RECENT_FAILURES = 20  # regenerate failures kept for the admins' status page
 
 
 def db_settings_from_env() -> DbSearchSettings:
@@ -74,6 +78,8 @@ class SearchFeature:
         self.inference = Inference(settings, router, dispatcher)
         self.config = ImmichConfigSource(settings.immich, self.database)
         self.regenerator = Regenerator(self.immich, self.callers, self.database, self.inference, self.config)
+        # The last regenerate failures (server side), newest last: shown to admins on /ai/, never on /status.
+        self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
         self.smart = SmartSearchService(
             settings, self.db_settings, self.immich, self.callers, self.database, self.inference, self.config
         )
@@ -103,6 +109,19 @@ class SearchFeature:
     async def close(self) -> None:
         await self.database.close()
         await self.immich.close()
+
+    def remember_failure(self, kind: RegenerateKind, asset_id: str, error: RegenerateError) -> None:
+        """A regenerate that failed on the server's side, for the admins' status page (``/ai/``): the web add-on
+        shows people a short message, and admins find the reason (backend, install command, ...) here."""
+        self.recent_failures.append(
+            {
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "kind": kind.value,
+                "asset_id": asset_id,
+                "status": error.status,
+                "detail": error.detail,
+            }
+        )
 
     def describe(self) -> dict[str, Any]:
         """For GET /status: whether search is served and why not (no URLs with credentials, no secrets)."""
@@ -140,6 +159,8 @@ class SearchFeature:
                     raise RegenerateError(403, "Shared links cannot regenerate") from None
                 body = await self.regenerator.run(kind, credential, parse_asset_id(asset_id))
             except RegenerateError as exc:
+                if exc.status >= 500:
+                    self.remember_failure(kind, asset_id, exc)
                 return _json(exc.status, {"detail": exc.detail})
             return _json(200, body)
 

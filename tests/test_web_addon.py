@@ -773,6 +773,15 @@ def test_status_page_is_for_immich_admins_only(stack: Stack) -> None:
         assert page.headers["cache-control"] == "no-store"
         assert "script-src 'sha256-" in page.headers["content-security-policy"]
 
+        # An admin's API key needs user.read (GET /api/users/me says who it is and whether they are an admin).
+        admin = next(u for u in stack.immich.users if u.is_admin)
+        for permissions, status in ((("asset.read",), 403), (("user.read",), 200), (("all",), 200)):
+            key = stack.immich.add_api_key(admin, *permissions)
+            reply = client.get(stack.base + "/ai/status.json", headers={"x-api-key": key})
+            assert reply.status_code == status, (permissions, reply.text)
+            if status == 403:
+                assert reply.json()["detail"].endswith("Missing required permission: user.read")
+
         by_key = client.get(stack.base + "/ai/status.json", headers={"x-api-key": ADMIN_API_KEY})
         assert by_key.status_code == 200
         data = by_key.json()

@@ -142,8 +142,12 @@ class SearchFeature:
                 200: {"description": "Immich's SearchResponseDto"},
                 400: {"description": "Invalid SmartSearchDto field (Immich's error shape)"},
                 401: {"description": "No or invalid Immich credentials"},
-                403: {"description": "Shared link, or Immich refused the caller"},
+                403: {"description": "Shared link, or Immich refused the caller (e.g. an API key without asset.read)"},
+                413: {"description": "Request body over GATEWAY_SEARCH__MAX_BODY_BYTES"},
+                502: {"description": "Immich is unreachable or failed"},
                 503: {"description": "'ocr:' search while the search database is unavailable"},
+                504: {"description": "Immich did not answer in time"},
+                508: {"description": "GATEWAY_IMMICH__URL points back at the gateway (a forwarding loop)"},
             },
         )
         async def smart_search(request: Request) -> Response:
@@ -167,11 +171,12 @@ class SearchFeature:
         error_responses: dict[int | str, dict[str, Any]] = {
             400: {"description": "assetId is not a UUID"},
             401: {"description": "No or invalid Immich credentials"},
-            403: {"description": "Not the asset's owner, a shared link, or Immich refused"},
+            403: {"description": "Not the asset's owner, a shared link, or Immich refused (a missing permission)"},
             404: {"description": "Asset not found or not visible to the caller, or no preview yet"},
             409: {"description": "Hidden asset, task switched off in Immich, or the model changed meanwhile"},
             502: {"description": "Immich failed, or a model refused the preview"},
             503: {"description": "No model available, or the database is unavailable"},
+            504: {"description": "Immich did not answer in time"},
         }
 
         @api.post(

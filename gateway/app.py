@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ai_service.api.limits import BodySizeLimitMiddleware
@@ -35,7 +35,7 @@ from ai_service.protocol.immich import (
 from gateway.backends import Backend, ClientInputError, build_backends
 from gateway.health import Dispatcher, HealthMonitor, NoBackendAvailable
 from gateway.logs import REQUEST_ID, go_direct, request_id_from
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, PrometheusText
 from gateway.routing import MappingError, RoutedTask, Router
 from gateway.search import SearchFeature
 from gateway.settings import GatewaySettings, get_settings
@@ -198,9 +198,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def ping() -> str:
         return "pong"
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", response_class=PrometheusText, summary="Prometheus metrics (text exposition format)")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PrometheusText(generate_latest(metrics.registry))
 
     @app.get("/status", summary="Effective routes, model map, backend health and breakers (no secrets)")
     async def status() -> dict[str, Any]:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from starlette.responses import Response
 
 # Seconds: from a text query through the local model (~ms) up to a slow OCR on CPU (~tens of s).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class PrometheusText(Response):
+    """Prometheus' text exposition format (so the OpenAPI document says what ``/metrics`` really sends)."""
+
+    media_type = CONTENT_TYPE_LATEST
 
 
 class Metrics:

@@ -5,13 +5,24 @@ It implements just what the gateway and the nginx front call, with Immich 3.1's 
 * authentication in Immich's order (shared-link key, then session token from ``x-immich-user-token`` /
   ``x-immich-session-token`` / ``?sessionKey=`` / ``Authorization: Bearer`` / cookie ``immich_access_token``,
   then ``x-api-key`` / ``?apiKey=``); 401 ``Authentication required`` / ``Invalid user token`` as Immich says;
-* ``GET /api/users/me``, ``GET /api/auth/status`` (``isElevated`` for PIN-elevated sessions);
-* ``GET /api/assets/{id}``: Immich's AssetRead access rule evaluated on the database rows (owner, with locked
-  assets only for elevated sessions; album member; partner with a non-trashed timeline/hidden asset), 400
-  ``Not found or no asset.read access`` otherwise, and the AssetResponseDto built from the rows;
-* ``GET /api/assets/{id}/thumbnail?size=preview``: the JPEG registered for the asset (404 ``Asset media not
-  found`` without one), after the same access check;
-* ``POST /api/search/smart`` (Immich's own smart search: records the body, answers a canned result),
+* API keys with permission lists, stored as Immich stores them (``api_key`` rows: SHA-256 of the key, the
+  ``permissions`` array) and checked per route as Immich's ``AuthService.authenticate`` does: a route's
+  permission, or ``all`` for a route declared without one, is granted when the key holds it or ``all``; else
+  403 ``Missing required permission: <permission>``. Sessions hold every permission. Shared links get 403
+  ``Forbidden`` on routes that do not allow them. Each route below names the permission Immich 3.1 declares;
+* ``GET /api/users/me`` (``user.read``), ``GET /api/auth/status`` (no permission declared, so ``all``;
+  ``isElevated`` for PIN-elevated sessions);
+* ``GET /api/assets/{id}`` (``asset.read``): Immich's AssetRead access rule evaluated on the database rows
+  (owner, with locked assets only for elevated sessions; album member; partner with a non-trashed
+  timeline/hidden asset), 400 ``Not found or no asset.read access`` otherwise, and the AssetResponseDto built
+  from the rows;
+* ``GET /api/assets/{id}/thumbnail?size=preview`` (``asset.view``): the JPEG registered for the asset (404
+  ``Asset media not found`` without one), after the same access check;
+* ``POST /api/search/smart`` (``asset.read``; Immich's own smart search: records the body, answers a canned
+  result), ``POST /api/search/metadata`` (``asset.read``; the ``id``/``size``/``page``/``withDeleted``
+  filters over Immich's search scope: the caller and the partners in their timeline),
+  ``POST /api/assets/jobs`` (``job.create``; ``AssetJobsDto`` validated, every asset must be the caller's own,
+  400 ``Not found or no asset.update access`` otherwise; 204, the jobs recorded in ``queued_jobs``),
   ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/ping``, ``GET /api/server/about``
   (JSON that contains ``</head>``), a websocket at ``/api/socket.io/`` that echoes, the web app's HTML at
   ``/`` (gzip-compressed when the client accepts it, as Immich's precompressed files are) and a script under
@@ -28,7 +39,9 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import hashlib
 import io
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +50,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import orjson
 import psycopg
 from psycopg.rows import dict_row
 from starlette.applications import Starlette
@@ -115,8 +129,13 @@ class Recorded:
 class Auth:
     user: StubUser | None
     elevated: bool = False
-    api_key: bool = False
+    permissions: tuple[str, ...] | None = None  # an API key's; None for a session (which holds every one)
     shared_link: bool = False
+
+
+# Immich 3.1's AssetJobName values (POST /api/assets/jobs).
+ASSET_JOB_NAMES = ("refresh-faces", "refresh-metadata", "regenerate-thumbnail", "transcode-video")
+_UUID_V4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$", re.I)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -162,6 +181,11 @@ class ImmichStub:
         self.previews: dict[UUID, bytes] = {}
         self.share_keys: set[str] = {"share-" + secrets.token_hex(8)}
         self.requests: list[Recorded] = []
+        self.queued_jobs: list[tuple[str, UUID]] = []
+        # API key -> (its user, its permissions), mirrored into Immich's api_key table (the gateway reads it).
+        self.api_keys: dict[str, tuple[StubUser, tuple[str, ...]]] = {}
+        for user in self.users:
+            self._register_key(user, user.api_key, user.api_key_permissions)
         self.leaky = False
         self.deny: set[UUID] = set()
         self.port = free_port()
@@ -172,7 +196,22 @@ class ImmichStub:
 
     def add_user(self, user: StubUser) -> StubUser:
         self.users.append(user)
+        self._register_key(user, user.api_key, user.api_key_permissions)
         return user
+
+    def add_api_key(self, user: StubUser, *permissions: str) -> str:
+        """A new API key of ``user`` holding ``permissions`` (Immich's names, e.g. ``asset.read``, or ``all``)."""
+        key = "key-" + secrets.token_hex(16)
+        self._register_key(user, key, tuple(permissions))
+        return key
+
+    def _register_key(self, user: StubUser, key: str, permissions: tuple[str, ...]) -> None:
+        self.api_keys[key] = (user, permissions)
+        with psycopg.connect(self.db_uri, autocommit=True) as conn:
+            conn.execute(
+                'INSERT INTO api_key (name, "key", "userId", permissions) VALUES (%s, %s, %s, %s)',
+                ["stub", hashlib.sha256(key.encode()).digest(), user.id, list(permissions)],
+            )
 
     def recorded(self, path: str, method: str | None = None) -> list[Recorded]:
         return [r for r in self.requests if r.path == path and (method is None or r.method == method)]
@@ -198,21 +237,23 @@ class ImmichStub:
             return _error(401, "Invalid user token")
         key = headers.get("x-api-key") or query.get("apiKey")
         if key:
-            for user in self.users:
-                if key == user.api_key:
-                    return Auth(user, api_key=True)
+            if key in self.api_keys:
+                user, permissions = self.api_keys[key]
+                return Auth(user, permissions=permissions)
             return _error(401, "Invalid API key")
         return _error(401, "Authentication required")
 
-    def _user_auth(self, request: Request, permission: str) -> Auth | Response:
+    def _user_auth(self, request: Request, permission: str = "all") -> Auth | Response:
+        """Immich's AuthService.authenticate for a route declaring ``permission`` (``all`` when a route declares
+        none) that shared links may not use."""
         auth = self._auth(request)
         if isinstance(auth, Response):
             return auth
         if auth.shared_link:
-            return _error(403, "Shared link is not allowed")  # routes without sharedLink: true
+            return _error(403, "Forbidden")  # routes without sharedLink: true
         assert auth.user is not None
-        granted = auth.user.api_key_permissions
-        if auth.api_key and "all" not in granted and permission not in granted:
+        granted = auth.permissions
+        if granted is not None and "all" not in granted and permission not in granted:
             return _error(403, f"Missing required permission: {permission}")
         return auth
 
@@ -262,7 +303,7 @@ class ImmichStub:
 
     async def auth_status(self, request: Request) -> Response:
         await self._record(request)
-        auth = self._user_auth(request, "auth.read")
+        auth = self._user_auth(request)  # @Authenticated() without a permission: an API key needs "all"
         if isinstance(auth, Response):
             return auth
         return JSONResponse({"password": True, "pinCode": True, "isElevated": auth.elevated})
@@ -371,6 +412,103 @@ class ImmichStub:
             return auth
         return JSONResponse(CANNED_SMART_SEARCH)
 
+    def _metadata_search(self, auth: Auth, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """Immich's legacy search builder for the few fields the gateway sends: its scope (the caller and the
+        partners shown in their timeline), no trash unless ``withDeleted``, no locked assets unless elevated."""
+        assert auth.user is not None
+        size, page = body.get("size", 250), body.get("page", 1)
+        with psycopg.connect(self.db_uri, autocommit=True, row_factory=dict_row) as conn:
+            return conn.execute(
+                """
+                SELECT a.*, NULL AS exif_asset, u.email AS owner_email, u.name AS owner_name FROM asset AS a
+                JOIN "user" AS u ON u.id = a."ownerId"
+                WHERE (a."ownerId" = %(user)s OR a."ownerId" IN (
+                         SELECT p."sharedById" FROM partner AS p WHERE p."sharedWithId" = %(user)s AND p."inTimeline"))
+                  AND (%(id)s::uuid IS NULL OR a.id = %(id)s::uuid)
+                  AND (a."deletedAt" IS NULL OR %(deleted)s)
+                  AND (a.visibility <> 'locked' OR %(elevated)s)
+                ORDER BY a."fileCreatedAt" DESC, a.id LIMIT %(limit)s OFFSET %(offset)s
+                """,
+                {
+                    "user": auth.user.id,
+                    "id": body.get("id"),
+                    "deleted": bool(body.get("withDeleted")),
+                    "elevated": auth.elevated,
+                    "limit": size + 1,
+                    "offset": (page - 1) * size,
+                },
+            ).fetchall()
+
+    async def search_metadata(self, request: Request) -> Response:
+        body = await self._record(request)
+        auth = self._user_auth(request, "asset.read")
+        if isinstance(auth, Response):
+            return auth
+        try:
+            dto = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "Invalid JSON")
+        if not isinstance(dto, dict):
+            return _error(400, "Invalid input: expected object")
+        problems = []
+        if "id" in dto and not (isinstance(dto["id"], str) and _UUID_V4.match(dto["id"])):
+            problems.append("[id] Invalid UUID")
+        for key, low, high in (("size", 1, 1000), ("page", 1, None)):
+            value = dto.get(key, low)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+                problems.append(f"[{key}] Invalid input")
+        if problems:
+            return _error(400, "; ".join(problems))
+        rows = await asyncio.to_thread(self._metadata_search, auth, dto)
+        size = dto.get("size", 250)
+        items = [self._dto(row, auth) for row in rows[:size]]
+        for item in items:
+            for key in ("owner", "tags", "stack"):
+                item.pop(key)
+        return JSONResponse(
+            {
+                "albums": {"total": 0, "count": 0, "items": [], "facets": []},
+                "assets": {
+                    "total": len(items),
+                    "count": len(items),
+                    "items": items,
+                    "facets": [],
+                    "nextPage": str(dto.get("page", 1) + 1) if len(rows) > size else None,
+                },
+            }
+        )
+
+    def _owned(self, auth: Auth, ids: list[UUID]) -> set[UUID]:
+        """Immich's asset.update access: the caller owns the asset (a locked one only in an elevated session)."""
+        assert auth.user is not None
+        with psycopg.connect(self.db_uri, autocommit=True) as conn:
+            rows = conn.execute(
+                """SELECT id FROM asset WHERE id = ANY(%s) AND "ownerId" = %s AND (visibility <> 'locked' OR %s)""",
+                [ids, auth.user.id, auth.elevated],
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    async def asset_jobs(self, request: Request) -> Response:
+        body = await self._record(request)
+        auth = self._user_auth(request, "job.create")
+        if isinstance(auth, Response):
+            return auth
+        try:
+            dto = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "Invalid JSON")
+        ids = dto.get("assetIds") if isinstance(dto, dict) else None
+        name = dto.get("name") if isinstance(dto, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, str) and _UUID_V4.match(i) for i in ids):
+            return _error(400, "[assetIds] Invalid input")
+        if name not in ASSET_JOB_NAMES:
+            return _error(400, f"[name] Invalid option: expected one of {'|'.join(ASSET_JOB_NAMES)}")
+        wanted = {UUID(i) for i in ids}
+        if wanted and await asyncio.to_thread(self._owned, auth, list(wanted)) != wanted:
+            return _error(400, "Not found or no asset.update access")
+        self.queued_jobs += [(name, asset_id) for asset_id in wanted]
+        return Response(status_code=204)
+
     async def upload(self, request: Request) -> Response:
         size = 0
         async for chunk in request.stream():
@@ -412,9 +550,11 @@ class ImmichStub:
                 Route("/api/users/me", self.me, methods=["GET"]),
                 Route("/api/auth/status", self.auth_status, methods=["GET"]),
                 Route("/api/assets", self.upload, methods=["POST"]),
+                Route("/api/assets/jobs", self.asset_jobs, methods=["POST"]),
                 Route("/api/assets/{asset_id}", self.asset, methods=["GET"]),
                 Route("/api/assets/{asset_id}/thumbnail", self.thumbnail, methods=["GET"]),
                 Route("/api/search/smart", self.smart_search, methods=["POST"]),
+                Route("/api/search/metadata", self.search_metadata, methods=["POST"]),
                 WebSocketRoute("/api/socket.io/", self.socket),
                 Route("/{path:path}", self.web, methods=["GET"]),
             ]

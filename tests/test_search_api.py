@@ -260,6 +260,77 @@ def test_unauthenticated_and_shared_links_are_refused(client: httpx.Client, gate
     assert not world.stub.recorded(SMART), "nothing was forwarded to Immich"
 
 
+# ---- API-key permissions, as Immich checks them ---------------------------------------------------------------
+# POST /api/search/smart is Immich's route with permission asset.read: a key holding it (or "all") may search,
+# any other key gets Immich's 403, whatever else it holds. The stub checks keys as Immich does.
+
+
+def key_search(client: httpx.Client, gateway: str, key: str, body: dict[str, Any]) -> httpx.Response:
+    return client.post(gateway + SMART, content=orjson.dumps(body), headers={"x-api-key": key})
+
+
+@pytest.mark.parametrize("permissions", [("asset.read",), ("asset.read", "user.read"), ("all",)])
+def test_a_key_with_asset_read_searches_like_a_session(
+    client: httpx.Client, gateway: str, world: World, permissions: tuple[str, ...]
+) -> None:
+    key = world.stub.add_api_key(world.users["a"], *permissions)
+    me_calls = len(world.stub.recorded("/api/users/me"))
+    for query, mode in (("ocr:发票", "ocr"), ("发票", "hybrid")):
+        reply = key_search(client, gateway, key, web_body(query))
+        check_search_response(reply)
+        assert reply.headers[MODE] == mode  # answered here, not handed to Immich
+        # Immich's scope, found without user.read: the key's owner and the partner in their timeline
+        assert {"invoice", "partner"} <= set(world.names(reply)) and "stranger" not in world.names(reply)
+    assert len(world.stub.recorded("/api/users/me")) == me_calls  # the key's user.read is never needed
+    # Immich was asked, as the key, whether it may search (a search guarded by asset.read)
+    probe = world.stub.recorded("/api/search/metadata")[-1]
+    assert probe.headers["x-api-key"] == key
+
+
+@pytest.mark.parametrize(
+    "permissions", [("user.read",), ("user.read", "asset.view", "asset.download"), ("job.create",)]
+)
+def test_a_key_without_asset_read_gets_immichs_403(
+    client: httpx.Client, gateway: str, world: World, permissions: tuple[str, ...]
+) -> None:
+    key = world.stub.add_api_key(world.users["a"], *permissions)
+    immichs = client.post(world.stub.url + SMART, json={"query": "发票"}, headers={"x-api-key": key})
+    assert immichs.status_code == 403
+    for query in ("ocr:发票", "发票"):
+        reply = key_search(client, gateway, key, web_body(query))
+        assert reply.status_code == 403, reply.text
+        assert reply.json() == {
+            "message": "Missing required permission: asset.read",
+            "error": "Forbidden",
+            "statusCode": 403,
+        }
+        assert reply.json()["message"] == immichs.json()["message"]
+
+
+def test_a_key_never_sees_locked_assets(client: httpx.Client, gateway: str, world: World) -> None:
+    """Immich lets only a PIN-elevated *session* search locked assets; an API key has no session (401)."""
+    key = world.stub.add_api_key(world.users["a"], "all")
+    status_calls = len(world.stub.recorded("/api/auth/status"))
+    reply = key_search(client, gateway, key, web_body("ocr:发票", visibility="locked"))
+    assert reply.status_code == 401 and reply.json()["message"] == "Elevated permission is required"
+    # GET /api/auth/status is not asked for a key (Immich would want "all" for it, and a key is never elevated)
+    assert len(world.stub.recorded("/api/auth/status")) == status_calls
+
+
+def test_a_lone_surrogate_in_an_ocr_query_is_answered_here(client: httpx.Client, gateway: str, world: World) -> None:
+    """JSON may escape a lone surrogate; the gateway reads it as Immich does (U+FFFD) and answers itself."""
+    body = b'{"query": "ocr:\\ud800\\u53d1\\u7968", "visibility": "timeline"}'
+    assert json.loads(body)["query"] == "ocr:\ud800发票"
+    forwarded = len(world.stub.recorded(SMART))
+    reply = client.post(gateway + SMART, content=body, headers=world.users["a"].cookie)
+    check_search_response(reply)
+    assert reply.headers[MODE] == "ocr"
+    assert len(world.stub.recorded(SMART)) == forwarded
+    # NaN is not JSON for Immich either: that body still goes to Immich untouched
+    reply = client.post(gateway + SMART, content=b'{"query": "ocr:x", "page": NaN}', headers=world.users["a"].cookie)
+    assert reply.headers[MODE] == "immich"
+
+
 # ---- filters and paging ---------------------------------------------------------------------------------------
 
 
@@ -347,6 +418,7 @@ HOSTILE = [
     "'",
     "😀",
     "\ud83d",  # a lone surrogate
+    "ocr:\ud800发票",
     "x" * 10_000,
     "",
 ]
@@ -358,6 +430,7 @@ def test_hostile_queries_get_normal_answers(client: httpx.Client, gateway: str, 
     body = json.dumps(web_body(query)).encode()
     reply = client.post(gateway + SMART, content=body, headers=world.users["a"].cookie)
     check_search_response(reply)
+    assert reply.headers[MODE] != "immich"  # answered here, never handed on (Immich's stub answers anything)
     assert "stranger" not in world.names(reply)
 
 

@@ -190,6 +190,8 @@ def test_nginx_accepts_the_shipped_conf(tmp_path: Path) -> None:
         text=True,
     )
     assert done.returncode == 0, done.stderr
+    # ... and without a warning (a repeated sub_filter_types text/html once made it say 'duplicate MIME type')
+    assert "[warn]" not in done.stderr and "duplicate MIME type" not in done.stderr, done.stderr
 
 
 # ---- routing ---------------------------------------------------------------------------------------------------

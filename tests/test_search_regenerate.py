@@ -287,6 +287,86 @@ def test_refusals(client: httpx.Client, gateway: str, world: World, conn: psycop
     assert client.get(f"{gateway}/ai/assets/{world.ids['invoice']}/ocr", headers=a.cookie).status_code == 405
 
 
+# ---- API-key permissions, as Immich checks them -----------------------------------------------------------------
+# A regenerate is Immich's per-photo job for OCR / CLIP (Immich has none of its own): POST /api/assets/jobs needs
+# job.create and the caller's own photo. The gateway also reads the asset (asset.read) and its preview
+# (asset.view) as the caller. The stub checks keys as Immich does.
+
+
+def key_headers(key: str) -> dict[str, str]:
+    return {"x-api-key": key}
+
+
+def test_a_read_only_key_cannot_regenerate(
+    client: httpx.Client, gateway: str, world: World, conn: psycopg.Connection
+) -> None:
+    a, target = world.users["a"], world.ids["invoice"]
+    read_only = world.stub.add_api_key(a, "asset.read", "user.read", "asset.view")
+    immichs = client.post(
+        world.stub.url + "/api/assets/jobs",
+        json={"assetIds": [str(target)], "name": "refresh-faces"},
+        headers=key_headers(read_only),
+    )
+    assert immichs.status_code == 403
+    assert immichs.json()["message"] == "Missing required permission: job.create"
+    before = everything(conn, world)
+    previews = len(world.stub.recorded(f"/api/assets/{target}/thumbnail"))
+    for kind in ("ocr", "clip"):
+        reply = regenerate(client, gateway, kind, target, key_headers(read_only))
+        assert reply.status_code == 403, reply.text
+        assert reply.json() == {"detail": "Immich refused: Missing required permission: job.create"}
+    assert everything(conn, world) == before
+    assert len(world.stub.recorded(f"/api/assets/{target}/thumbnail")) == previews  # refused before any reading
+
+
+@pytest.mark.parametrize(
+    ("permissions", "missing"),
+    [(("job.create",), "asset.read"), (("job.create", "asset.read"), "asset.view")],
+)
+def test_job_create_alone_is_not_enough(
+    client: httpx.Client,
+    gateway: str,
+    world: World,
+    conn: psycopg.Connection,
+    permissions: tuple[str, ...],
+    missing: str,
+) -> None:
+    key = world.stub.add_api_key(world.users["a"], *permissions)
+    before = everything(conn, world)
+    reply = regenerate(client, gateway, "ocr", world.ids["invoice"], key_headers(key))
+    assert reply.status_code == 403, reply.text
+    assert reply.json()["detail"].endswith(f"Missing required permission: {missing}")
+    assert everything(conn, world) == before
+
+
+def test_a_key_with_what_immich_requires_regenerates_without_user_read(
+    client: httpx.Client, gateway: str, world: World, conn: psycopg.Connection
+) -> None:
+    a = world.users["a"]
+    key = world.stub.add_api_key(a, "job.create", "asset.read", "asset.view")
+    me_calls = len(world.stub.recorded("/api/users/me"))
+    reply = regenerate(client, gateway, "clip", world.ids["photo"], key_headers(key))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["dimension"] == 512
+    assert len(world.stub.recorded("/api/users/me")) == me_calls
+    probe = world.stub.recorded("/api/assets/jobs")[-1]
+    assert probe.headers["x-api-key"] == key and orjson.loads(probe.body)["assetIds"] == []
+    assert world.stub.queued_jobs == []  # asking Immich queued nothing
+    # Owner only, as for Immich's own jobs: a partner's photo is refused even to a key with every permission.
+    full = world.stub.add_api_key(a, "all")
+    partners = world.ids["partners"]
+    immichs = client.post(
+        world.stub.url + "/api/assets/jobs",
+        json={"assetIds": [str(partners)], "name": "refresh-faces"},
+        headers=key_headers(full),
+    )
+    assert immichs.status_code == 400 and immichs.json()["message"] == "Not found or no asset.update access"
+    before = snapshot(conn, partners)
+    reply = regenerate(client, gateway, "ocr", partners, key_headers(full))
+    assert reply.status_code == 403, reply.text
+    assert snapshot(conn, partners) == before
+
+
 # ---- the command line -------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ Immich's web app is played by ``tests/web/``: a small single-page app reproducin
 contract (reference §5.2), SvelteKit-style navigation (history.pushState) and Svelte-style re-rendering.
 nginx serves it for HTML routes and sends ``/api/`` to the Immich stub, as one origin.
 
-Screenshots of the open menu (English, Chinese), a toast and the status page go to ``.artifacts/web/``.
+Screenshots of the open menu (English, Chinese), toasts, the status page and its refusal pages go to
+``.artifacts/web/``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
-from db.testing import fresh_database, insert_asset, insert_user, load_immich_schema
+from db.testing import add_partner, fresh_database, insert_asset, insert_user, load_immich_schema
 from tests.immich_stub import ImmichStub, StubUser, render_text_jpeg
 from tests.servers import REPO, free_port, python_module_server, wait_for_http
 
@@ -68,6 +69,9 @@ ADMIN_API_KEY = "key-admin-0123456789abcdef0123456789abcdef"
 ASSET_TEXT = "11111111-1111-4111-8111-111111111111"  # the admin's, a preview with two lines of text
 ASSET_BLANK = "22222222-2222-4222-8222-222222222222"  # the admin's, a blank preview
 ASSET_NO_PREVIEW = "33333333-3333-4333-8333-333333333333"  # the admin's, no preview generated yet
+ASSET_USERS = "55555555-5555-4555-8555-555555555555"  # the (non-admin) user's own, a blank preview
+NOT_FOUND = "99999999-9999-4999-8999-999999999999"  # no such asset: the stand-in renders Immich's error page
+UNINSTALLED_CLIP = "ViT-B-32__openai"  # Immich's default CLIP model; not in the test model folder
 ALBUM = "44444444-4444-4444-8444-444444444444"
 CLIP_MODEL = "test-cn-clip-512"  # tests/builders/clip_models.py: cn-clip layout, 512-d like Immich's column
 
@@ -170,7 +174,6 @@ http {{
             proxy_set_header Accept-Encoding "";
             sub_filter '</head>' '{INJECTED}</head>';
             sub_filter_once on;
-            sub_filter_types text/html;
         }}
     }}
 }}
@@ -207,6 +210,12 @@ class Stack:
     immich: ImmichStub
     db_uri: str
     gateway_log: Path
+    immich_config: Path  # Immich's machine-learning settings, as the gateway reads them
+
+
+def set_clip_model(config: Path, model: str) -> None:
+    """Immich's machine-learning settings as an admin would set them (IMMICH_CONFIG_FILE's format)."""
+    config.write_text(json.dumps({"machineLearning": {"clip": {"modelName": model}}}))
 
 
 def wait_for_search_database(gateway: str, timeout_s: float = 60.0) -> None:
@@ -230,14 +239,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_uri: str, clip_mode
             user_id = insert_user(conn, email="user@example.test", name="User")
             for asset in (ASSET_TEXT, ASSET_BLANK, ASSET_NO_PREVIEW):
                 insert_asset(conn, admin_id, asset_id=UUID(asset))
+            insert_asset(conn, user_id, asset_id=UUID(ASSET_USERS))
+            # The admin shares their library with the user: the user may view the admin's photos (a partner).
+            add_partner(conn, admin_id, user_id, in_timeline=True)
         admin = StubUser(admin_id, "admin@example.test", "Admin", ADMIN_API_KEY, ADMIN_TOKEN, is_admin=True)
         user = StubUser(user_id, "user@example.test", "User", session_token=USER_TOKEN)
         immich = ImmichStub(db_uri, [admin, user])
         immich.previews[UUID(ASSET_TEXT)] = render_text_jpeg(["发票 2024", "Invoice 42"])
         immich.previews[UUID(ASSET_BLANK)] = blank_jpeg()
+        immich.previews[UUID(ASSET_USERS)] = blank_jpeg()
         # Immich's machine-learning settings as an admin would set them (IMMICH_CONFIG_FILE's format).
         config = folder / "immich-config.json"
-        config.write_text(json.dumps({"machineLearning": {"clip": {"modelName": CLIP_MODEL}}}))
+        set_clip_model(config, CLIP_MODEL)
         backends = {
             "local": {"kind": "local"},
             # Never contacted (health checks off, only a face failover, no face requests): it is there to carry
@@ -251,6 +264,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_uri: str, clip_mode
         env = {
             "GATEWAY_IMMICH__URL": immich.url,
             "GATEWAY_IMMICH__CONFIG_FILE": str(config),
+            "GATEWAY_IMMICH__CONFIG_TTL_S": "0",  # a test switches Immich's CLIP model to one not installed
             "DB_SEARCH_URL": db_uri,
             "AI_SERVICE_MODEL_DIR": str(clip_model_dir),
             "GATEWAY_BACKENDS": json.dumps(backends),
@@ -268,7 +282,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_uri: str, clip_mode
             nginx(folder / "nginx", web_url, immich.url, gateway_url) as base,
         ):
             wait_for_search_database(gateway_url)
-            yield Stack(base, gateway_url, immich, db_uri, log)
+            yield Stack(base, gateway_url, immich, db_uri, log, config)
 
 
 @pytest.fixture(scope="module")
@@ -582,27 +596,82 @@ def test_regenerate_reports_no_text_in_chinese_and_smart_search(stack: Stack, br
     assert problems(console(browser)) == []
 
 
-def test_errors_show_the_servers_detail(stack: Stack, browser: WebDriver) -> None:
-    # Another user opens the admin's photo (e.g. a stale link): Immich does not show it to them.
+def test_no_items_on_a_partners_photo(stack: Stack, browser: WebDriver) -> None:
+    """Immich offers its per-photo jobs only to the owner; a partner viewing the photo gets ours neither."""
+    asked = len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}"))
     open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en", token=USER_TOKEN)
-    wait_for_items(browser, ASSET_TEXT)
-    click_item(browser, "ocr")
-    toast = last_toast(browser)
-    assert toast["state"] == "error"
-    assert toast["text"] == "Regenerate OCR failed: Asset not found, or you may not see it"
-    assert "close" in toast["buttons"]
-    assert immich_calls(stack, f"/api/assets/{ASSET_TEXT}")[-1] == USER_TOKEN
-    # The owner, on a photo whose preview Immich has not generated yet.
-    open_page(browser, stack, f"/photos/{ASSET_NO_PREVIEW}", lang="en")
+    wait_for(browser, lambda d: d.execute_script("return !!document.querySelector('ul[role=menu] li')"))
+    # The add-on asked Immich, as the signed-in user, whose photo this is (Immich shows it to the partner) ...
+    wait_for(browser, lambda d: len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}")) > asked)
+    for path in (f"/api/assets/{ASSET_TEXT}", "/api/users/me"):
+        # straight from the browser (nginx sends /api/ to Immich): the session cookie
+        assert f"immich_access_token={USER_TOKEN}" in stack.immich.recorded(path)[-1].headers.get("cookie", "")
+    time.sleep(0.5)
+    browser.execute_script("window.stubApp.rerenderItems()")
+    time.sleep(0.3)
+    # ... and added nothing: the photo is the admin's.
+    assert browser.execute_script("return document.querySelectorAll('li[data-immich-zh-ai]').length") == 0
+    # The same user's own photo gets both items.
+    open_page(browser, stack, f"/photos/{ASSET_USERS}", lang="en", token=USER_TOKEN)
+    wait_for_items(browser, ASSET_USERS)
+    assert problems(console(browser)) == []
+
+
+def toast_link(driver: WebDriver) -> str | None:
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const a = document.querySelector('[data-immich-zh-ai=\"toasts\"]').shadowRoot"
+        ".querySelector('.toast:last-child a.details'); return a ? a.getAttribute('href') : null;"
+    )
+
+
+DEVELOPER_TEXT = ("503", "local", "models pull", "huggingface", "Hugging Face", "backend", "Immich's", "HTTP")
+
+
+def test_failures_are_short_localized_and_detailed_for_admins_on_the_status_page(
+    stack: Stack, browser: WebDriver
+) -> None:
+    # The owner, on a photo whose preview Immich has not generated yet: what happened, in the UI's language.
+    open_page(browser, stack, f"/photos/{ASSET_NO_PREVIEW}", lang="zh-CN")
     wait_for_items(browser, ASSET_NO_PREVIEW)
     click_item(browser, "clip")
     toast = last_toast(browser)
-    assert toast["state"] == "error"
-    assert toast["text"] == (
-        "Regenerate smart search failed: The asset has no preview yet (Immich generates it after upload)"
-    )
+    assert toast["state"] == "error" and "close" in toast["buttons"]
+    assert toast["text"] == "重新生成智能搜索失败：找不到这张照片，或它还没有预览图。"
+
+    # Immich's CLIP model is set to one no backend has: the gateway answers 503 with a developer's reason.
+    set_clip_model(stack.immich_config, UNINSTALLED_CLIP)
+    try:
+        open_page(browser, stack, f"/photos/{ASSET_BLANK}", lang="zh-CN")
+        wait_for_items(browser, ASSET_BLANK)
+        click_item(browser, "clip")
+        toast = last_toast(browser)
+        screenshot(browser, "toast-zh-unavailable.png")
+        assert toast["text"] == "重新生成智能搜索失败：AI 服务暂时不可用，请稍后再试。 AI 状态页面有详细信息。"
+        assert not [w for w in DEVELOPER_TEXT if w in toast["text"]]
+        assert toast_link(browser) == "/ai/#failures"  # the admin gets the way to the details
+        # A user who is not an admin is told to ask one, in English here, with no link.
+        open_page(browser, stack, f"/photos/{ASSET_USERS}", lang="en", token=USER_TOKEN)
+        wait_for_items(browser, ASSET_USERS)
+        click_item(browser, "clip")
+        toast = last_toast(browser)
+        assert toast["text"] == (
+            "Regenerate smart search failed: the AI service is not available right now. Try again later. "
+            "If this keeps happening, tell your Immich administrator."
+        )
+        assert toast_link(browser) is None
+    finally:
+        set_clip_model(stack.immich_config, CLIP_MODEL)
     # Chrome itself logs the failed responses; nothing else may complain.
     assert problems(console(browser), allow=("/ai/assets/",)) == []
+
+    # The details are on the admins' status page: which photo, when, and the gateway's full reason.
+    open_page(browser, stack, "/ai/#failures", lang="zh-CN")
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded === 'true'"))
+    rows = browser.execute_script("return [...document.querySelectorAll('#failed tbody tr')].map((r) => r.textContent)")
+    mine = [r for r in rows if ASSET_BLANK in r]
+    assert mine and "503" in mine[0] and UNINSTALLED_CLIP in mine[0] and "models pull" in mine[0], rows
+    assert "年" in mine[0]  # the time in the UI language's format (2026年12月6日 …)
+    screenshot(browser, "status-zh-failures.png")
 
 
 # ---- pages it must leave alone ---------------------------------------------------------------------------
@@ -639,6 +708,11 @@ def test_a_page_without_the_contract_is_left_unharmed(stack: Stack, browser: Web
     assert "menu was not found" in ours[0]["message"]
     assert problems(entries) == []
     assert browser.execute_script("return document.querySelectorAll('[data-immich-zh-ai]').length") == 0
+    # Immich's "not found" page at a viewer address (a deleted photo): no viewer, nothing missing, nothing said.
+    open_page(browser, stack, f"/photos/{NOT_FOUND}", lang="en")
+    wait_for(browser, lambda d: d.execute_script("return !!document.querySelector('main.error')"))
+    time.sleep(3.5)  # past the add-on's grace period for a menu to appear
+    assert [e for e in console(browser) if "immich-zh-ai" in e["message"] or e["level"] == "SEVERE"] == []
     # A plain page (no viewer) is not a broken contract: nothing is said at all.
     open_page(browser, stack, "/photos", lang="en")
     wait_for(browser, lambda d: d.execute_script("return !!document.querySelector('main.timeline')"))
@@ -680,6 +754,13 @@ def test_status_page_is_for_immich_admins_only(stack: Stack) -> None:
     with httpx.Client(trust_env=False) as client:
         anonymous = client.get(stack.base + "/ai/")
         assert anonymous.status_code == 401 and "Sign in" in anonymous.text
+        # A page like the status page, in both languages (its script shows Immich's), leading back to Immich.
+        assert 'href="/auth/login"' in anonymous.text and 'href="/"' in anonymous.text
+        assert "请先登录 Immich" in anonymous.text and "<style>" in anonymous.text
+        assert "script-src 'sha256-" in anonymous.headers["content-security-policy"]
+        chinese = client.get(stack.base + "/ai/", headers={**session(USER_TOKEN), "Accept-Language": "zh-CN,zh"})
+        assert chinese.status_code == 403 and '<html lang="zh-CN">' in chinese.text
+        assert '<div lang="en" hidden>' in chinese.text and "只有 Immich 管理员可以查看 AI 状态" in chinese.text
         assert client.get(stack.base + "/ai/", headers=session(USER_TOKEN)).status_code == 403
         assert client.get(stack.base + "/ai/status.json", headers=session(USER_TOKEN)).status_code == 403
         stale = client.get(stack.base + "/ai/status.json", headers=session("sess-expired"))
@@ -692,11 +773,21 @@ def test_status_page_is_for_immich_admins_only(stack: Stack) -> None:
         assert page.headers["cache-control"] == "no-store"
         assert "script-src 'sha256-" in page.headers["content-security-policy"]
 
+        # An admin's API key needs user.read (GET /api/users/me says who it is and whether they are an admin).
+        admin = next(u for u in stack.immich.users if u.is_admin)
+        for permissions, status in ((("asset.read",), 403), (("user.read",), 200), (("all",), 200)):
+            key = stack.immich.add_api_key(admin, *permissions)
+            reply = client.get(stack.base + "/ai/status.json", headers={"x-api-key": key})
+            assert reply.status_code == status, (permissions, reply.text)
+            if status == 403:
+                assert reply.json()["detail"].endswith("Missing required permission: user.read")
+
         by_key = client.get(stack.base + "/ai/status.json", headers={"x-api-key": ADMIN_API_KEY})
         assert by_key.status_code == 200
         data = by_key.json()
         direct = client.get(stack.gateway + "/status").json()
-        assert set(data) == {*direct, "installed_models"}
+        assert set(data) == {*direct, "installed_models", "regenerate_failures"}
+        assert "regenerate_failures" not in direct  # the reasons are for admins only
         assert data["routes"] == direct["routes"] and data["search"]["enabled"] is True
         assert set(data["backends"]) == {"local", "mt"} and data["breakers"].keys() == direct["breakers"].keys()
         installed = data["installed_models"]["local"]
@@ -707,6 +798,57 @@ def test_status_page_is_for_immich_admins_only(stack: Stack) -> None:
     logged = stack.gateway_log.read_text()
     for secret in (ADMIN_TOKEN, USER_TOKEN, ADMIN_API_KEY, MT_API_KEY):
         assert secret not in logged
+
+
+WORDS_BROKEN_JS = """
+// Cells holding one word or a state ("local", "断开"): each text in them must sit on one line.
+const broken = [];
+for (const td of document.querySelectorAll('td.nowrap')) {
+  const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (!node.nodeValue.trim()) continue;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    const tops = new Set([...range.getClientRects()].filter((r) => r.width > 0).map((r) => Math.round(r.top)));
+    if (tops.size > 1) broken.push([node.nodeValue, tops.size]);
+  }
+}
+return broken;
+"""
+
+
+def test_status_page_keeps_words_whole_in_a_narrow_window(stack: Stack, browser: WebDriver) -> None:
+    browser.set_window_size(560, 1100)
+    try:
+        open_page(browser, stack, "/ai/", lang="zh-CN")
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded === 'true'"))
+        assert browser.execute_script("return document.querySelectorAll('td.nowrap').length") > 10
+        assert browser.execute_script(WORDS_BROKEN_JS) == []
+        screenshot(browser, "status-zh-narrow.png")
+    finally:
+        browser.set_window_size(1280, 1100)
+
+
+def test_refusal_pages_are_localized_and_lead_back(stack: Stack, browser: WebDriver) -> None:
+    open_page(browser, stack, "/ai/", lang="zh-CN", token=USER_TOKEN)
+    wait_for(browser, lambda d: d.execute_script("return document.documentElement.lang") == "zh-CN")
+    shown = browser.execute_script(
+        "return [...document.querySelectorAll('main > div[lang]')].filter((d) => !d.hidden).map((d) => d.innerText)"
+    )
+    assert len(shown) == 1 and "只有 Immich 管理员可以查看 AI 状态。" in shown[0] and "返回 Immich" in shown[0]
+    screenshot(browser, "denied-zh.png")
+    open_page(browser, stack, "/ai/", lang="en", token=None)
+    wait_for(browser, lambda d: d.execute_script("return document.documentElement.lang") == "en")
+    links = browser.execute_script(
+        "return [...document.querySelectorAll('main > div:not([hidden]) a')]"
+        ".map((a) => [a.textContent, a.getAttribute('href')])"
+    )
+    assert links == [["Sign in", "/auth/login"], ["Back to Immich", "/"]]
+    screenshot(browser, "denied-en.png")
+    # The inline script and style ran under the page's hash-pinned CSP (else the Chinese block stays hidden).
+    assert problems(console(browser), allow=("/ai/ - Failed to load resource",)) == []
+    browser.find_element("link text", "Back to Immich").click()
+    wait_for(browser, lambda d: d.current_url == stack.base + "/")
 
 
 def test_status_page_renders_in_the_browser(stack: Stack, browser: WebDriver) -> None:
@@ -720,6 +862,9 @@ def test_status_page_renders_in_the_browser(stack: Stack, browser: WebDriver) ->
     assert any("PP-OCRv6_small" in r for r in rows["models"]) and any(CLIP_MODEL in r for r in rows["models"])
     assert {r.split("local")[0] for r in rows["routes"]} >= {"clip", "ocr"}
     assert browser.execute_script("return document.querySelector('h1').textContent") == "AI 状态"
+    # The clock is in the UI language's format, not the browser's (this one runs with --lang=en-US).
+    updated = browser.execute_script("return document.getElementById('updated').textContent")
+    assert updated.startswith("更新于 ") and "年" in updated and "M" not in updated, updated
     screenshot(browser, "status-zh.png")
     # The inline script and style ran under the page's hash-pinned CSP: no violation was logged.
     assert problems(console(browser)) == []

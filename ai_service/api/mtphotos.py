@@ -8,7 +8,7 @@ body also carries MT Photos' ``msg``/``result`` fields so its clients show the r
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Header, HTTPException, Request, UploadFile
@@ -45,7 +45,35 @@ async def require_api_key(
         raise HTTPException(status_code=401, detail="Invalid API key")
 
 
-router = APIRouter(tags=["mt-photos"], dependencies=[Depends(require_api_key)])
+# MT Photos' error body: ``detail`` plus MT Photos' own ``msg`` / ``result`` fields, which its clients show.
+_ERROR = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"type": "string"}, "msg": {"type": "string"}, "result": {"type": "array"}},
+        }
+    }
+}
+
+
+def _errors(**statuses: str) -> dict[int | str, dict[str, Any]]:
+    return {int(code.removeprefix("s")): {"description": text, "content": _ERROR} for code, text in statuses.items()}
+
+
+# Every MT Photos route: the key is checked first.
+router = APIRouter(
+    tags=["mt-photos"],
+    dependencies=[Depends(require_api_key)],
+    responses=_errors(s401="Missing or wrong api-key header"),
+)
+# The routes that run a model on an uploaded image or a text.
+MODEL_ERRORS = _errors(
+    s400="Empty or undecodable file, invalid multipart body, or unusable text",
+    s404="The configured model is not a known model",
+    s413="Body, image or text over the configured limit",
+    s503="The configured model is not installed or failed to load",
+)
 
 
 def _device() -> str:
@@ -75,7 +103,9 @@ async def _read(file: UploadFile) -> bytes:
     return data
 
 
-@router.post("/ocr", response_model=OcrResponse, summary="MT Photos: recognise text in an image")
+@router.post(
+    "/ocr", response_model=OcrResponse, responses=MODEL_ERRORS, summary="MT Photos: recognise text in an image"
+)
 async def ocr(request: Request, file: Annotated[UploadFile, File()]) -> OcrResponse:
     service = _service(request)
     ref = await service.resolve(ModelTask.OCR, ModelType.DETECTION, service.settings.mtphotos_ocr_model)
@@ -101,7 +131,9 @@ async def ocr(request: Request, file: Annotated[UploadFile, File()]) -> OcrRespo
     )
 
 
-@router.post("/clip/img", response_model=ClipResponse, summary="MT Photos: CLIP image embedding")
+@router.post(
+    "/clip/img", response_model=ClipResponse, responses=MODEL_ERRORS, summary="MT Photos: CLIP image embedding"
+)
 async def clip_image(request: Request, file: Annotated[UploadFile, File()]) -> ClipResponse:
     service = _service(request)
     ref = await service.resolve(ModelTask.CLIP, ModelType.VISUAL, service.settings.mtphotos_clip_model)
@@ -109,7 +141,7 @@ async def clip_image(request: Request, file: Annotated[UploadFile, File()]) -> C
     return ClipResponse(result=[format_number(v) for v in vector.tolist()])
 
 
-@router.post("/clip/txt", response_model=ClipResponse, summary="MT Photos: CLIP text embedding")
+@router.post("/clip/txt", response_model=ClipResponse, responses=MODEL_ERRORS, summary="MT Photos: CLIP text embedding")
 async def clip_text(request: Request, body: ClipTextRequest) -> ClipResponse:
     service = _service(request)
     service.check_text(body.text)
@@ -118,7 +150,12 @@ async def clip_text(request: Request, body: ClipTextRequest) -> ClipResponse:
     return ClipResponse(result=[format_number(v) for v in vector.tolist()])
 
 
-@router.post("/represent", response_model=RepresentResponse, summary="MT Photos: detect faces and embed them")
+@router.post(
+    "/represent",
+    response_model=RepresentResponse,
+    responses=MODEL_ERRORS,
+    summary="MT Photos: detect faces and embed them",
+)
 async def represent(request: Request, file: Annotated[UploadFile, File()]) -> RepresentResponse:
     service = _service(request)
     name = service.settings.mtphotos_face_model

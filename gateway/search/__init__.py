@@ -6,6 +6,7 @@ wires the parts together; ``gateway/app.py`` mounts its router and runs its star
 | module | what |
 |---|---|
 | ``credentials.py`` | the caller's credential, where and in the order Immich reads it |
+| ``caller.py`` | whether Immich lets the caller do it (API-key permissions), and who they are |
 | ``immich.py`` | Immich's API as the caller: identity, assets, previews, the untouched pass-through |
 | ``immich_config.py``, ``config_source.py`` | Immich's machine-learning settings (models, OCR thresholds) |
 | ``database.py`` | async connection pool, start-up migration, partner scope, regenerate writes |
@@ -18,6 +19,8 @@ wires the parts together; ``gateway/app.py`` mounts its router and runs its star
 from __future__ import annotations
 
 import logging
+from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -29,6 +32,7 @@ from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
 from gateway.health import Dispatcher
 from gateway.routing import ConfigError, Router
+from gateway.search.caller import Callers
 from gateway.search.config_source import ImmichConfigSource
 from gateway.search.credentials import SharedLinkRefused, credential_from
 from gateway.search.database import SearchDatabase
@@ -41,6 +45,8 @@ from gateway.settings import GatewaySettings
 __all__ = ["SearchFeature"]
 
 log = logging.getLogger("gateway.search")
+
+RECENT_FAILURES = 20  # regenerate failures kept for the admins' status page
 
 
 def db_settings_from_env() -> DbSearchSettings:
@@ -68,11 +74,14 @@ class SearchFeature:
         self.db_settings = db_settings or db_settings_from_env()
         self.immich = ImmichClient(settings.immich)
         self.database = SearchDatabase(self.db_settings, settings.search)
+        self.callers = Callers(settings.immich, self.immich, self.database)
         self.inference = Inference(settings, router, dispatcher)
         self.config = ImmichConfigSource(settings.immich, self.database)
-        self.regenerator = Regenerator(self.immich, self.database, self.inference, self.config)
+        self.regenerator = Regenerator(self.immich, self.callers, self.database, self.inference, self.config)
+        # The last regenerate failures (server side), newest last: shown to admins on /ai/, never on /status.
+        self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
         self.smart = SmartSearchService(
-            settings, self.db_settings, self.immich, self.database, self.inference, self.config
+            settings, self.db_settings, self.immich, self.callers, self.database, self.inference, self.config
         )
 
     @classmethod
@@ -101,6 +110,19 @@ class SearchFeature:
         await self.database.close()
         await self.immich.close()
 
+    def remember_failure(self, kind: RegenerateKind, asset_id: str, error: RegenerateError) -> None:
+        """A regenerate that failed on the server's side, for the admins' status page (``/ai/``): the web add-on
+        shows people a short message, and admins find the reason (backend, install command, ...) here."""
+        self.recent_failures.append(
+            {
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "kind": kind.value,
+                "asset_id": asset_id,
+                "status": error.status,
+                "detail": error.detail,
+            }
+        )
+
     def describe(self) -> dict[str, Any]:
         """For GET /status: whether search is served and why not (no URLs with credentials, no secrets)."""
         return {
@@ -120,8 +142,12 @@ class SearchFeature:
                 200: {"description": "Immich's SearchResponseDto"},
                 400: {"description": "Invalid SmartSearchDto field (Immich's error shape)"},
                 401: {"description": "No or invalid Immich credentials"},
-                403: {"description": "Shared link, or Immich refused the caller"},
+                403: {"description": "Shared link, or Immich refused the caller (e.g. an API key without asset.read)"},
+                413: {"description": "Request body over GATEWAY_SEARCH__MAX_BODY_BYTES"},
+                502: {"description": "Immich is unreachable or failed"},
                 503: {"description": "'ocr:' search while the search database is unavailable"},
+                504: {"description": "Immich did not answer in time"},
+                508: {"description": "GATEWAY_IMMICH__URL points back at the gateway (a forwarding loop)"},
             },
         )
         async def smart_search(request: Request) -> Response:
@@ -137,17 +163,20 @@ class SearchFeature:
                     raise RegenerateError(403, "Shared links cannot regenerate") from None
                 body = await self.regenerator.run(kind, credential, parse_asset_id(asset_id))
             except RegenerateError as exc:
+                if exc.status >= 500:
+                    self.remember_failure(kind, asset_id, exc)
                 return _json(exc.status, {"detail": exc.detail})
             return _json(200, body)
 
         error_responses: dict[int | str, dict[str, Any]] = {
             400: {"description": "assetId is not a UUID"},
             401: {"description": "No or invalid Immich credentials"},
-            403: {"description": "Not the asset's owner, a shared link, or Immich refused"},
+            403: {"description": "Not the asset's owner, a shared link, or Immich refused (a missing permission)"},
             404: {"description": "Asset not found or not visible to the caller, or no preview yet"},
             409: {"description": "Hidden asset, task switched off in Immich, or the model changed meanwhile"},
             502: {"description": "Immich failed, or a model refused the preview"},
             503: {"description": "No model available, or the database is unavailable"},
+            504: {"description": "Immich did not answer in time"},
         }
 
         @api.post(

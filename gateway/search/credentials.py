@@ -48,6 +48,11 @@ class Credential:
     def cache_key(self) -> str:
         return hashlib.sha256(f"{self.kind.value}:{self.value}".encode()).hexdigest()
 
+    def stored_digest(self) -> bytes:
+        """What Immich stores for this credential (``api_key.key``, ``session.token``): SHA-256 of the raw
+        value, as bytes."""
+        return hashlib.sha256(self.value.encode()).digest()
+
 
 def _cookie(header: str | None, name: str) -> str | None:
     """One cookie's value, parsed as Immich's ``cookie`` package does (split on ';', the first '=', first

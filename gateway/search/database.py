@@ -249,6 +249,26 @@ class SearchDatabase:
             raise DatabaseUnavailable(first_line(exc)) from None
         return [UUID(str(row[0])) for row in rows]
 
+    async def api_key_owner(self, key_digest: bytes) -> tuple[UUID, bool] | None:
+        """(user id, isAdmin) of the API key whose stored SHA-256 is ``key_digest``, its user not deleted; None when
+        there is no such key (revoked). Only asked after Immich accepted the key, so this names the caller and
+        decides nothing: Immich checks keys and permissions."""
+        query = sql.SQL(
+            'SELECT u.id, u."isAdmin" FROM {keys} AS k '
+            'JOIN {users} AS u ON u.id = k."userId" AND u."deletedAt" IS NULL '
+            'WHERE k."key" = %s'
+        ).format(
+            keys=sql.Identifier(self.db_settings.immich_schema, "api_key"),
+            users=sql.Identifier(self.db_settings.immich_schema, "user"),
+        )
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(query, [key_digest])
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(first_line(exc)) from None
+        return None if row is None else (UUID(str(row[0])), bool(row[1]))
+
     async def stored_config(self) -> Any | None:
         """Immich's stored system config (only the values an admin changed), or None when there is none."""
         table = f"{self.db_settings.immich_schema}.system_metadata"

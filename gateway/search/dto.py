@@ -8,11 +8,14 @@ caller can hand such a request to Immich (which applies them) instead of silentl
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, get_args
 from uuid import UUID
+
+import orjson
 
 from db.search import UNSET, AssetType, SearchFilters, Visibility
 
@@ -51,6 +54,39 @@ class SmartSearch:
     def ocr_text(self) -> str | None:
         """The text after an ``ocr:`` prefix (trimmed), or None when the query has no such prefix."""
         return split_ocr_prefix(self.query)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Immich's JSON.parse refuses them too
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    return value
+
+
+def load_json(body: bytes) -> Any:
+    """The body as Immich's JSON parser reads it; ValueError when Immich would not parse it either.
+
+    JSON may escape a lone surrogate (``"ocr:\\ud800发票"``); JavaScript accepts it, orjson does not. Such a
+    string is read here too, each lone surrogate becoming U+FFFD: what Immich's database driver sends for it
+    (UTF-8 cannot encode a lone surrogate), so the search is the one Immich would run."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return _replace_surrogates(json.loads(body.decode("utf-8"), parse_constant=_no_constants))
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def split_ocr_prefix(query: str) -> str | None:

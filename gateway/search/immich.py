@@ -12,6 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
@@ -60,10 +61,31 @@ class ImmichError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The authenticated user, as Immich's ``GET /api/users/me`` describes them."""
+    """The authenticated user (Immich's ``GET /api/users/me``, or the owner of the caller's API key)."""
 
     id: UUID
     is_admin: bool
+
+
+class Permission(StrEnum):
+    """The Immich API-key permissions the gateway's endpoints require (Immich's ``Permission`` values)."""
+
+    ASSET_READ = "asset.read"  # POST /api/search/smart, /search/metadata, GET /api/assets/{id}
+    JOB_CREATE = "job.create"  # POST /api/assets/jobs: Immich's own per-photo jobs
+
+
+# A v4-shaped id no asset has (Immich validates ids as v4 UUIDs): a metadata search for it is an empty page.
+PROBE_ASSET_ID = "00000000-0000-4000-8000-000000000000"
+
+# For each permission, a call Immich guards with exactly that permission and that changes nothing: Immich answers
+# it 2xx when the caller holds the permission, 403 "Missing required permission: <p>" when an API key lacks it,
+# 401 when the credential is not valid. So Immich, not the gateway, decides who may do what.
+_PROBES: dict[Permission, tuple[str, dict[str, Any]]] = {
+    # Immich's search endpoint next to the smart search, asked for one id that does not exist.
+    Permission.ASSET_READ: ("/api/search/metadata", {"id": PROBE_ASSET_ID, "size": 1}),
+    # Immich's per-asset job endpoint with no assets: the permission check runs, nothing is queued (204).
+    Permission.JOB_CREATE: ("/api/assets/jobs", {"assetIds": [], "name": "refresh-metadata"}),
+}
 
 
 def _immich_message(body: bytes, status: int) -> str:
@@ -135,6 +157,20 @@ class ImmichClient:
         except httpx.HTTPError as exc:
             raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
 
+    async def _post_json(self, path: str, credential: Credential, body: dict[str, Any]) -> tuple[int, bytes]:
+        """(status, body) of a JSON POST as the caller; ImmichError(502/504) when Immich cannot be read."""
+        try:
+            reply = await self.client.post(
+                self.base + path,
+                headers={**credential.headers(), "content-type": "application/json"},
+                content=orjson.dumps(body),
+            )
+        except httpx.TimeoutException:
+            raise ImmichError(504, f"Immich did not answer within {self.settings.timeout_s:g}s") from None
+        except httpx.HTTPError as exc:
+            raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
+        return reply.status_code, reply.content[: self.settings.max_response_bytes]
+
     async def _get_json(self, path: str, credential: Credential, params: dict[str, str] | None = None) -> Any:
         status, body, _ = await self._get(path, credential, limit=self.settings.max_response_bytes, params=params)
         if status != 200:
@@ -169,6 +205,14 @@ class ImmichClient:
     def forget(self, credential: Credential) -> None:
         """Drop a cached identity (Immich refused the credential since it was cached)."""
         self._identities.pop(credential.cache_key(), None)
+
+    async def require(self, credential: Credential, permission: Permission) -> None:
+        """Return when Immich lets the caller do what needs ``permission``; ImmichError with Immich's status and
+        message otherwise (403 "Missing required permission: job.create", 401 "Invalid API key", ...)."""
+        path, body = _PROBES[permission]
+        status, reply = await self._post_json(path, credential, body)
+        if status >= 300:
+            raise ImmichError(status, _immich_message(reply, status))
 
     async def is_elevated(self, credential: Credential) -> bool:
         """Whether the session is PIN-elevated (may see locked assets): ``GET /api/auth/status``."""

@@ -3,14 +3,15 @@
 Immich 3.1 has no per-asset OCR or smart-search job (``POST /api/assets/jobs`` knows only faces, metadata,
 thumbnails and video), so the gateway does what Immich's job would do, for one asset:
 
-1. identify the caller (``GET /api/users/me`` with their credential);
-2. read the asset as the caller (``GET /api/assets/{id}``): Immich's own access check. Writing needs more than
-   reading: like Immich's ``asset.update`` permission, only the **owner** may regenerate (a partner or an
-   album member who can see a photo cannot rewrite its index);
+1. ask Immich whether the caller may run a per-photo job (``job.create``, what Immich's own "Refresh faces"
+   needs; see ``caller.py``) and who they are;
+2. read the asset as the caller (``GET /api/assets/{id}``, ``asset.read``): Immich's own access check. Writing
+   needs more than reading: as for Immich's per-photo jobs (``asset.update`` access), only the **owner** may
+   regenerate (a partner or an album member who can see a photo cannot rewrite its index);
 3. skip what Immich's jobs skip: ``hidden`` assets (the video halves of motion photos), and a task switched
    off in Immich's machine-learning settings;
-4. fetch the unedited preview as the caller (``GET /api/assets/{id}/thumbnail?size=preview``), the image
-   Immich's own jobs read;
+4. fetch the unedited preview as the caller (``GET /api/assets/{id}/thumbnail?size=preview``, ``asset.view``),
+   the image Immich's own jobs read;
 5. infer through the gateway's routing with the models and options Immich is configured for;
 6. write Immich's tables exactly as Immich's job does (``db.immich_writer``), one transaction.
 
@@ -25,10 +26,11 @@ from typing import Any
 from uuid import UUID
 
 from db.immich_writer import AssetNotFoundError
+from gateway.search.caller import Callers
 from gateway.search.config_source import ConfigFileError, ImmichConfigSource
 from gateway.search.credentials import Credential
 from gateway.search.database import DatabaseUnavailable, SearchDatabase
-from gateway.search.immich import Caller, ImmichClient, ImmichError
+from gateway.search.immich import Caller, ImmichClient, ImmichError, Permission
 from gateway.search.inference import Inference, InferenceError
 
 log = logging.getLogger("gateway.search")
@@ -61,21 +63,33 @@ def parse_asset_id(text: str) -> UUID:
 
 class Regenerator:
     def __init__(
-        self, immich: ImmichClient, database: SearchDatabase, inference: Inference, config: ImmichConfigSource
+        self,
+        immich: ImmichClient,
+        callers: Callers,
+        database: SearchDatabase,
+        inference: Inference,
+        config: ImmichConfigSource,
     ) -> None:
         self.immich = immich
+        self.callers = callers
         self.database = database
         self.inference = inference
         self.config = config
 
     async def _caller(self, credential: Credential) -> Caller:
+        """The caller, once Immich agreed they may run a per-photo job (``job.create``, as its own "Refresh
+        faces" needs); the owner check follows in :meth:`_owned_asset`."""
         try:
-            return await self.immich.me(credential)
+            authorized = await self.callers.authorize(credential, Permission.JOB_CREATE)
+            return await self.callers.identify(credential, Permission.JOB_CREATE, authorized)
+        except DatabaseUnavailable as exc:
+            raise _database_down(exc) from None
         except ImmichError as exc:
             if exc.status == 401:
+                self.callers.forget(credential)
                 raise RegenerateError(401, f"Immich refused the credentials: {exc.message}") from None
             if exc.status == 403:
-                raise RegenerateError(403, f"Immich refused to identify the caller: {exc.message}") from None
+                raise RegenerateError(403, f"Immich refused: {exc.message}") from None
             raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
 
     async def _owned_asset(self, credential: Credential, caller: Caller, asset_id: UUID) -> dict[str, Any]:
@@ -83,7 +97,7 @@ class Regenerator:
             asset = await self.immich.asset(credential, asset_id)
         except ImmichError as exc:
             if exc.status == 401:
-                self.immich.forget(credential)
+                self.callers.forget(credential)
                 raise RegenerateError(401, f"Immich refused the credentials: {exc.message}") from None
             if exc.status in (400, 404):
                 # Immich answers 400 "Not found or no asset.read access" for both: the caller learns nothing more.

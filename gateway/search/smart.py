@@ -9,7 +9,8 @@ What is answered here and what goes to Immich untouched:
   database is not ready: Immich (its own CLIP search applies everything). An ``ocr:`` query in that situation
   gets a 400 / 503, since Immich would CLIP-encode the literal text "ocr:…".
 
-Scope is Immich's: the caller (``GET /api/users/me`` with their own credential) plus the partners who share
+Who may search is Immich's call (``callers.py``: a session, or an API key with ``asset.read``, checked by
+Immich). Scope is Immich's: the caller plus the partners who share
 with them and whom they show in their timeline (``partner."inTimeline"``), only the caller for
 ``visibility: locked`` (which needs a PIN-elevated session, as in Immich). Every hit is then read from Immich
 as the caller (``GET /api/assets/{id}``), so Immich's permission check runs a second time and what the apps
@@ -30,11 +31,12 @@ from starlette.responses import Response
 
 from db.search import SearchPage, search_hybrid_async, search_ocr_async
 from db.settings import DbSearchSettings
+from gateway.search.caller import Callers
 from gateway.search.config_source import ConfigFileError, ImmichConfigSource
-from gateway.search.credentials import Credential, SharedLinkRefused, credential_from
+from gateway.search.credentials import Credential, CredentialKind, SharedLinkRefused, credential_from
 from gateway.search.database import DatabaseUnavailable, SearchDatabase, first_line
-from gateway.search.dto import DtoError, SmartSearch, parse_smart_search, split_ocr_prefix
-from gateway.search.immich import FORWARDED_MARK, Caller, ImmichClient, ImmichError
+from gateway.search.dto import DtoError, SmartSearch, load_json, parse_smart_search, split_ocr_prefix
+from gateway.search.immich import FORWARDED_MARK, Caller, ImmichClient, ImmichError, Permission
 from gateway.search.inference import Inference, InferenceError
 from gateway.settings import GatewaySettings
 
@@ -96,6 +98,7 @@ class SmartSearchService:
         settings: GatewaySettings,
         db_settings: DbSearchSettings,
         immich: ImmichClient,
+        callers: Callers,
         database: SearchDatabase,
         inference: Inference,
         config: ImmichConfigSource,
@@ -103,6 +106,7 @@ class SmartSearchService:
         self.settings = settings
         self.db_settings = db_settings
         self.immich = immich
+        self.callers = callers
         self.database = database
         self.inference = inference
         self.config = config
@@ -129,8 +133,8 @@ class SmartSearchService:
         except _BodyTooLarge:
             return immich_error(413, f"Search request body over {self.settings.search.max_body_bytes} bytes")
         try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            data = load_json(body)
+        except ValueError:
             return await self._forward(request, body, "not json")
         if not isinstance(data, dict) or data.get("queryAssetId") is not None or not isinstance(data.get("query"), str):
             return await self._forward(request, body, "not a text query")
@@ -145,9 +149,9 @@ class SmartSearchService:
         if credential is None:
             return immich_error(401, "Authentication required", mode)
         try:
-            # Who is asking comes first, as in Immich (its guards run before validation): a bad token is a 401
-            # whatever the body says.
-            caller = await self.immich.me(credential)
+            # Whether Immich lets the caller search comes first, as in Immich (its guards run before validation):
+            # a bad token is a 401, a key without asset.read a 403, whatever the body says.
+            authorized = await self.callers.authorize(credential, Permission.ASSET_READ)
         except ImmichError as exc:
             return immich_error(exc.status, exc.message, mode)
         try:
@@ -174,10 +178,11 @@ class SmartSearchService:
                 return await self._forward(request, body, "database not ready")
             return immich_error(503, "OCR search is not available yet: the search database is not ready", mode)
         try:
+            caller = await self.callers.identify(credential, Permission.ASSET_READ, authorized)
             return await self._search(request, credential, caller, dto, ocr_text)
         except ImmichError as exc:
             if exc.status == 401:
-                self.immich.forget(credential)
+                self.callers.forget(credential)
             return immich_error(exc.status, exc.message, mode)
         except psycopg.errors.QueryCanceled:
             return immich_error(503, "The search took too long (DB_SEARCH_STATEMENT_TIMEOUT_MS)", mode)
@@ -202,7 +207,9 @@ class SmartSearchService:
         started = time.perf_counter()
         fields: dict[str, Any] = request.scope.get("state", {}).get("log_fields", {})
         if dto.filters.visibility == "locked":
-            if not await self.immich.is_elevated(credential):
+            # Only a PIN-elevated session may; an API key never is (Immich asks auth.session, which a key lacks).
+            elevated = credential.kind is CredentialKind.SESSION and await self.immich.is_elevated(credential)
+            if not elevated:
                 return immich_error(401, "Elevated permission is required", "ocr" if ocr_text is not None else "hybrid")
             user_ids = [caller.id]  # Immich: locked assets are only ever the caller's own
         else:

@@ -45,10 +45,17 @@
       reloadHint: 'Reload the page to see the new text.',
       reload: 'Reload',
       close: 'Close',
-      noAsset: 'no asset id in the address',
-      network: 'the server could not be reached',
-      timeout: 'no answer within 5 minutes',
-      badReply: 'unexpected reply from the server',
+      details: 'Details',
+      // Short reasons for people, by what went wrong; the server's own detail is for admins, on /ai/.
+      signIn: 'your Immich session has expired; sign in again.',
+      notAllowed: 'only the owner of a photo can do this.',
+      notFound: 'the photo was not found, or it has no preview yet.',
+      notPossible: 'not possible for this photo (the video part of a motion photo, or switched off in Immich).',
+      unavailable: 'the AI service is not available right now. Try again later.',
+      tellAdmin: 'If this keeps happening, tell your Immich administrator.',
+      seeDetails: 'The AI status page has the details.',
+      noAsset: 'no photo id in the address.',
+      badReply: 'unexpected reply from the server.',
     },
     zh: {
       ocr: '重新识别文字 (OCR)',
@@ -63,10 +70,16 @@
       reloadHint: '刷新页面即可看到新识别的文字。',
       reload: '刷新',
       close: '关闭',
-      noAsset: '地址中没有照片 ID',
-      network: '无法连接服务器',
-      timeout: '5 分钟内没有响应',
-      badReply: '服务器返回了无法识别的内容',
+      details: '详情',
+      signIn: 'Immich 登录已过期，请重新登录。',
+      notAllowed: '只有照片的所有者才能执行此操作。',
+      notFound: '找不到这张照片，或它还没有预览图。',
+      notPossible: '这张照片无法处理（动态照片的视频部分，或已在 Immich 中关闭该功能）。',
+      unavailable: 'AI 服务暂时不可用，请稍后再试。',
+      tellAdmin: '如果一直出现，请联系 Immich 管理员。',
+      seeDetails: 'AI 状态页面有详细信息。',
+      noAsset: '地址中没有照片 ID。',
+      badReply: '服务器返回了无法识别的内容。',
     },
   };
 
@@ -90,7 +103,10 @@
     inFlight: new Set(),
     items: new Set(), // every item we inserted, so removing them never has to search the whole page
     toastStack: null,
+    me: null, // Promise of the signed-in user ({id, isAdmin}) from Immich, asked once per sign-in
+    owned: new Map(), // assetId -> true | false (the signed-in user owns it) | a pending Promise
   };
+  const OWNED_CACHE = 500; // asset ids remembered; the oldest is forgotten first
 
   function info(message) {
     // Once per page: a changed Immich would otherwise log on every one of thousands of mutations.
@@ -157,6 +173,50 @@
 
   function t() {
     return TEXT[uiLanguage()];
+  }
+
+  // ---- whose photo is this (Immich's API, as the signed-in user) -----------------------------------------
+
+  async function immichJson(path) {
+    const response = await fetch(path, { credentials: 'same-origin', headers: { Accept: 'application/json' } });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    return response.json();
+  }
+
+  function currentUser() {
+    if (!state.me) {
+      state.me = immichJson('/api/users/me').catch((error) => {
+        state.me = null; // asked again next time (a sign-in may be on its way)
+        throw error;
+      });
+    }
+    return state.me;
+  }
+
+  function ownedByMe(assetId) {
+    // -> true / false when known, null while Immich is being asked. Immich offers its own per-photo jobs
+    // ("Refresh faces" …) only to the owner; a partner or album member who views the photo gets none, and
+    // ours could only fail for them, so they follow the same rule.
+    const known = state.owned.get(assetId);
+    if (known === true || known === false) return known;
+    if (!known) {
+      const asking = Promise.all([currentUser(), immichJson(`/api/assets/${encodeURIComponent(assetId)}`)])
+        .then(([user, asset]) => Boolean(user && asset && user.id && user.id === asset.ownerId))
+        .catch(() => false) // not signed in, not visible, Immich unreachable: nothing to offer
+        .then((mine) => {
+          state.owned.set(assetId, mine);
+          if (state.owned.size > OWNED_CACHE) state.owned.delete(state.owned.keys().next().value);
+          schedule();
+        });
+      state.owned.set(assetId, asking);
+    }
+    return null;
+  }
+
+  function forgetUser() {
+    // Signing out and in as someone else happens without a page load in Immich's single-page app.
+    state.me = null;
+    state.owned.clear();
   }
 
   // ---- the menu -----------------------------------------------------------------------------------------
@@ -281,6 +341,7 @@
     state.scheduled = false;
     for (const item of state.items) if (!item.isConnected) state.items.delete(item); // Svelte destroyed its menu
     const path = window.location.pathname;
+    if (path.startsWith('/auth/')) forgetUser();
     const assetId = assetIdFromPath(path); // null on shared-link pages too
     if (!assetId) {
       // Most mutations happen here (the timeline scrolling): only an id lookup, no search of the page.
@@ -296,6 +357,11 @@
     if (found.length) {
       window.clearTimeout(state.contractTimer);
       state.contractTimer = 0;
+      if (ownedByMe(assetId) !== true) {
+        // Someone else's photo, or not known yet (the check calls schedule() when it is).
+        if (state.items.size) removeAll();
+        return;
+      }
       for (const { list } of found) ensureItems(list);
       return;
     }
@@ -306,6 +372,9 @@
         guard(() => {
           state.contractTimer = 0;
           if (!assetIdFromPath(window.location.pathname)) return;
+          // No viewer at all (Immich's "not found" page for a deleted photo, an error page): nothing is
+          // missing, so nothing is said.
+          if (!document.getElementById('immich-asset-viewer')) return;
           const now = findMenus();
           if (now.found.length) return;
           info(
@@ -359,13 +428,30 @@
       .finally(() => state.inFlight.delete(key));
   }
 
-  function detailOf(body, status) {
-    if (body && typeof body.detail === 'string' && body.detail) return body.detail;
-    if (body && Array.isArray(body.detail)) {
-      // FastAPI validation errors: a list of {loc, msg}
-      return body.detail.map((d) => (d && d.msg) || JSON.stringify(d)).join('; ');
+  function reasonOf(status) {
+    // What went wrong, said for people. The server's detail (backend names, install commands …) is meant for
+    // admins: the gateway keeps it on its status page (/ai/), linked from the toast for them.
+    if (status === 401) return 'signIn';
+    if (status === 403) return 'notAllowed';
+    if (status === 404) return 'notFound';
+    if (status === 409) return 'notPossible';
+    return 'unavailable';
+  }
+
+  async function showFailure(toast, kind, reason) {
+    const text = t();
+    const failed = kind === 'ocr' ? text.ocrFailed : text.clipFailed;
+    if (reason !== 'unavailable') {
+      toast.update('error', failed(text[reason]));
+      return;
     }
-    return `HTTP ${status}`;
+    let admin = false;
+    try {
+      admin = Boolean((await currentUser()).isAdmin);
+    } catch (_) {
+      /* not known: say what anyone may be told */
+    }
+    toast.update('error', `${failed(text.unavailable)} ${admin ? text.seeDetails : text.tellAdmin}`, { details: admin });
   }
 
   async function regenerate(kind, assetId) {
@@ -381,10 +467,8 @@
         headers: { Accept: 'application/json' },
         signal: controller.signal,
       });
-    } catch (error) {
-      const text = t();
-      const why = error && error.name === 'AbortError' ? text.timeout : text.network;
-      toast.update('error', (kind === 'ocr' ? text.ocrFailed : text.clipFailed)(why));
+    } catch (_) {
+      await showFailure(toast, kind, 'unavailable'); // unreachable, or no answer within the timeout
       return;
     } finally {
       window.clearTimeout(timer);
@@ -398,7 +482,7 @@
     const text = t();
     const failed = kind === 'ocr' ? text.ocrFailed : text.clipFailed;
     if (!response.ok) {
-      toast.update('error', failed(detailOf(body, response.status)));
+      await showFailure(toast, kind, reasonOf(response.status));
       return;
     }
     if (kind === 'ocr') {
@@ -440,8 +524,8 @@
       animation: spin .8s linear infinite; flex: none; }
     .toast:not([data-state="busy"]) .spin { display: none; }
     @keyframes spin { to { transform: rotate(360deg); } }
-    button { font: inherit; cursor: pointer; border: 0; border-radius: 8px; padding: 4px 10px;
-      background: #4250af; color: #fff; }
+    button, a.details { font: inherit; cursor: pointer; border: 0; border-radius: 8px; padding: 4px 10px;
+      background: #4250af; color: #fff; text-decoration: none; white-space: nowrap; }
     button.close { background: transparent; color: inherit; font-size: 18px; padding: 0 4px; line-height: 1; }
   `;
 
@@ -485,7 +569,7 @@
         msg.textContent = text; // textContent: a server's detail is shown, never interpreted as HTML
         const words = t();
         close.setAttribute('aria-label', words.close);
-        for (const old of el.querySelectorAll('button')) old.remove();
+        for (const old of el.querySelectorAll('button, a')) old.remove();
         if (opts && opts.reload) {
           const reload = document.createElement('button');
           reload.type = 'button';
@@ -493,6 +577,15 @@
           reload.textContent = words.reload;
           reload.addEventListener('click', () => window.location.reload());
           el.append(reload);
+        }
+        if (opts && opts.details) {
+          const details = document.createElement('a');
+          details.className = 'details';
+          details.href = '/ai/#failures';
+          details.target = '_blank';
+          details.rel = 'noopener';
+          details.textContent = words.details;
+          el.append(details);
         }
         if (next !== 'busy') el.append(close);
         window.clearTimeout(hideTimer);

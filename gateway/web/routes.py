@@ -21,6 +21,7 @@ import html
 import inspect
 import logging
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,18 @@ STATUS_PAGE_CSP = "; ".join(
         "frame-ancestors 'none'",
     ]
 )
+DENIED_PAGE_SOURCE = (WEB_DIR / "denied.html").read_text(encoding="utf-8")
+DENIED_PAGE = string.Template(DENIED_PAGE_SOURCE)
+DENIED_CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src " + " ".join(_csp_hash(s) for s in _inline_blocks(DENIED_PAGE_SOURCE, "script")),
+        "style-src " + " ".join(_csp_hash(s) for s in _inline_blocks(DENIED_PAGE_SOURCE, "style")),
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "Vary": "Cookie, Authorization, X-Api-Key",
@@ -100,22 +113,76 @@ router = APIRouter(prefix="/ai", tags=["web"])
 # ---- the add-on ----------------------------------------------------------------------------------------
 
 
-@router.api_route("/addon.js", methods=["GET", "HEAD"], summary="Immich web add-on (injected by the nginx front)")
+class JavaScript(Response):
+    media_type = "text/javascript; charset=utf-8"
+
+
+class HTMLPage(Response):
+    media_type = "text/html; charset=utf-8"
+
+
+class JSONBody(Response):
+    media_type = "application/json"
+
+
+_DETAIL = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}
+_PAGE = {"text/html; charset=utf-8": {"schema": {"type": "string"}}}
+_REFUSALS = {
+    401: "Not signed in to Immich, or the session is no longer valid",
+    403: "Not an Immich administrator, or a shared link",
+    502: "Immich failed to say who is signed in",
+    503: "GATEWAY_IMMICH__URL is not set, or Immich is unavailable",
+    504: "Immich did not answer in time",
+}
+
+
+def _refusals(content: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    return {status: {"description": text, "content": content} for status, text in _REFUSALS.items()}
+
+
+@router.api_route(
+    "/addon.js",
+    methods=["GET", "HEAD"],
+    response_class=JavaScript,
+    summary="Immich web add-on (injected by the nginx front)",
+    responses={304: {"description": "Not modified (If-None-Match matched the ETag)"}},
+)
 async def addon(request: Request) -> Response:
     headers = {"ETag": ADDON.etag, "Cache-Control": ADDON_CACHE_CONTROL, "X-Content-Type-Options": "nosniff"}
     if ADDON.matches(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
-    return Response(ADDON.body, media_type=ADDON.media_type, headers=headers)
+    return JavaScript(ADDON.body, headers=headers)
 
 
 # ---- who is asking -------------------------------------------------------------------------------------
 
 
 class AccessDenied(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    """``detail`` for the JSON API (English); ``reason`` picks the page's localized sentence."""
+
+    def __init__(self, status: int, detail: str, reason: str) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.reason = reason
+
+
+# What the refusal page says, per reason: (English, Chinese).
+DENIED_MESSAGES: dict[str, tuple[str, str]] = {
+    "signin": ("Sign in to Immich to see the AI status.", "请先登录 Immich，再查看 AI 状态。"),
+    "expired": ("Your Immich session is no longer valid. Sign in again.", "Immich 登录已失效，请重新登录。"),
+    "not_admin": ("Only Immich administrators can see the AI status.", "只有 Immich 管理员可以查看 AI 状态。"),
+    "shared": ("A shared link cannot open the AI status.", "共享链接不能打开 AI 状态页面。"),
+    "refused": ("Immich did not allow checking who is signed in.", "Immich 不允许确认当前登录的用户。"),
+    "unavailable": (
+        "Immich could not be asked who is signed in. Try again later.",
+        "暂时无法向 Immich 确认登录的用户，请稍后再试。",
+    ),
+    "no_immich": (
+        "The gateway does not know where Immich is (GATEWAY_IMMICH__URL is not set).",
+        "网关不知道 Immich 的地址（未设置 GATEWAY_IMMICH__URL）。",
+    ),
+}
 
 
 def _running_immich_client(app: Any) -> ImmichClient | None:
@@ -146,23 +213,26 @@ async def require_admin(request: Request) -> None:
     try:
         credential = credential_from(request)
     except SharedLinkRefused:
-        raise AccessDenied(403, "a shared link cannot open the AI status") from None
+        raise AccessDenied(403, "a shared link cannot open the AI status", "shared") from None
     if credential is None:
-        raise AccessDenied(401, "sign in to Immich first: this page is for Immich administrators")
+        raise AccessDenied(401, "sign in to Immich first: this page is for Immich administrators", "signin")
     settings: ImmichSettings = request.app.state.dispatcher.settings.immich
     if settings.url is None:
-        raise AccessDenied(503, "GATEWAY_IMMICH__URL is not set, so the gateway cannot ask Immich who is signed in")
+        raise AccessDenied(
+            503, "GATEWAY_IMMICH__URL is not set, so the gateway cannot ask Immich who is signed in", "no_immich"
+        )
     try:
         caller = await _who(request, credential, settings)
     except ImmichError as exc:
         if exc.status == 401:
-            raise AccessDenied(401, "the Immich session is not valid any more: sign in again") from None
+            raise AccessDenied(401, "the Immich session is not valid any more: sign in again", "expired") from None
         if exc.status == 403:
-            raise AccessDenied(403, f"Immich refused to say who is signed in: {exc.message}") from None
+            raise AccessDenied(403, f"Immich refused to say who is signed in: {exc.message}", "refused") from None
         log.warning("Immich session check failed", extra={"fields": {"status": exc.status}})
-        raise AccessDenied(502 if exc.status < 500 else exc.status, exc.message) from None
+        # Immich failing is a bad gateway from the browser's point of view; a timeout stays a timeout.
+        raise AccessDenied(504 if exc.status == 504 else 502, exc.message, "unavailable") from None
     if not caller.is_admin:
-        raise AccessDenied(403, "only Immich administrators may see the AI status")
+        raise AccessDenied(403, "only Immich administrators may see the AI status", "not_admin")
 
 
 # ---- status data ---------------------------------------------------------------------------------------
@@ -228,6 +298,10 @@ async def installed_models(request: Request) -> dict[str, dict[str, list[str]]]:
 async def status_data(request: Request) -> dict[str, Any]:
     data = await gateway_status(request)
     data["installed_models"] = await installed_models(request)
+    search = getattr(request.app.state, "search", None)
+    # Why regenerates failed on the server's side: the add-on tells people only that the AI service is
+    # unavailable, and links admins here.
+    data["regenerate_failures"] = list(getattr(search, "recent_failures", []))
     secrets: set[str] = set()
     _secret_strings(request.app.state.dispatcher.settings, secrets)
     # The search front's database settings (DB_SEARCH_URL / DB_PASSWORD) live outside GatewaySettings.
@@ -239,35 +313,66 @@ async def status_data(request: Request) -> dict[str, Any]:
 # ---- the page ------------------------------------------------------------------------------------------
 
 
-def _denied_page(denied: AccessDenied) -> Response:
-    hint = '<p><a href="/auth/login">Sign in to Immich</a></p>' if denied.status == 401 else ""
-    body = (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>immich-zh-ai · AI status</title></head>'
-        f"<body><h1>AI status</h1><p>{html.escape(denied.detail)}</p>{hint}</body></html>"
+def _prefers_chinese(accept_language: str | None) -> bool:
+    """The page's language before its script runs (which then follows Immich's own setting)."""
+    first = (accept_language or "").split(",")[0].strip().lower()
+    return first.startswith(("zh", "yue"))
+
+
+def _denied_page(request: Request, denied: AccessDenied) -> Response:
+    """The refusal as a page like the status page: localized (zh / en), and a way back to Immich."""
+    english, chinese = DENIED_MESSAGES[denied.reason]
+    zh = _prefers_chinese(request.headers.get("accept-language"))
+    signin = denied.status == 401
+    body = DENIED_PAGE.safe_substitute(
+        html_lang="zh-CN" if zh else "en",
+        hide_en="hidden" if zh else "",
+        hide_zh="" if zh else "hidden",
+        message_en=html.escape(english),
+        message_zh=html.escape(chinese),
+        signin_en='<a href="/auth/login" class="primary">Sign in</a>' if signin else "",
+        signin_zh='<a href="/auth/login" class="primary">登录</a>' if signin else "",
+        back_class="" if signin else "primary",
+        status=denied.status,
     )
-    headers = {**PAGE_HEADERS, "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'"}
-    return Response(body, status_code=denied.status, media_type="text/html; charset=utf-8", headers=headers)
+    headers = {
+        **PAGE_HEADERS,
+        "Vary": PAGE_HEADERS["Vary"] + ", Accept-Language",
+        "Content-Security-Policy": DENIED_CSP,
+    }
+    return HTMLPage(body, status_code=denied.status, headers=headers)
 
 
-@router.get("/", summary="AI status page for Immich admins (read-only)", response_class=Response)
+@router.get(
+    "/",
+    summary="AI status page for Immich admins (read-only)",
+    response_class=HTMLPage,
+    responses=_refusals(_PAGE),
+)
 async def status_page(request: Request) -> Response:
     try:
         await require_admin(request)
     except AccessDenied as denied:
-        return _denied_page(denied)
+        return _denied_page(request, denied)
     headers = {**PAGE_HEADERS, "Content-Security-Policy": STATUS_PAGE_CSP}
-    return Response(STATUS_PAGE, media_type="text/html; charset=utf-8", headers=headers)
+    return HTMLPage(STATUS_PAGE, headers=headers)
 
 
-@router.get("/status.json", summary="GET /status plus installed models, for Immich admins", response_class=Response)
+@router.get(
+    "/status.json",
+    summary="GET /status plus installed models, for Immich admins",
+    response_class=JSONBody,
+    responses={
+        200: {
+            "description": "What GET /status answers, plus installed_models",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **_refusals(_DETAIL),
+    },
+)
 async def status_json(request: Request) -> Response:
     try:
         await require_admin(request)
     except AccessDenied as denied:
-        return Response(
-            orjson.dumps({"detail": denied.detail}),
-            status_code=denied.status,
-            media_type="application/json",
-            headers=PAGE_HEADERS,
-        )
-    return Response(orjson.dumps(await status_data(request)), media_type="application/json", headers=PAGE_HEADERS)
+        return JSONBody(orjson.dumps({"detail": denied.detail}), status_code=denied.status, headers=PAGE_HEADERS)
+    return JSONBody(orjson.dumps(await status_data(request)), headers=PAGE_HEADERS)

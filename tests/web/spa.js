@@ -8,7 +8,8 @@
 // * a click anywhere outside the ⋮ button closes the menu; the menu's own items record their clicks.
 // Routes: /photos/<id> and /albums/<album>/photos/<id> (viewer), /share/<key>/photos/<id> (a shared link: the
 // menu is rendered here too, which Immich does not do, so the add-on's own URL check is what is tested),
-// /changed/photos/<id> (a viewer whose DOM no longer has the contract), anything else (a plain page).
+// /changed/photos/<id> (a viewer whose DOM no longer has the contract), /photos/<NOT_FOUND> (Immich's error
+// page for an asset that does not exist: no viewer at all), anything else (a plain page).
 
 const UUID = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}';
 const LABELS = {
@@ -117,6 +118,7 @@ function viewer(assetId, { changed = false } = {}) {
 }
 
 const ASSETS = ['11111111-1111-4111-8111-111111111111', '22222222-2222-4222-8222-222222222222'];
+const NOT_FOUND = '99999999-9999-4999-8999-999999999999';
 
 function render() {
   const app = document.getElementById('app');
@@ -124,7 +126,10 @@ function render() {
   const changed = new RegExp(`^/changed/photos/(${UUID})$`).exec(path);
   const asset = new RegExp(`/photos/(${UUID})$`).exec(path);
   if (changed) app.replaceChildren(viewer(changed[1], { changed: true }));
-  else if (asset) app.replaceChildren(viewer(asset[1]));
+  else if (asset && asset[1] === NOT_FOUND) {
+    // SvelteKit's +error page: the asset could not be loaded, so no viewer is rendered.
+    app.replaceChildren(el('main', { class: 'error' }, [el('h1', {}, ['404']), el('p', {}, ['Not Found'])]));
+  } else if (asset) app.replaceChildren(viewer(asset[1]));
   else app.replaceChildren(el('main', { class: 'timeline' }, [el('h1', {}, ['Photos'])]));
 }
 

@@ -49,6 +49,7 @@ from tests.builders.face_models import (
     arcface_probe_model,
     arcface_random_model,
     decoy_model,
+    planted_heads,
     probe_indices,
     scrfd_planted_model,
     scrfd_random_model,
@@ -339,6 +340,94 @@ def test_nms_uses_iou_04() -> None:
     scores = np.array([0.9, 0.8, 0.85, 0.5], np.float32)
     assert nms(boxes, scores).tolist() == [0, 1, 3]
     assert nms(boxes, scores, threshold=0.7).tolist() == [0, 2, 1, 3]
+
+
+def insightface_detect(heads: dict[tuple[str, int], np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: InsightFace's ``SCRFD.detect`` post-processing (model_zoo/scrfd.py), transcribed line by line
+    for a 640x640 input at scale 1: per stride keep scores >= threshold, stack, ``argsort()[::-1]``,
+    reorder, then its ``nms`` (which sorts again). Returns the kept boxes and scores."""
+    scores_list, bboxes_list = [], []
+    for stride in (8, 16, 32):
+        scores = heads["score", stride]
+        side = 640 // stride
+        anchor_centers = np.stack(np.mgrid[:side, :side][::-1], axis=-1).astype(np.float32)
+        anchor_centers = (anchor_centers * stride).reshape((-1, 2))
+        centers = np.stack([anchor_centers] * 2, axis=1).reshape((-1, 2))  # two anchors per location
+        pos_inds = np.where(scores >= threshold)[0]
+        distance = heads["bbox", stride] * stride
+        bboxes = np.stack(
+            [
+                centers[:, 0] - distance[:, 0],
+                centers[:, 1] - distance[:, 1],
+                centers[:, 0] + distance[:, 2],
+                centers[:, 1] + distance[:, 3],
+            ],
+            axis=-1,
+        )
+        scores_list.append(scores[pos_inds])
+        bboxes_list.append(bboxes[pos_inds])
+    scores = np.vstack(scores_list)
+    order = scores.ravel().argsort()[::-1]
+    pre_det = np.hstack((np.vstack(bboxes_list), scores)).astype(np.float32, copy=False)[order, :]
+    x1, y1, x2, y2, sc = pre_det.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    nms_order = sc.argsort()[::-1]
+    keep = []
+    while nms_order.size > 0:
+        i = nms_order[0]
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[nms_order[1:]])
+        yy1 = np.maximum(y1[i], y1[nms_order[1:]])
+        xx2 = np.minimum(x2[i], x2[nms_order[1:]])
+        yy2 = np.minimum(y2[i], y2[nms_order[1:]])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        ovr = inter / (areas[i] + areas[nms_order[1:]] - inter)
+        nms_order = nms_order[np.where(ovr <= 0.4)[0] + 1]
+    det = pre_det[keep, :]
+    return det[:, :4], det[:, 4]
+
+
+# A and B tie at 0.9 on one face; C (0.8) overlaps B (IoU 0.43) but not A (IoU 0.34). InsightFace keeps
+# the tie's first candidate (A), which leaves C standing: {A, C}. Sorting only once, inside NMS, keeps B,
+# which suppresses both A and C: {B}.
+TIED = [
+    PlantedFace(stride=8, x=40, y=30, score=0.9, distances=(5, 5, 5, 5)),
+    PlantedFace(stride=8, x=41, y=30, score=0.9, distances=(5, 5, 5, 5), anchor=1),
+    PlantedFace(stride=8, x=45, y=30, score=0.8, distances=(5, 5, 5, 5)),
+]
+
+
+def test_scrfd_equal_scores_keep_insightfaces_boxes(tmp_path: Path) -> None:
+    model = save(scrfd_planted_model(TIED), tmp_path / "tied" / "model.onnx")
+    detector = ScrfdDetector(create_session(model, SESSION_OPTIONS))
+    faces = detector.detect(np.zeros((640, 640, 3), np.uint8), 0.5)
+    ref_boxes, ref_scores = insightface_detect(planted_heads(TIED), 0.5)
+    np.testing.assert_allclose(faces.boxes, ref_boxes, atol=1e-4)
+    np.testing.assert_allclose(faces.scores, ref_scores)
+    np.testing.assert_allclose(faces.boxes, np.stack([TIED[0].box(), TIED[2].box()]), atol=1e-4)
+    assert faces.landmarks is not None
+    np.testing.assert_allclose(faces.landmarks, np.stack([TIED[0].landmarks(), TIED[2].landmarks()]), atol=1e-4)
+
+
+def test_scrfd_many_ties_match_insightface(tmp_path: Path) -> None:
+    """Dozens of overlapping candidates on three score levels, across strides and anchors."""
+    rng = np.random.default_rng(7)
+    planted, used = [], set()
+    while len(planted) < 60:
+        stride = int(rng.choice([8, 16, 32]))
+        side = 640 // stride
+        x, y, anchor = int(rng.integers(2, side - 2)), int(rng.integers(2, side - 2)), int(rng.integers(2))
+        if (stride, x, y, anchor) in used:
+            continue
+        used.add((stride, x, y, anchor))
+        size = float(rng.choice([2.0, 3.0, 4.0])) * 8 / stride  # about 32-64 px whatever the stride
+        planted.append(PlantedFace(stride, x, y, float(rng.choice([0.6, 0.75, 0.9])), (size,) * 4, anchor=anchor))
+    model = save(scrfd_planted_model(planted), tmp_path / "ties" / "model.onnx")
+    faces = ScrfdDetector(create_session(model, SESSION_OPTIONS)).detect(np.zeros((640, 640, 3), np.uint8), 0.5)
+    ref_boxes, ref_scores = insightface_detect(planted_heads(planted), 0.5)
+    assert len(ref_scores) < len(planted)  # NMS had work to do
+    np.testing.assert_allclose(faces.boxes, ref_boxes, atol=1e-3)
+    np.testing.assert_allclose(faces.scores, ref_scores)
 
 
 def test_scrfd_letterbox_of_a_tall_image(tmp_path: Path) -> None:

@@ -30,16 +30,17 @@ from ai_service.models.base import (
 from ai_service.models.faces import ArcFaceRecognizer, DlibFaceDetector, DlibFaceRecognizer, FaceFamily, ScrfdDetector
 from ai_service.models.faces.arcface import ARCFACE_TEMPLATE, estimate_norm, norm_crop, umeyama
 from ai_service.models.faces.dlib_models import (
-    RECOMMENDED_MAX_DISTANCE,
     dlib_model_dir,
     margin_from_score,
     score_from_margin,
 )
+from ai_service.models.faces.dlib_population_mean import DLIB_POPULATION_MEAN
 from ai_service.models.faces.onnx_info import looks_like_arcface, looks_like_scrfd, read_interface
 from ai_service.models.faces.scrfd import nms
 from ai_service.models.registry import ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
+from ai_service.protocol.immich_face_models import max_distance_range
 from ai_service.runtime.onnx import SessionOptions, create_session
 from ai_service.settings import AIServiceSettings
 from tests.assets import astronaut_jpeg, decode_rgb, encode_jpeg, insightface_t1_jpeg, preview_jpeg
@@ -56,13 +57,16 @@ from tests.builders.face_models import (
     write_immich_pack,
     write_insightface_pack,
 )
+from tests.face_photos import T1_FACE_CENTRES, cosine_distances, labelled_vectors
 
 MAX_PIXELS = 100_000_000
 SESSION_OPTIONS = SessionOptions(intra_op_threads=1)
 TASK = ModelTask.FACIAL_RECOGNITION
 
-# Face centres in t1.jpg (1280x886), from dlib's CNN detector at 2x; used as independent ground truth.
-T1_FACE_CENTRES = np.array([[111, 331], [959, 140], [780, 414], [507, 338], [1172, 332], [306, 213]], float)
+IMMICH_MIN_SCORE = 0.7  # Immich's default facialRecognition.minScore
+IMMICH_MAX_DISTANCE = 0.5  # ... and maxDistance
+DLIB_RANGE = max_distance_range("dlib")
+assert DLIB_RANGE is not None
 ASTRONAUT_FACE_CENTRE = np.array([224, 124], float)
 
 
@@ -226,14 +230,37 @@ def test_score_mapping() -> None:
 # ---- dlib: recognition ----------------------------------------------------------------------------------
 
 
-def test_dlib_embeddings_are_128d_padded_to_512(
+def test_dlib_embeddings_are_unit_128d_padded_to_512(
     dlib_recognizer: DlibFaceRecognizer, t1: np.ndarray, t1_faces: FaceDetections
 ) -> None:
     emb = dlib_recognizer.embed(t1, t1_faces)
     assert emb.shape == (6, 512) and emb.dtype == np.float32
     assert np.all(emb[:, 128:] == 0)
-    norms = np.linalg.norm(emb, axis=1)
-    assert ((norms > 1.0) & (norms < 2.0)).all(), norms  # dlib descriptors are not unit vectors
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # centred on the population mean: the vector is the raw descriptor minus the mean, rescaled
+    raw = dlib_recognizer.descriptors(t1, t1_faces)
+    centred = raw - np.asarray(DLIB_POPULATION_MEAN, np.float32)
+    np.testing.assert_allclose(emb[:, :128], centred / np.linalg.norm(centred, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_dlib_at_immichs_defaults_keeps_people_apart(
+    dlib_detector: DlibFaceDetector, dlib_recognizer: DlibFaceRecognizer
+) -> None:
+    """Immich's defaults (minScore 0.7, maxDistance 0.5) on real photos of ten people that were not used to
+    make the population mean: every same-person pair within 0.5, every different-person pair beyond it."""
+    def both(image: np.ndarray, faces: FaceDetections) -> np.ndarray:  # stored vector, then the raw descriptor
+        return np.hstack([dlib_recognizer.embed(image, faces), dlib_recognizer.descriptors(image, faces)])
+
+    labels, vectors = labelled_vectors(lambda img: dlib_detector.detect(img, IMMICH_MIN_SCORE), both)
+    assert len(set(labels)) == 10 and len(labels) == 52
+    distances = cosine_distances(labels, vectors[:, :512])
+    print(f"\ndlib at Immich's defaults: {distances.summary()}")
+    assert distances.same.max() < IMMICH_MAX_DISTANCE < distances.different.min(), distances.summary()
+    # the published range holds on this set too
+    assert distances.same.max() < DLIB_RANGE.low and distances.different.min() > DLIB_RANGE.high, distances.summary()
+    # the zero-padded raw descriptor (earlier versions) put every pair within 0.5: one person for Immich
+    raw = cosine_distances(labels, vectors[:, 512:])
+    assert raw.different.max() < IMMICH_MAX_DISTANCE, raw.summary()
 
 
 def test_dlib_same_person_is_closer_than_other_people(
@@ -274,9 +301,9 @@ def test_dlib_same_person_is_closer_than_other_people(
             same = cosine_distance(base[i], emb[i])
             others = min(cosine_distance(emb[i], base[j]) for j in range(6) if j != i)
             assert same < others, f"{name}: face {i} is closer to another person ({same:.3f} vs {others:.3f})"
-            assert same < RECOMMENDED_MAX_DISTANCE, f"{name}: face {i} at {same:.3f}"
-    # the documented maxDistance separates these six people
-    assert min(different) > RECOMMENDED_MAX_DISTANCE, min(different)
+            assert same < DLIB_RANGE.low, f"{name}: face {i} at {same:.3f}"
+    # the documented maxDistance range separates these six people
+    assert min(different) > DLIB_RANGE.high, min(different)
 
 
 def test_dlib_recognizer_accepts_boxes_from_anywhere(

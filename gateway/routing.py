@@ -191,12 +191,13 @@ class Router:
                             f"'{name}' will be skipped for every {task} request"
                         )
                 elif backend.kind.value == "immich" and task is ModelTask.FACIAL_RECOGNITION and "dlib" in targets:
-                    # The default map answers Immich's buffalo_l with the bundled dlib model; a stock
-                    # immich-machine-learning has no 'dlib' and would fail every face request over.
+                    # A face map to the service's bundled dlib model; a stock immich-machine-learning has
+                    # no 'dlib' and would fail every face request over.
                     warnings.append(
                         f"{task}: backend '{name}' will be asked for 'dlib' where Immich sends "
                         f"{sorted(k for k, v in mapping.items() if v == 'dlib')}; if it is a stock Immich ML "
-                        "service, set GATEWAY_MODEL_MAP__FACIAL_RECOGNITION='{}' to pass Immich's names through"
+                        "service, remove those names from GATEWAY_MODEL_MAP__FACIAL_RECOGNITION or route faces "
+                        "to a backend that has dlib"
                     )
         return warnings
 

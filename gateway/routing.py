@@ -226,7 +226,7 @@ class Router:
             warnings.append(
                 f"{task}: Immich's Max recognition distance (facialRecognition.maxDistance) is {max_distance:g}, "
                 f"but its '{immich_model}' is answered by '{model}', which fits {fit.low:g}-{fit.high:g} "
-                f"({fit.basis}): {effect}. Set it within that range in Immich's admin settings"
+                f"({fit.basis}): {effect}. Set it within that range in Immich's settings (Facial Recognition)"
             )
         return warnings
 

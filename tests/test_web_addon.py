@@ -237,7 +237,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_uri: str, clip_mode
         immich.previews[UUID(ASSET_BLANK)] = blank_jpeg()
         # Immich's machine-learning settings as an admin would set them (IMMICH_CONFIG_FILE's format).
         config = folder / "immich-config.json"
-        config.write_text(json.dumps({"machineLearning": {"clip": {"modelName": CLIP_MODEL}}}))
+        # maxDistance 1.2 does not fit buffalo_l (what answers Immich's faces): /ai/ must show the warning.
+        config.write_text(
+            json.dumps(
+                {"machineLearning": {"clip": {"modelName": CLIP_MODEL}, "facialRecognition": {"maxDistance": 1.2}}}
+            )
+        )
         backends = {
             "local": {"kind": "local"},
             # Never contacted (health checks off, only a face failover, no face requests): it is there to carry
@@ -698,6 +703,7 @@ def test_status_page_is_for_immich_admins_only(stack: Stack) -> None:
         direct = client.get(stack.gateway + "/status").json()
         assert set(data) == {*direct, "installed_models"}
         assert data["routes"] == direct["routes"] and data["search"]["enabled"] is True
+        assert data["warnings"] == direct["warnings"] and any("is 1.2" in w for w in data["warnings"])
         assert set(data["backends"]) == {"local", "mt"} and data["breakers"].keys() == direct["breakers"].keys()
         installed = data["installed_models"]["local"]
         assert "PP-OCRv6_small" in installed["ocr"] and CLIP_MODEL in installed["clip"]
@@ -720,6 +726,13 @@ def test_status_page_renders_in_the_browser(stack: Stack, browser: WebDriver) ->
     assert any("PP-OCRv6_small" in r for r in rows["models"]) and any(CLIP_MODEL in r for r in rows["models"])
     assert {r.split("local")[0] for r in rows["routes"]} >= {"clip", "ocr"}
     assert browser.execute_script("return document.querySelector('h1').textContent") == "AI 状态"
+    warnings = browser.execute_script(
+        "const box = document.getElementById('warnings');"
+        " return [getComputedStyle(box).display, box.querySelector('h2').textContent,"
+        " [...box.querySelectorAll('li')].map((li) => li.textContent)]"
+    )
+    assert warnings[:2] == ["block", "警告"]
+    assert any("facialRecognition.maxDistance) is 1.2" in w for w in warnings[2]), warnings
     screenshot(browser, "status-zh.png")
     # The inline script and style ran under the page's hash-pinned CSP: no violation was logged.
     assert problems(console(browser)) == []

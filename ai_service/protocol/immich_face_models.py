@@ -25,7 +25,7 @@ class MaxDistanceRange:
 _INSIGHTFACE = MaxDistanceRange(
     0.3,
     0.7,
-    "a band around Immich's own default 0.5, which Immich ships for these packs (not measured by this project)",
+    "a band around Immich's own default 0.5 for these packs, not measured by this project",
 )
 
 FACE_MAX_DISTANCE: dict[str, MaxDistanceRange] = {

@@ -1,7 +1,7 @@
 """Real photos of several people (``tests/data/faces``, sources and licences in its README) and the cosine
 distances Immich would compute between the face vectors a model stores for them.
 
-Ten people: Obama (five photos, one a partial face), Biden, Tom Hanks, the six people of InsightFace's
+Ten people: Obama (four photos, one a partial face), Biden, Tom Hanks, the six people of InsightFace's
 ``t1.jpg`` and the astronaut of scikit-image. Each photo is also used mirrored, re-encoded at JPEG
 quality 20 and brightened: the same person in a different picture. None of these photos is used to make
 the dlib population mean (``scripts/dlib_population_mean.py``).

@@ -45,18 +45,17 @@ balls of radius 0.6; 99.38 % on LFW at Euclidean distance 0.6) on a 150x150 chip
 everyone. The descriptor is therefore centred on a population mean of real faces
 (:mod:`~ai_service.models.faces.dlib_population_mean`, made by ``scripts/dlib_population_mean.py``
 from photos that are not the test photos), scaled to unit length and zero-padded to 512. Cosine
-distance then behaves like dlib's own Euclidean rule: about E² / (2 r²), with r ≈ 0.55 the typical
-distance of a face from the mean, so Immich's 0.5 sits near Euclidean 0.55, a little stricter than
-dlib's 0.6 (face_recognition's README warns that 0.6 mixes up children and Asian faces, and Immich
-chains matches into one person).
+distance then follows dlib's own Euclidean distance E: about E² / (2 r²), with r the distance of a
+face from the mean (median 0.62 on the test photos), so Immich's 0.5 sits near E ≈ 0.6, dlib's
+published threshold.
 
-Measured on other real photos of ten people (``tests/data/faces``: Obama in five photos, Biden, Tom
-Hanks, the six people of InsightFace's t1.jpg, the astronaut; each also mirrored, JPEG q20 and
-brighter; ``test_dlib_at_immichs_defaults_keeps_people_apart`` prints the figures): same person at
-most 0.26 apart, different people at least 0.53; so Immich's default 0.5 works, with little room
-above it. The fitting ``maxDistance`` range is kept in :mod:`ai_service.protocol.immich_face_models`.
-These vectors differ from the zero-padded ones of earlier versions: a library indexed with those must
-re-run face detection for all photos.
+Measured on other real photos of ten people (``tests/data/faces``: Obama in four photos, one a
+partial face; Biden, Tom Hanks, the six people of InsightFace's t1.jpg, the astronaut; each also
+mirrored, JPEG q20 and brighter; ``test_dlib_at_immichs_defaults_keeps_people_apart`` prints the
+figures): same person at most 0.26 apart, different people at least 0.53; so Immich's default 0.5
+works, with little room above it. The fitting ``maxDistance`` range is kept in
+:mod:`ai_service.protocol.immich_face_models`. These vectors differ from the zero-padded ones of
+earlier versions: a library indexed with those must re-run face detection for all photos.
 
 Thread safety: the HOG scan releases the GIL and keeps per-call state in the detector object (one
 detector shared by two threads returned 583 "faces" on t1), so each concurrent call borrows its own

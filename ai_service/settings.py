@@ -216,7 +216,13 @@ class AIServiceSettings(BaseSettings):
     mtphotos_clip_model: str = Field(
         "ViT-B-16__cn-clip", description="CLIP model used by the MT Photos /clip endpoints."
     )
-    mtphotos_face_model: str = Field("dlib", description="Face model used by the MT Photos /represent endpoint.")
+    mtphotos_face_model: str = Field(
+        "buffalo_l",
+        description=(
+            "Face model used by the MT Photos /represent endpoint; buffalo_l is what MT Photos' own face service "
+            "runs. 'dlib' needs no download, but its vectors differ from buffalo_l's."
+        ),
+    )
     mtphotos_ocr_model: str = Field("PP-OCRv6_small", description="OCR model used by the MT Photos /ocr endpoint.")
     mtphotos_face_min_score: float = Field(
         0.65, ge=0, le=1, description="Face detection threshold for the MT Photos /represent endpoint."

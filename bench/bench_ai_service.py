@@ -47,7 +47,7 @@ from tests.builders.clip_models import build_vit_b16_model  # noqa: E402
 from tests.servers import python_module_server  # noqa: E402
 
 CLIP = "bench-vit-b-16"
-SHARED = REPO.parent / "shared" / "data" / "ocr"
+SHARED = REPO / "tests" / "data" / "ocr"  # the OCR ground-truth set kept in the repository
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:

@@ -18,11 +18,10 @@ Pipelines, each timed from the JPEG bytes (decode included, like a request):
 Latency: median of ``--runs`` calls after one warm-up. Throughput: ``--concurrency`` threads (Immich
 runs 2 face jobs at once) over ``--requests`` requests.
 
-``--distances`` instead prints the evidence for the ``maxDistance`` recommended for ``dlib``: cosine
-distances Immich would compute between the stored (zero-padded) vectors for the same person (t1's
-six people and the astronaut under mirroring, JPEG q20, brightness +40 %, 0.6x scale) and for
-different people; and, as a comparison, the same after subtracting a mean descriptor estimated from
-the 100 faces of ``skimage.data.lfw_subset()`` (25-px thumbnails, upscaled: a rough population mean).
+``--distances`` instead prints the evidence for the ``maxDistance`` range of ``dlib``: cosine distances
+Immich would compute between the stored vectors for the same person and for different people, on the
+photos of ten people in ``tests/data/faces`` (see ``tests/face_photos.py``), and the same for dlib's raw
+(uncentred) descriptors as earlier versions stored them.
 
     .venv/bin/python bench/bench_faces.py [--runs 5] [--onnx] [--cnn]
     .venv/bin/python bench/bench_faces.py --distances
@@ -181,85 +180,24 @@ def throughput(pipeline: Pipeline, images: list[bytes], requests: int, concurren
 
 
 def distance_report(family: FaceFamily) -> None:
-    import cv2
-    import skimage.data
-    from PIL import Image, ImageEnhance
-
-    from tests.assets import decode_rgb, encode_jpeg
+    from tests.face_photos import cosine_distances, labelled_vectors
 
     detector = family.load("dlib", "detection")
     recognizer = family.load("dlib", "recognition")
-    t1 = decode(insightface_t1_jpeg())
-    astronaut = decode(astronaut_jpeg())
-    # Face centres (t1: six people; astronaut: one), to label detections across variants.
-    people = {
-        "t1": np.array([[111, 331], [959, 140], [780, 414], [507, 338], [1172, 332], [306, 213]], float),
-        "astronaut": np.array([[224, 124]], float),
-    }
-    labels: list[int] = []
-    vectors: list[np.ndarray] = []
-    for name, image in (("t1", t1), ("astronaut", astronaut)):
-        first_id = 0 if name == "t1" else 6
-        width = image.shape[1]
-        centres = people[name]
-        mirrored = centres.copy()
-        mirrored[:, 0] = width - mirrored[:, 0]
-        brighter = np.asarray(ImageEnhance.Brightness(Image.fromarray(image)).enhance(1.4))
-        variants = [
-            (image, centres),
-            (np.ascontiguousarray(image[:, ::-1]), mirrored),
-            (decode_rgb(encode_jpeg(image, quality=20)), centres),
-            (brighter, centres),
-            (cv2.resize(image, None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA), centres * 0.6),
-        ]
-        for variant, truth in variants:
-            faces = detector.detect(variant, MIN_SCORE)  # type: ignore[attr-defined]
-            emb = recognizer.embed(variant, faces)  # type: ignore[attr-defined]
-            found = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
-            for k, centre in enumerate(found):
-                d = np.linalg.norm(truth - centre, axis=1)
-                if d.min() < 40:
-                    labels.append(first_id + int(d.argmin()))
-                    vectors.append(emb[k, :128])
-    x = np.array(vectors, np.float64)
-    lab = np.array(labels)
-    iu = np.triu_indices(len(x), 1)
-    same = lab[iu[0]] == lab[iu[1]]
-    euclid = np.linalg.norm(x[:, None] - x[None], axis=2)[iu]
 
-    def cosine(y: np.ndarray) -> np.ndarray:
-        unit = y / np.linalg.norm(y, axis=1, keepdims=True)
-        return (1 - unit @ unit.T)[iu]
+    def both(image: np.ndarray, faces: FaceDetections) -> np.ndarray:  # stored vector, then the raw descriptor
+        return np.hstack([recognizer.embed(image, faces), recognizer.descriptors(image, faces)])  # type: ignore[attr-defined]
 
-    population = []
-    for face in skimage.data.lfw_subset()[:100]:  # the first 100 are faces
-        canvas = np.full((250, 250), 128, np.uint8)
-        canvas[50:200, 50:200] = cv2.resize((face * 255).astype(np.uint8), (150, 150), interpolation=cv2.INTER_CUBIC)
-        box = FaceDetections(np.array([[50, 50, 200, 200]], np.float32), np.ones(1, np.float32))
-        population.append(recognizer.embed(np.stack([canvas] * 3, -1), box)[0, :128])  # type: ignore[attr-defined]
-    mean = np.mean(population, axis=0)
-
-    norms = np.linalg.norm(x, axis=1)
-    print(f"{len(x)} faces of {len(set(labels))} people; {same.sum()} same-person and {(~same).sum()} other pairs")
-    print(f"descriptor norms: {norms.min():.2f}–{norms.max():.2f} (median {np.median(norms):.2f})")
-    k = float(cosine(x) @ euclid**2 / (euclid**2 @ euclid**2))
-    print(f"raw: cosine distance ≈ Euclidean² / {1 / k:.2f}  ->  dlib's Euclidean 0.6 ≈ cosine {0.36 * k:.3f}")
-    for name, y in (("zero-padded (what 'dlib' stores)", x), ("centred on the LFW-subset mean", x - mean)):
-        c = cosine(y)
-        print(f"\n{name}:")
-        print(
-            f"  same person: max {c[same].max():.3f}, median {np.median(c[same]):.3f} | other people: "
-            f"min {c[~same].min():.3f}, 5th pct {np.percentile(c[~same], 5):.3f}, median {np.median(c[~same]):.3f}"
-        )
-        near = np.abs(euclid - 0.6) < 0.04
-        if near.any():
-            print(f"  cosine where Euclidean is 0.56–0.64: median {np.median(c[near]):.3f}")
-        for threshold in (0.06, 0.07, 0.08, 0.1, 0.2, 0.3, 0.4, 0.5):
-            kept = np.mean(c[same] <= threshold)
-            merged = np.mean(c[~same] <= threshold)
+    labels, vectors = labelled_vectors(lambda img: detector.detect(img, MIN_SCORE), both)  # type: ignore[attr-defined]
+    print(f"{len(labels)} faces of {len(set(labels))} people (tests/data/faces + the astronaut, four variants each)")
+    parts = {"stored vectors (centred, unit, padded)": vectors[:, :512], "raw descriptors": vectors[:, 512:]}
+    for name, part in parts.items():
+        d = cosine_distances(labels, part)
+        print(f"\n{name}: {d.summary()}")
+        for threshold in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
             print(
-                f"  maxDistance {threshold:4.2f}: same-person pairs matched {kept:6.1%}, "
-                f"other-people pairs matched {merged:6.2%}"
+                f"  maxDistance {threshold:3.1f}: same-person pairs matched {(d.same <= threshold).mean():6.1%}, "
+                f"different-person pairs matched {(d.different <= threshold).mean():6.2%}"
             )
 
 

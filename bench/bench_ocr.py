@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="concurrent callers for the throughput figure")
     args = parser.parse_args()
     if not (args.data / "expected.tsv").is_file():
-        sys.exit(f"no expected.tsv in {args.data}; pass --data or set IMMICH_ZH_AI_SHARED_DATA")
+        sys.exit(f"no expected.tsv in {args.data}; pass --data")
 
     images = scaled_previews(args.data)
     page = rendered_page()

@@ -52,7 +52,7 @@ from ai_service.models.store import ModelStore  # noqa: E402
 from ai_service.runtime.onnx import SessionOptions  # noqa: E402
 from ai_service.settings import AIServiceSettings  # noqa: E402
 
-DEFAULT_DATA = Path(os.environ.get("IMMICH_ZH_AI_SHARED_DATA") or REPO.parent / "shared" / "data") / "ocr"
+DEFAULT_DATA = REPO / "tests" / "data" / "ocr"  # the OCR ground-truth set kept in the repository
 
 # Immich's defaults, as its server sends them.
 DET_MIN_SCORE = 0.5
@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="also time classifier / PP-OCRv4 variants")
     args = parser.parse_args()
     if not (args.data / "expected.tsv").is_file():
-        sys.exit(f"no expected.tsv in {args.data}; pass --data or set IMMICH_ZH_AI_SHARED_DATA")
+        sys.exit(f"no expected.tsv in {args.data}; pass --data")
 
     engines: dict[str, Reader] = {"rapidocr 3.x (PP-OCRv6 small), direct": rapidocr_v3()}
     legacy = rapidocr_onnxruntime()

@@ -38,6 +38,8 @@ from gateway.logs import REQUEST_ID, go_direct, request_id_from
 from gateway.metrics import Metrics, PrometheusText
 from gateway.routing import MappingError, RoutedTask, Router
 from gateway.search import SearchFeature
+from gateway.search.config_source import ConfigFileError
+from gateway.search.database import DatabaseUnavailable
 from gateway.settings import GatewaySettings, get_settings
 
 log = logging.getLogger("gateway")
@@ -45,6 +47,7 @@ access_log = logging.getLogger("gateway.access")
 
 # Health checks arrive every few seconds from Immich and Docker; logging each would drown the rest.
 _QUIET_PATHS = frozenset({"/ping", "/metrics"})
+STATUS_CONFIG_TIMEOUT_S = 2.0  # longest /status waits for Immich's settings (cached; only a cold read waits)
 
 
 class JSONBytes(Response):
@@ -202,9 +205,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return PrometheusText(generate_latest(metrics.registry))
 
+    async def warnings() -> list[str]:
+        """Configurations that work but are probably not what the admin meant (also logged at start-up)."""
+        found = router.startup_warnings()
+        if search is not None:
+            # Immich's settings unreadable right now: /status still answers, and search.describe says why.
+            with contextlib.suppress(TimeoutError, DatabaseUnavailable, ConfigFileError, OSError):
+                found += await asyncio.wait_for(search.face_warnings(), timeout=STATUS_CONFIG_TIMEOUT_S)
+        return found
+
     @app.get("/status", summary="Effective routes, model map, backend health and breakers (no secrets)")
     async def status() -> dict[str, Any]:
         return {
+            "warnings": await warnings(),
             "routes": router.describe(),
             "backends": {name: {**b.describe(), **monitor.snapshot(name)} for name, b in backends.items()},
             "breakers": {

@@ -19,6 +19,7 @@ from typing import Any
 
 from ai_service.protocol.immich import ModelTask, ModelType, PipelineEntry
 from ai_service.protocol.immich_clip_models import IMMICH_CLIP_DIMENSIONS, immich_clip_dimension
+from ai_service.protocol.immich_face_models import max_distance_range
 from gateway.settings import GatewaySettings
 
 # Chinese-CLIP exports (OFA-Sys/Chinese-CLIP), as the AI service names them: embedding sizes.
@@ -191,13 +192,42 @@ class Router:
                             f"'{name}' will be skipped for every {task} request"
                         )
                 elif backend.kind.value == "immich" and task is ModelTask.FACIAL_RECOGNITION and "dlib" in targets:
-                    # The default map answers Immich's buffalo_l with the bundled dlib model; a stock
-                    # immich-machine-learning has no 'dlib' and would fail every face request over.
+                    # A face map to the service's bundled dlib model; a stock immich-machine-learning has
+                    # no 'dlib' and would fail every face request over.
                     warnings.append(
                         f"{task}: backend '{name}' will be asked for 'dlib' where Immich sends "
                         f"{sorted(k for k, v in mapping.items() if v == 'dlib')}; if it is a stock Immich ML "
-                        "service, set GATEWAY_MODEL_MAP__FACIAL_RECOGNITION='{}' to pass Immich's names through"
+                        "service, remove those names from GATEWAY_MODEL_MAP__FACIAL_RECOGNITION or route faces "
+                        "to a backend that has dlib"
                     )
+        return warnings
+
+    def face_distance_warnings(self, immich_model: str, max_distance: float) -> list[str]:
+        """Warnings when Immich's facialRecognition.maxDistance does not fit the face model that answers
+        ``immich_model`` after the map (and any fixed model a backend on the face route runs); a model
+        without a known range gets no claim."""
+        task = ModelTask.FACIAL_RECOGNITION
+        target = self.resolve(task, immich_model).target
+        models = [target]
+        for name in self.backends_for(task):
+            served = self.settings.backends[name].served_model(task)
+            if served is not None and served not in models:
+                models.append(served)
+        warnings: list[str] = []
+        for model in models:
+            fit = max_distance_range(normalise_name(model))
+            if fit is None or fit.fits(max_distance):
+                continue
+            effect = (
+                "different people will be merged into one"
+                if max_distance > fit.high
+                else ("one person will be split into several")
+            )
+            warnings.append(
+                f"{task}: Immich's Max recognition distance (facialRecognition.maxDistance) is {max_distance:g}, "
+                f"but its '{immich_model}' is answered by '{model}', which fits {fit.low:g}-{fit.high:g} "
+                f"({fit.basis}): {effect}. Set it within that range in Immich's settings (Facial Recognition)"
+            )
         return warnings
 
     def describe(self) -> dict[str, Any]:

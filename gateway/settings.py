@@ -109,12 +109,6 @@ class RouteSettings(BaseModel):
         }[task]
 
 
-def _default_face_map() -> dict[str, str]:
-    # Immich's face model names -> the bundled dlib model, so a fresh install answers Immich's
-    # default 'buffalo_l' without downloading InsightFace packs (which may not be redistributed).
-    return {name: "dlib" for name in ("buffalo_l", "buffalo_m", "buffalo_s", "antelopev2")}
-
-
 class ModelMapSettings(BaseModel):
     """Immich model name -> backend model name, per task.
 
@@ -128,8 +122,12 @@ class ModelMapSettings(BaseModel):
         description="CLIP name map. Default sends any 'cn-clip/<512-d Immich name>' to ViT-B-16__cn-clip.",
     )
     facial_recognition: dict[str, str] = Field(
-        default_factory=_default_face_map,
-        description="Face model map. Default answers buffalo_l/m/s and antelopev2 with the bundled dlib model.",
+        default_factory=dict,
+        description=(
+            "Face model map (default: none, so buffalo_l is answered by buffalo_l). Answering Immich's names "
+            "with another model, e.g. '{\"buffalo_l\": \"dlib\"}', is the admin's choice: its vectors differ, "
+            "so the library's faces must be detected again."
+        ),
     )
     ocr: dict[str, str] = Field(default_factory=dict, description="OCR model map (default: none).")
 

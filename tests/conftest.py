@@ -1,8 +1,7 @@
-"""Shared fixtures: the shared data folder, a real PostgreSQL with pgvector, model folders."""
+"""Shared fixtures: the test data folder, a real PostgreSQL with pgvector, model folders."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,17 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Real test images kept in the repository (sources and licences in each folder's README), so every test
+# runs on a plain clone: ocr/ (the OCR ground-truth set), faces/ (photos of several people).
+DATA_DIR = REPO / "tests" / "data"
+
+
 def shared_data_dir() -> Path:
-    override = os.environ.get("IMMICH_ZH_AI_SHARED_DATA")
-    return Path(override) if override else REPO.parent / "shared" / "data"
+    """The repository's test data folder (the name predates the move into the repository)."""
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    path = shared_data_dir()
-    if not path.is_dir():
-        pytest.skip(f"shared test data not found at {path} (set IMMICH_ZH_AI_SHARED_DATA)")
-    return path
+    return DATA_DIR
 
 
 @pytest.fixture(scope="session")

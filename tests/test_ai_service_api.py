@@ -36,6 +36,7 @@ def ai_server(clip_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "AI_SERVICE_MODEL_DIR": str(clip_model_dir),
         "AI_SERVICE_MTPHOTOS_API_KEY": API_KEY,
         "AI_SERVICE_MTPHOTOS_CLIP_MODEL": "test-cn-clip-512",
+        "AI_SERVICE_MTPHOTOS_FACE_MODEL": "dlib",  # the bundled model: no InsightFace pack in tests
         "AI_SERVICE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
         "AI_SERVICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "AI_SERVICE_MAX_TEXT_CHARS": str(MAX_TEXT),

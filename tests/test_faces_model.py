@@ -30,16 +30,17 @@ from ai_service.models.base import (
 from ai_service.models.faces import ArcFaceRecognizer, DlibFaceDetector, DlibFaceRecognizer, FaceFamily, ScrfdDetector
 from ai_service.models.faces.arcface import ARCFACE_TEMPLATE, estimate_norm, norm_crop, umeyama
 from ai_service.models.faces.dlib_models import (
-    RECOMMENDED_MAX_DISTANCE,
     dlib_model_dir,
     margin_from_score,
     score_from_margin,
 )
+from ai_service.models.faces.dlib_population_mean import DLIB_POPULATION_MEAN
 from ai_service.models.faces.onnx_info import looks_like_arcface, looks_like_scrfd, read_interface
 from ai_service.models.faces.scrfd import nms
 from ai_service.models.registry import ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
+from ai_service.protocol.immich_face_models import max_distance_range
 from ai_service.runtime.onnx import SessionOptions, create_session
 from ai_service.settings import AIServiceSettings
 from tests.assets import astronaut_jpeg, decode_rgb, encode_jpeg, insightface_t1_jpeg, preview_jpeg
@@ -49,19 +50,23 @@ from tests.builders.face_models import (
     arcface_probe_model,
     arcface_random_model,
     decoy_model,
+    planted_heads,
     probe_indices,
     scrfd_planted_model,
     scrfd_random_model,
     write_immich_pack,
     write_insightface_pack,
 )
+from tests.face_photos import T1_FACE_CENTRES, cosine_distances, labelled_vectors
 
 MAX_PIXELS = 100_000_000
 SESSION_OPTIONS = SessionOptions(intra_op_threads=1)
 TASK = ModelTask.FACIAL_RECOGNITION
 
-# Face centres in t1.jpg (1280x886), from dlib's CNN detector at 2x; used as independent ground truth.
-T1_FACE_CENTRES = np.array([[111, 331], [959, 140], [780, 414], [507, 338], [1172, 332], [306, 213]], float)
+IMMICH_MIN_SCORE = 0.7  # Immich's default facialRecognition.minScore
+IMMICH_MAX_DISTANCE = 0.5  # ... and maxDistance
+DLIB_RANGE = max_distance_range("dlib")
+assert DLIB_RANGE is not None
 ASTRONAUT_FACE_CENTRE = np.array([224, 124], float)
 
 
@@ -225,14 +230,37 @@ def test_score_mapping() -> None:
 # ---- dlib: recognition ----------------------------------------------------------------------------------
 
 
-def test_dlib_embeddings_are_128d_padded_to_512(
+def test_dlib_embeddings_are_unit_128d_padded_to_512(
     dlib_recognizer: DlibFaceRecognizer, t1: np.ndarray, t1_faces: FaceDetections
 ) -> None:
     emb = dlib_recognizer.embed(t1, t1_faces)
     assert emb.shape == (6, 512) and emb.dtype == np.float32
     assert np.all(emb[:, 128:] == 0)
-    norms = np.linalg.norm(emb, axis=1)
-    assert ((norms > 1.0) & (norms < 2.0)).all(), norms  # dlib descriptors are not unit vectors
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # centred on the population mean: the vector is the raw descriptor minus the mean, rescaled
+    raw = dlib_recognizer.descriptors(t1, t1_faces)
+    centred = raw - np.asarray(DLIB_POPULATION_MEAN, np.float32)
+    np.testing.assert_allclose(emb[:, :128], centred / np.linalg.norm(centred, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_dlib_at_immichs_defaults_keeps_people_apart(
+    dlib_detector: DlibFaceDetector, dlib_recognizer: DlibFaceRecognizer
+) -> None:
+    """Immich's defaults (minScore 0.7, maxDistance 0.5) on real photos of ten people that were not used to
+    make the population mean: every same-person pair within 0.5, every different-person pair beyond it."""
+    def both(image: np.ndarray, faces: FaceDetections) -> np.ndarray:  # stored vector, then the raw descriptor
+        return np.hstack([dlib_recognizer.embed(image, faces), dlib_recognizer.descriptors(image, faces)])
+
+    labels, vectors = labelled_vectors(lambda img: dlib_detector.detect(img, IMMICH_MIN_SCORE), both)
+    assert len(set(labels)) == 10 and len(labels) == 52
+    distances = cosine_distances(labels, vectors[:, :512])
+    print(f"\ndlib at Immich's defaults: {distances.summary()}")
+    assert distances.same.max() < IMMICH_MAX_DISTANCE < distances.different.min(), distances.summary()
+    # the published range holds on this set too
+    assert distances.same.max() < DLIB_RANGE.low and distances.different.min() > DLIB_RANGE.high, distances.summary()
+    # the zero-padded raw descriptor (earlier versions) put every pair within 0.5: one person for Immich
+    raw = cosine_distances(labels, vectors[:, 512:])
+    assert raw.different.max() < IMMICH_MAX_DISTANCE, raw.summary()
 
 
 def test_dlib_same_person_is_closer_than_other_people(
@@ -273,9 +301,9 @@ def test_dlib_same_person_is_closer_than_other_people(
             same = cosine_distance(base[i], emb[i])
             others = min(cosine_distance(emb[i], base[j]) for j in range(6) if j != i)
             assert same < others, f"{name}: face {i} is closer to another person ({same:.3f} vs {others:.3f})"
-            assert same < RECOMMENDED_MAX_DISTANCE, f"{name}: face {i} at {same:.3f}"
-    # the documented maxDistance separates these six people
-    assert min(different) > RECOMMENDED_MAX_DISTANCE, min(different)
+            assert same < DLIB_RANGE.low, f"{name}: face {i} at {same:.3f}"
+    # the documented maxDistance range separates these six people
+    assert min(different) > DLIB_RANGE.high, min(different)
 
 
 def test_dlib_recognizer_accepts_boxes_from_anywhere(
@@ -339,6 +367,94 @@ def test_nms_uses_iou_04() -> None:
     scores = np.array([0.9, 0.8, 0.85, 0.5], np.float32)
     assert nms(boxes, scores).tolist() == [0, 1, 3]
     assert nms(boxes, scores, threshold=0.7).tolist() == [0, 2, 1, 3]
+
+
+def insightface_detect(heads: dict[tuple[str, int], np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: InsightFace's ``SCRFD.detect`` post-processing (model_zoo/scrfd.py), transcribed line by line
+    for a 640x640 input at scale 1: per stride keep scores >= threshold, stack, ``argsort()[::-1]``,
+    reorder, then its ``nms`` (which sorts again). Returns the kept boxes and scores."""
+    scores_list, bboxes_list = [], []
+    for stride in (8, 16, 32):
+        scores = heads["score", stride]
+        side = 640 // stride
+        anchor_centers = np.stack(np.mgrid[:side, :side][::-1], axis=-1).astype(np.float32)
+        anchor_centers = (anchor_centers * stride).reshape((-1, 2))
+        centers = np.stack([anchor_centers] * 2, axis=1).reshape((-1, 2))  # two anchors per location
+        pos_inds = np.where(scores >= threshold)[0]
+        distance = heads["bbox", stride] * stride
+        bboxes = np.stack(
+            [
+                centers[:, 0] - distance[:, 0],
+                centers[:, 1] - distance[:, 1],
+                centers[:, 0] + distance[:, 2],
+                centers[:, 1] + distance[:, 3],
+            ],
+            axis=-1,
+        )
+        scores_list.append(scores[pos_inds])
+        bboxes_list.append(bboxes[pos_inds])
+    scores = np.vstack(scores_list)
+    order = scores.ravel().argsort()[::-1]
+    pre_det = np.hstack((np.vstack(bboxes_list), scores)).astype(np.float32, copy=False)[order, :]
+    x1, y1, x2, y2, sc = pre_det.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    nms_order = sc.argsort()[::-1]
+    keep = []
+    while nms_order.size > 0:
+        i = nms_order[0]
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[nms_order[1:]])
+        yy1 = np.maximum(y1[i], y1[nms_order[1:]])
+        xx2 = np.minimum(x2[i], x2[nms_order[1:]])
+        yy2 = np.minimum(y2[i], y2[nms_order[1:]])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        ovr = inter / (areas[i] + areas[nms_order[1:]] - inter)
+        nms_order = nms_order[np.where(ovr <= 0.4)[0] + 1]
+    det = pre_det[keep, :]
+    return det[:, :4], det[:, 4]
+
+
+# A and B tie at 0.9 on one face; C (0.8) overlaps B (IoU 0.43) but not A (IoU 0.34). InsightFace keeps
+# the tie's first candidate (A), which leaves C standing: {A, C}. Sorting only once, inside NMS, keeps B,
+# which suppresses both A and C: {B}.
+TIED = [
+    PlantedFace(stride=8, x=40, y=30, score=0.9, distances=(5, 5, 5, 5)),
+    PlantedFace(stride=8, x=41, y=30, score=0.9, distances=(5, 5, 5, 5), anchor=1),
+    PlantedFace(stride=8, x=45, y=30, score=0.8, distances=(5, 5, 5, 5)),
+]
+
+
+def test_scrfd_equal_scores_keep_insightfaces_boxes(tmp_path: Path) -> None:
+    model = save(scrfd_planted_model(TIED), tmp_path / "tied" / "model.onnx")
+    detector = ScrfdDetector(create_session(model, SESSION_OPTIONS))
+    faces = detector.detect(np.zeros((640, 640, 3), np.uint8), 0.5)
+    ref_boxes, ref_scores = insightface_detect(planted_heads(TIED), 0.5)
+    np.testing.assert_allclose(faces.boxes, ref_boxes, atol=1e-4)
+    np.testing.assert_allclose(faces.scores, ref_scores)
+    np.testing.assert_allclose(faces.boxes, np.stack([TIED[0].box(), TIED[2].box()]), atol=1e-4)
+    assert faces.landmarks is not None
+    np.testing.assert_allclose(faces.landmarks, np.stack([TIED[0].landmarks(), TIED[2].landmarks()]), atol=1e-4)
+
+
+def test_scrfd_many_ties_match_insightface(tmp_path: Path) -> None:
+    """Dozens of overlapping candidates on three score levels, across strides and anchors."""
+    rng = np.random.default_rng(7)
+    planted, used = [], set()
+    while len(planted) < 60:
+        stride = int(rng.choice([8, 16, 32]))
+        side = 640 // stride
+        x, y, anchor = int(rng.integers(2, side - 2)), int(rng.integers(2, side - 2)), int(rng.integers(2))
+        if (stride, x, y, anchor) in used:
+            continue
+        used.add((stride, x, y, anchor))
+        size = float(rng.choice([2.0, 3.0, 4.0])) * 8 / stride  # about 32-64 px whatever the stride
+        planted.append(PlantedFace(stride, x, y, float(rng.choice([0.6, 0.75, 0.9])), (size,) * 4, anchor=anchor))
+    model = save(scrfd_planted_model(planted), tmp_path / "ties" / "model.onnx")
+    faces = ScrfdDetector(create_session(model, SESSION_OPTIONS)).detect(np.zeros((640, 640, 3), np.uint8), 0.5)
+    ref_boxes, ref_scores = insightface_detect(planted_heads(planted), 0.5)
+    assert len(ref_scores) < len(planted)  # NMS had work to do
+    np.testing.assert_allclose(faces.boxes, ref_boxes, atol=1e-3)
+    np.testing.assert_allclose(faces.scores, ref_scores)
 
 
 def test_scrfd_letterbox_of_a_tall_image(tmp_path: Path) -> None:

@@ -57,6 +57,10 @@ def vector(value: str) -> np.ndarray:
     return np.asarray(json.loads(value), dtype=np.float64)
 
 
+# Immich's buffalo_l answered by the bundled dlib model, by choice (no InsightFace pack in tests).
+DLIB_MAP = json.dumps({"buffalo_l": "dlib"})
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
@@ -80,6 +84,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, logs: Path) -> Iterator[st
         "AI_SERVICE_MODEL_DIR": str(models),
         "AI_SERVICE_MTPHOTOS_API_KEY": SERVICE_KEY,
         "AI_SERVICE_MTPHOTOS_CLIP_MODEL": CLIP_MODEL,
+        "AI_SERVICE_MTPHOTOS_FACE_MODEL": "dlib",  # the bundled model: no InsightFace pack in tests
     }
     with python_module_server("ai_service", env, log=logs / "ai_service.log") as base:
         yield base
@@ -90,6 +95,7 @@ def via_immich(service: str, logs: Path) -> Iterator[GatewayProcess]:
     env = {
         "GATEWAY_BACKENDS": json.dumps({"svc": {"kind": "immich", "url": service}}),
         "GATEWAY_MODEL_MAP__CLIP": CLIP_MAP,
+        "GATEWAY_MODEL_MAP__FACIAL_RECOGNITION": DLIB_MAP,
         "GATEWAY_CLIP_DIMENSIONS": CLIP_DIMS,
     }
     with gateway_process(env, logs / "gw_immich.log") as gw:
@@ -107,6 +113,7 @@ def via_mtphotos(service: str, logs: Path) -> Iterator[GatewayProcess]:
     env = {
         "GATEWAY_BACKENDS": json.dumps({"mt": mt}),
         "GATEWAY_MODEL_MAP__CLIP": CLIP_MAP,
+        "GATEWAY_MODEL_MAP__FACIAL_RECOGNITION": DLIB_MAP,
         "GATEWAY_CLIP_DIMENSIONS": CLIP_DIMS,
     }
     with gateway_process(env, logs / "gw_mt.log") as gw:

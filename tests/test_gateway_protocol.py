@@ -36,8 +36,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     env = {
         "AI_SERVICE_MODEL_DIR": str(models),
         # Immich's default CLIP name and a cn-clip/ prefix route both answered by the 512-d test model;
-        # the face map is left at its default (buffalo_l -> bundled dlib), as on a fresh install.
+        # Immich's buffalo_l answered by the bundled dlib model, the offline choice (no InsightFace pack here).
         "GATEWAY_MODEL_MAP__CLIP": json.dumps({"ViT-B-32__openai": CLIP_MODEL, "cn-clip/": CLIP_MODEL}),
+        "GATEWAY_MODEL_MAP__FACIAL_RECOGNITION": json.dumps({"buffalo_l": "dlib"}),
         "GATEWAY_CLIP_DIMENSIONS": json.dumps({CLIP_MODEL: 512}),
         "GATEWAY_MAX_BODY_BYTES": str(MAX_BODY),
     }

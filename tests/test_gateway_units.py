@@ -39,7 +39,7 @@ def test_defaults_serve_everything_locally() -> None:
     assert all(s.route(task) == ["local"] for task in ModelTask)
     assert (s.host, s.port) == ("127.0.0.1", 3003)
     assert s.timeouts.clip < s.timeouts.ocr <= 60 < 300
-    assert s.model_map.facial_recognition["buffalo_l"] == "dlib"
+    assert s.model_map.facial_recognition == {}  # never a silent swap: buffalo_l is answered by buffalo_l
     assert s.model_map.clip == {"cn-clip/": "ViT-B-16__cn-clip"}
 
 
@@ -103,7 +103,9 @@ def test_mapping_exact_prefix_and_pass_through() -> None:
     same = router.resolve(ModelTask.CLIP, "ViT-L-14__openai")
     assert (same.target, same.rule, same.expected_dim) == ("ViT-L-14__openai", None, 768)
     faces = router.resolve(ModelTask.FACIAL_RECOGNITION, "buffalo_l")
-    assert (faces.target, faces.expected_dim) == ("dlib", 512)
+    assert (faces.target, faces.expected_dim) == ("buffalo_l", 512)
+    chosen = Router(settings(model_map={"facial_recognition": {"buffalo_l": "dlib"}}))
+    assert chosen.resolve(ModelTask.FACIAL_RECOGNITION, "buffalo_l").target == "dlib"
 
 
 def test_prefix_route_with_the_wrong_dimension_is_refused_per_request() -> None:
@@ -137,7 +139,7 @@ def test_declared_dimension_makes_a_custom_model_usable() -> None:
 
 
 def test_route_task_maps_names_and_keeps_unknown_options() -> None:
-    router = Router(settings())
+    router = Router(settings(model_map={"facial_recognition": {"buffalo_l": "dlib"}}))
     entries = {
         "facial-recognition": {
             "detection": {"modelName": "buffalo_l", "options": {"minScore": 0.6, "newOption": [1, 2]}},
@@ -160,13 +162,14 @@ def test_start_up_warnings_point_at_unreachable_or_risky_backends() -> None:
         backends={
             "mt": {"kind": "mtphotos", "url": "http://mt:8060", "api_key": "k"},
             "stock": {"kind": "immich", "url": "http://immich-ml:3003"},
-        }
+        },
+        model_map={"facial_recognition": {"buffalo_l": "dlib"}},
     )
     warnings = Router(s).startup_warnings()
-    # mt runs buffalo_l, but the default map sends buffalo_l to dlib: mt can never serve faces.
+    # mt runs buffalo_l, but the map sends buffalo_l to dlib: mt can never serve faces.
     assert any("'mt' runs 'buffalo_l'" in w and "skipped" in w for w in warnings)
     assert any("'stock' will be asked for 'dlib'" in w for w in warnings)
-    passthrough = settings(backends=s.backends, model_map={"facial_recognition": {}})
+    passthrough = settings(backends=s.backends)  # the default map passes Immich's names through
     assert not any("facial-recognition" in w for w in Router(passthrough).startup_warnings())
 
 

@@ -1,6 +1,6 @@
 """OCR model family: real models, real images, no mocks.
 
-* the shared OCR ground-truth set (recall floor, EXIF handling),
+* the OCR ground-truth set in tests/data/ocr (recall floor, EXIF handling),
 * text rendered here with a real CJK font (exact text, boxes, reading order),
 * Immich's option semantics (minScore for detection and recognition, maxResolution),
 * thread safety with different thresholds at once, and the family's names and aliases.
@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -35,11 +34,9 @@ from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
+from tests.conftest import DATA_DIR
 
-SHARED_DATA = Path(
-    os.environ.get("IMMICH_ZH_AI_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
-)
-OCR_DATA = SHARED_DATA / "ocr"
+OCR_DATA = DATA_DIR / "ocr"
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
 
 # Immich's defaults as its server sends them.
@@ -53,10 +50,6 @@ REC_MIN_SCORE = 0.8
 # keeps one substring of slack for ONNX Runtime / CPU numeric differences, never less than Immich.
 RECALL_FLOOR = 86
 
-needs_ocr_data = pytest.mark.skipif(
-    not (OCR_DATA / "expected.tsv").is_file(),
-    reason=f"shared OCR data not found at {OCR_DATA} (set IMMICH_ZH_AI_SHARED_DATA)",
-)
 needs_font = pytest.mark.skipif(not FONT.is_file(), reason=f"CJK font {FONT} not installed (apt fonts-wqy-zenhei)")
 
 
@@ -134,10 +127,9 @@ def rendered() -> Iterator[np.ndarray]:
     yield render(RENDERED, (1000, 360))
 
 
-# ---- the shared ground-truth set ---------------------------------------------------------------------
+# ---- the ground-truth set (tests/data/ocr) ---------------------------------------------------------
 
 
-@needs_ocr_data
 def test_recall_on_shared_ocr_set(model: OcrPipeline) -> None:
     found = total = 0
     misses: dict[str, list[str]] = {}
@@ -154,7 +146,6 @@ def test_recall_on_shared_ocr_set(model: OcrPipeline) -> None:
     assert found >= RECALL_FLOOR, f"recall {found}/{total} below the floor {RECALL_FLOOR}; missed {misses}"
 
 
-@needs_ocr_data
 def test_exif_rotated_image_is_read_upright(model: OcrPipeline) -> None:
     path = OCR_DATA / "rapidocr_img_exif_orientation.jpg"
     upright = load_rgb(path)

@@ -214,8 +214,12 @@ class Stack:
 
 
 def set_clip_model(config: Path, model: str) -> None:
-    """Immich's machine-learning settings as an admin would set them (IMMICH_CONFIG_FILE's format)."""
-    config.write_text(json.dumps({"machineLearning": {"clip": {"modelName": model}}}))
+    """Immich's machine-learning settings as an admin would set them (IMMICH_CONFIG_FILE's format).
+
+    maxDistance 1.2 does not fit buffalo_l (what answers Immich's faces): /ai/ must show the warning."""
+    config.write_text(
+        json.dumps({"machineLearning": {"clip": {"modelName": model}, "facialRecognition": {"maxDistance": 1.2}}})
+    )
 
 
 def wait_for_search_database(gateway: str, timeout_s: float = 60.0) -> None:
@@ -789,6 +793,7 @@ def test_status_page_is_for_immich_admins_only(stack: Stack) -> None:
         assert set(data) == {*direct, "installed_models", "regenerate_failures"}
         assert "regenerate_failures" not in direct  # the reasons are for admins only
         assert data["routes"] == direct["routes"] and data["search"]["enabled"] is True
+        assert data["warnings"] == direct["warnings"] and any("is 1.2" in w for w in data["warnings"])
         assert set(data["backends"]) == {"local", "mt"} and data["breakers"].keys() == direct["breakers"].keys()
         installed = data["installed_models"]["local"]
         assert "PP-OCRv6_small" in installed["ocr"] and CLIP_MODEL in installed["clip"]
@@ -865,6 +870,13 @@ def test_status_page_renders_in_the_browser(stack: Stack, browser: WebDriver) ->
     # The clock is in the UI language's format, not the browser's (this one runs with --lang=en-US).
     updated = browser.execute_script("return document.getElementById('updated').textContent")
     assert updated.startswith("更新于 ") and "年" in updated and "M" not in updated, updated
+    warnings = browser.execute_script(
+        "const box = document.getElementById('warnings');"
+        " return [getComputedStyle(box).display, box.querySelector('h2').textContent,"
+        " [...box.querySelectorAll('li')].map((li) => li.textContent)]"
+    )
+    assert warnings[:2] == ["block", "警告"]
+    assert any("facialRecognition.maxDistance) is 1.2" in w for w in warnings[2]), warnings
     screenshot(browser, "status-zh.png")
     # The inline script and style ran under the page's hash-pinned CSP: no violation was logged.
     assert problems(console(browser)) == []

@@ -18,6 +18,8 @@ wires the parts together; ``gateway/app.py`` mounts its router and runs its star
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import deque
 from datetime import UTC, datetime
@@ -33,9 +35,9 @@ from gateway.backends.http import redact_url
 from gateway.health import Dispatcher
 from gateway.routing import ConfigError, Router
 from gateway.search.caller import Callers
-from gateway.search.config_source import ImmichConfigSource
+from gateway.search.config_source import ConfigFileError, ImmichConfigSource
 from gateway.search.credentials import SharedLinkRefused, credential_from
-from gateway.search.database import SearchDatabase
+from gateway.search.database import DatabaseUnavailable, SearchDatabase
 from gateway.search.immich import ImmichClient
 from gateway.search.inference import Inference
 from gateway.search.regenerate import RegenerateError, RegenerateKind, Regenerator, parse_asset_id
@@ -71,6 +73,8 @@ class SearchFeature:
         db_settings: DbSearchSettings | None = None,
     ) -> None:
         self.settings = settings
+        self.router = router
+        self._face_check: asyncio.Task[None] | None = None
         self.db_settings = db_settings or db_settings_from_env()
         self.immich = ImmichClient(settings.immich)
         self.database = SearchDatabase(self.db_settings, settings.search)
@@ -105,8 +109,33 @@ class SearchFeature:
                 },
             )
             self.database.start(migrate_schema=self.settings.search.migrate)
+            self._face_check = asyncio.get_running_loop().create_task(self._log_face_warnings(), name="face-check")
+
+    async def face_warnings(self, *, fresh: bool = False) -> list[str]:
+        """Immich's face settings checked against the face model that will answer them (see
+        ``Router.face_distance_warnings``). Raises DatabaseUnavailable / ConfigFileError when unreadable."""
+        config = await self.config.get(fresh=fresh)
+        if not config.faces_enabled:
+            return []
+        return self.router.face_distance_warnings(config.faces.model_name, config.faces.max_distance)
+
+    async def _log_face_warnings(self) -> None:
+        """Once at start-up, as soon as Immich's settings can be read (the database may come up later)."""
+        while True:
+            try:
+                warnings = await self.face_warnings(fresh=True)
+            except (DatabaseUnavailable, ConfigFileError, OSError):
+                await asyncio.sleep(self.settings.search.db_retry_s)
+                continue
+            for warning in warnings:
+                log.warning(warning)
+            return
 
     async def close(self) -> None:
+        if self._face_check is not None:
+            self._face_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._face_check
         await self.database.close()
         await self.immich.close()
 

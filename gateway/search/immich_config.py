@@ -21,6 +21,8 @@ DEFAULT_OCR_MODEL = "PP-OCRv5_mobile"
 DEFAULT_OCR_MIN_DETECTION_SCORE = 0.5
 DEFAULT_OCR_MIN_RECOGNITION_SCORE = 0.8
 DEFAULT_OCR_MAX_RESOLUTION = 736
+DEFAULT_FACE_MODEL = "buffalo_l"
+DEFAULT_FACE_MAX_DISTANCE = 0.5
 
 SYSTEM_CONFIG_KEY = "system-config"
 
@@ -41,10 +43,18 @@ class OcrConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FaceConfig:
+    enabled: bool = True
+    model_name: str = DEFAULT_FACE_MODEL
+    max_distance: float = DEFAULT_FACE_MAX_DISTANCE  # cosine distance at which Immich joins two faces
+
+
+@dataclass(frozen=True, slots=True)
 class MlConfig:
     enabled: bool = True  # machineLearning.enabled
     clip: ClipConfig = ClipConfig()
     ocr: OcrConfig = OcrConfig()
+    faces: FaceConfig = FaceConfig()
     source: str = "defaults"  # where it came from: 'database', 'file' or 'defaults' (for logs)
 
     @property
@@ -54,6 +64,10 @@ class MlConfig:
     @property
     def ocr_enabled(self) -> bool:
         return self.enabled and self.ocr.enabled
+
+    @property
+    def faces_enabled(self) -> bool:
+        return self.enabled and self.faces.enabled
 
 
 def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -86,6 +100,15 @@ def _score(section: Mapping[str, Any], key: str, default: float, where: str) -> 
     return default
 
 
+def _max_distance(section: Mapping[str, Any], where: str) -> float:
+    value = section.get("maxDistance", DEFAULT_FACE_MAX_DISTANCE)
+    # Immich's DTO accepts 0.1..2 for facialRecognition.maxDistance.
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0.1 <= float(value) <= 2.0:
+        return float(value)
+    log.warning("Immich setting %s.maxDistance is out of range; using %s", where, DEFAULT_FACE_MAX_DISTANCE)
+    return DEFAULT_FACE_MAX_DISTANCE
+
+
 def _positive_int(section: Mapping[str, Any], key: str, default: int, where: str) -> int:
     value = section.get(key, default)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -100,7 +123,9 @@ def parse_ml_config(raw: Any, source: str) -> MlConfig:
     ml = _section(data, "machineLearning")
     clip = _section(ml, "clip")
     ocr = _section(ml, "ocr")
+    faces = _section(ml, "facialRecognition")
     where_clip, where_ocr = "machineLearning.clip", "machineLearning.ocr"
+    where_faces = "machineLearning.facialRecognition"
     return MlConfig(
         enabled=_bool(ml, "enabled", True, "machineLearning"),
         clip=ClipConfig(
@@ -113,6 +138,11 @@ def parse_ml_config(raw: Any, source: str) -> MlConfig:
             min_detection_score=_score(ocr, "minDetectionScore", DEFAULT_OCR_MIN_DETECTION_SCORE, where_ocr),
             min_recognition_score=_score(ocr, "minRecognitionScore", DEFAULT_OCR_MIN_RECOGNITION_SCORE, where_ocr),
             max_resolution=_positive_int(ocr, "maxResolution", DEFAULT_OCR_MAX_RESOLUTION, where_ocr),
+        ),
+        faces=FaceConfig(
+            enabled=_bool(faces, "enabled", True, where_faces),
+            model_name=_name(faces, "modelName", DEFAULT_FACE_MODEL, where_faces),
+            max_distance=_max_distance(faces, where_faces),
         ),
         source=source if isinstance(raw, Mapping) else "defaults",
     )

@@ -37,23 +37,25 @@ Lower ``minScore`` to ~0.6 to get dlib's stock behaviour (more small/turned face
 
 Recognition: ``dlib_face_recognition_resnet_model_v1`` (trained to put identities in non-overlapping
 balls of radius 0.6; 99.38 % on LFW at Euclidean distance 0.6) on a 150x150 chip aligned with the
-5-point shape predictor. The 128-d descriptor is returned un-normalised and zero-padded to 512, so
-both Euclidean and cosine distance between two padded vectors equal those between the 128-d
-descriptors.
+5-point shape predictor.
 
-**Immich ``maxDistance`` for dlib** (``bench/bench_faces.py --distances`` reproduces the figures):
-descriptor norms are 1.35–1.61 (median 1.47), so cosine distance ≈ Euclidean² / 4.4 and dlib's 0.6
-Euclidean threshold is cosine distance ≈ 0.08. Measured on t1's six people and the astronaut
-(mirrored, JPEG q20, brighter, 0.6x): different people are 0.079 apart at the least (5th percentile
-0.098, median 0.136); copies of one face at most 0.032 (0.056 with crops and 8° rotations). Set
-``maxDistance`` to **0.07** (Euclidean ≈ 0.56: a little stricter than dlib's 0.6, because
-face_recognition's README warns that 0.6 mixes up children and that accuracy varies between ethnic
-groups, lower for Asian faces, and because Immich chains matches into one person). Immich's default
-0.5 merges everyone (100 % of the different-person pairs match), and Immich's settings refuse
-values below 0.1, where 5.9 % of them already match: use 0.1 and expect merged people until the
-embedding is changed. Centring the descriptor on a population mean before padding would move
-dlib's 0.6 to cosine ≈ 0.59, inside Immich's range (see the bench); it needs a real face set to
-estimate the mean, so it is not done here.
+**Vectors stored in Immich.** Immich compares faces by cosine distance (``<=>``) with ``maxDistance``
+0.5 by default. dlib's raw descriptors all point roughly the same way (norm ~1.47, the shared part
+~1.3 of it), so zero-padded they put different people only 0.08–0.20 apart and Immich merges
+everyone. The descriptor is therefore centred on a population mean of real faces
+(:mod:`~ai_service.models.faces.dlib_population_mean`, made by ``scripts/dlib_population_mean.py``
+from photos that are not the test photos), scaled to unit length and zero-padded to 512. Cosine
+distance then follows dlib's own Euclidean distance E: about E² / (2 r²), with r the distance of a
+face from the mean (median 0.62 on the test photos), so Immich's 0.5 sits near E ≈ 0.6, dlib's
+published threshold.
+
+Measured on other real photos of ten people (``tests/data/faces``: Obama in four photos, one a
+partial face; Biden, Tom Hanks, the six people of InsightFace's t1.jpg, the astronaut; each also
+mirrored, JPEG q20 and brighter; ``test_dlib_at_immichs_defaults_keeps_people_apart`` prints the
+figures): same person at most 0.26 apart, different people at least 0.53; so Immich's default 0.5
+works, with little room above it. The fitting ``maxDistance`` range is kept in
+:mod:`ai_service.protocol.immich_face_models`. These vectors differ from the zero-padded ones of
+earlier versions: a library indexed with those must re-run face detection for all photos.
 
 Thread safety: the HOG scan releases the GIL and keeps per-call state in the detector object (one
 detector shared by two threads returned 583 "faces" on t1), so each concurrent call borrows its own
@@ -75,6 +77,7 @@ import cv2
 import numpy as np
 
 from ai_service.models.base import FaceDetections, ModelLoadError
+from ai_service.models.faces.dlib_population_mean import DLIB_POPULATION_MEAN
 
 DLIB_PACKAGE = "face_recognition_models"
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
@@ -96,10 +99,10 @@ _PIVOT = 0.2
 _OFFSET = math.log(0.7 / 0.3) - _SLOPE * _PIVOT
 _MIN_MARGIN = -2.0  # below this HOG returns background clutter by the hundred (score 0.03)
 
-# Euclidean threshold dlib publishes for this descriptor; and the cosine distance it corresponds
-# to for the measured median descriptor norm (see module docstring).
+# Euclidean threshold dlib publishes for this descriptor (see the module docstring for what Immich's
+# cosine maxDistance corresponds to).
 DLIB_EUCLIDEAN_THRESHOLD = 0.6
-RECOMMENDED_MAX_DISTANCE = 0.07
+_MEAN = np.asarray(DLIB_POPULATION_MEAN, np.float32)
 
 
 def dlib_model_dir() -> Path | None:
@@ -207,7 +210,7 @@ class DlibFaceDetector:
 
 
 class DlibFaceRecognizer:
-    """5-point alignment + dlib ResNet descriptor, zero-padded to 512 (see the module docstring)."""
+    """5-point alignment + dlib ResNet descriptor, centred, unit length, zero-padded to 512 (module docstring)."""
 
     embedding_size = EMBEDDING_SIZE
 
@@ -232,21 +235,33 @@ class DlibFaceRecognizer:
             shapes = [self._shape_predictor(image, self._rect(box)) for box in faces.boxes]
         return np.array([[(p.x, p.y) for p in s.parts()] for s in shapes], np.float32).reshape(-1, 5, 2)
 
-    def embed(self, image: np.ndarray, faces: FaceDetections) -> np.ndarray:
-        out = np.zeros((len(faces), EMBEDDING_SIZE), np.float32)
-        if len(faces) == 0:
-            return out
+    def descriptors(self, image: np.ndarray, faces: FaceDetections) -> np.ndarray:
+        """dlib's raw 128-d descriptors, N x 128 (what its Euclidean 0.6 rule is defined on)."""
+        out = np.zeros((len(faces), DESCRIPTOR_SIZE), np.float32)
         image = np.ascontiguousarray(image, dtype=np.uint8)
         for i, box in enumerate(faces.boxes):
             with self._lock:
                 shape = self._shape_predictor(image, self._rect(box))
-                descriptor = self._net.compute_face_descriptor(image, shape, self.num_jitters)
-            out[i, :DESCRIPTOR_SIZE] = np.asarray(descriptor, np.float32)
+                out[i] = np.asarray(self._net.compute_face_descriptor(image, shape, self.num_jitters), np.float32)
+        return out
+
+    def embed(self, image: np.ndarray, faces: FaceDetections) -> np.ndarray:
+        out = np.zeros((len(faces), EMBEDDING_SIZE), np.float32)
+        if len(faces) == 0:
+            return out
+        out[:, :DESCRIPTOR_SIZE] = to_immich_vector(self.descriptors(image, faces))
         return out
 
     def _rect(self, box: np.ndarray) -> object:
         x1, y1, x2, y2 = (round(float(v)) for v in box)
         return self._dlib.rectangle(x1, y1, max(x1, x2 - 1), max(y1, y2 - 1))
+
+
+def to_immich_vector(descriptors: np.ndarray) -> np.ndarray:
+    """N x 128 raw descriptors -> centred on the population mean, unit length (see the module docstring)."""
+    centred = descriptors.astype(np.float32) - _MEAN
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return centred / np.maximum(norms, 1e-6)  # a face exactly at the mean cannot happen; no division by 0
 
 
 def _no_faces() -> FaceDetections:

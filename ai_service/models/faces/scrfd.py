@@ -9,7 +9,8 @@ numpy with the same numbers), so boxes match Immich's for the same model and ima
 3. per stride (8, 16, 32 [, 64, 128]): anchor centres at ``(x * stride, y * stride)`` on the feature
    grid, ``num_anchors`` per location; keep anchors with ``score >= min_score``; boxes and landmarks
    are distances (in strides) from the centre;
-4. NMS at IoU 0.4 (InsightFace's ``+1`` pixel area convention), highest score first;
+4. sort by score (descending), then NMS at IoU 0.4 (InsightFace's ``+1`` pixel area convention),
+   highest score first; equal scores resolve as in InsightFace, which sorts twice;
 5. divide by the letterbox scale: pixels of the original image, unclipped.
 
 Output heads are matched to (kind, stride) from the arrays' shapes (last dim 1 / 4 / 10 = score /
@@ -187,9 +188,16 @@ class ScrfdDetector:
                 landmarks=np.zeros((0, 5, 2), np.float32) if self.use_kps else None,
             )
         scores = np.concatenate(scores_list).astype(np.float32)
-        boxes = (np.concatenate(boxes_list) / boxed.scale).astype(np.float32)
+        # Sorted by score before NMS, as InsightFace's SCRFD.detect does (``argsort()[::-1]``, then NMS sorts
+        # again): with equal scores the two sorts decide which box survives, so skipping this one keeps a
+        # different set of faces than Immich's reference for the same model and image.
+        order = scores.argsort()[::-1]
+        scores = scores[order]
+        boxes = (np.concatenate(boxes_list) / boxed.scale).astype(np.float32)[order]
         keep = nms(boxes, scores, self.nms_threshold)
-        landmarks = (np.concatenate(kps_list) / boxed.scale).astype(np.float32)[keep] if self.use_kps else None
+        landmarks = None
+        if self.use_kps:
+            landmarks = (np.concatenate(kps_list) / boxed.scale).astype(np.float32)[order][keep]
         return FaceDetections(boxes=boxes[keep], scores=scores[keep], landmarks=landmarks)
 
     def _head_index(self, heads: list[np.ndarray]) -> dict[tuple[str, int], int]:

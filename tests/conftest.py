@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach the internet: a model that is not installed would be downloaded on first use from
+# huggingface.co. Nothing listens on the discard port, so such a download fails at once; tests of the
+# download path start their own hub on loopback and point AI_SERVICE_HF_ENDPOINT at it. Subprocesses
+# (services started by tests) inherit this.
+os.environ.setdefault("AI_SERVICE_HF_ENDPOINT", "http://127.0.0.1:9")
 
 
 # Real test images kept in the repository (sources and licences in each folder's README), so every test

@@ -867,6 +867,9 @@ def test_status_page_renders_in_the_browser(stack: Stack, browser: WebDriver) ->
     assert any("PP-OCRv6_small" in r for r in rows["models"]) and any(CLIP_MODEL in r for r in rows["models"])
     assert {r.split("local")[0] for r in rows["routes"]} >= {"clip", "ocr"}
     assert browser.execute_script("return document.querySelector('h1').textContent") == "AI 状态"
+    # Model downloads of the in-process backend (download on first use) have their own table.
+    heading = browser.execute_script("return document.querySelector('h2[data-t=downloads]').textContent")
+    assert heading == "模型下载" and rows["downloads"], rows["downloads"]
     # The clock is in the UI language's format, not the browser's (this one runs with --lang=en-US).
     updated = browser.execute_script("return document.getElementById('updated').textContent")
     assert updated.startswith("更新于 ") and "年" in updated and "M" not in updated, updated

@@ -720,7 +720,8 @@ def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_else() -> Non
 
 
 def test_first_start_logs_which_command_installs_which_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = AIServiceSettings(model_dir=tmp_path / "models", model_ttl=0)
+    """With download on first use off, an empty model folder is a problem the log explains."""
+    settings = AIServiceSettings(model_dir=tmp_path / "models", model_ttl=0, auto_pull=False)
 
     async def start_and_stop() -> dict[str, list[str]]:
         service = InferenceService(settings)
@@ -743,8 +744,23 @@ def test_first_start_logs_which_command_installs_which_model(tmp_path: Path, cap
     assert any(m.startswith("ocr models installed") for m in infos)
 
 
+def test_first_start_with_auto_pull_says_models_arrive_on_first_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = AIServiceSettings(model_dir=tmp_path, model_ttl=0, hf_endpoint="http://mirror.example")
+    service = InferenceService(settings, registry=None)
+    with caplog.at_level(logging.INFO, logger="ai_service.inference"):
+        service.log_models()
+    service.executor.shutdown()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("no clip model is installed"))
+    assert "downloads it from http://mirror.example" in line and "ViT-B-16__cn-clip" in line
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "clip" in r.getMessage()]
+
+
 def test_first_start_suggests_the_preloaded_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    settings = AIServiceSettings(model_dir=tmp_path, model_ttl=0, preload={"clip_textual": ["ViT-B-32__openai"]})
+    settings = AIServiceSettings(
+        model_dir=tmp_path, model_ttl=0, auto_pull=False, preload={"clip_textual": ["ViT-B-32__openai"]}
+    )
     service = InferenceService(settings, registry=None)
     with caplog.at_level(logging.WARNING, logger="ai_service.inference"):
         service.log_models()

@@ -43,6 +43,7 @@ from ai_service.protocol.immich import (
     PipelineEntry,
     check_dependencies,
     embedding_to_str,
+    query_text_problem,
 )
 from ai_service.runtime.onnx import choose_providers
 from ai_service.settings import AIServiceSettings
@@ -230,8 +231,9 @@ class InferenceService:
         return await self.run_blocking(self._predict_text, entries, refs, text)
 
     def check_text(self, text: str) -> None:
-        if not text.strip():
-            raise RequestError(400, "'text' is empty")
+        problem = query_text_problem(text)
+        if problem is not None:
+            raise RequestError(400, problem)
         if len(text) > self.settings.max_text_chars:
             raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
 

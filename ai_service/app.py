@@ -65,7 +65,9 @@ def create_app(settings: AIServiceSettings | None = None, service: InferenceServ
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own handler answers {"detail"} only: an MT Photos client shown a 401 needs 'msg' too.
-        return _error(request, exc.status_code, str(exc.detail), headers=exc.headers)
+        if not isinstance(exc.detail, str):  # structured details keep FastAPI's shape
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return _error(request, exc.status_code, exc.detail, headers=exc.headers)
 
     @app.exception_handler(EntriesError)
     async def _entries(request: Request, exc: EntriesError) -> JSONResponse:

@@ -22,7 +22,7 @@ Images, built here from the shared OCR set (``expected.tsv``) and text rendered 
 Recall: each part's expected substrings searched in the lines whose centres fall inside that part.
 Memory: peak RSS growth during the detect+recognise call (sampled every 5 ms), in one process.
 
-    .venv/bin/python bench/bench_ocr_long.py [--data /work/shared/data/ocr]
+    .venv/bin/python bench/bench_ocr_long.py [--data /work/shared/data/ocr] [--images panorama screenshot strip]
 """
 
 from __future__ import annotations
@@ -258,6 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--downscale", type=int, nargs="*", default=[2048, 4096])
+    parser.add_argument(
+        "--images", nargs="+", default=["panorama", "screenshot", "strip"], choices=["panorama", "screenshot", "strip"]
+    )
     args = parser.parse_args()
     if not FONT.is_file():
         sys.exit(f"needs the CJK font {FONT} (apt install fonts-wqy-zenhei)")
@@ -284,7 +287,8 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; onnxruntime {ort.__version__}; maxResolution {MAX_RESOLUTION}\n")
     print("| image | strategy | detector input | substrings found | seconds | peak RSS growth MiB |")
     print("|---|---|---|---|---|---|")
-    for composite in (panorama(shared), long_screenshot(shared), strip()):
+    builders = {"panorama": lambda: panorama(shared), "screenshot": lambda: long_screenshot(shared), "strip": strip}
+    for composite in (builders[name]() for name in args.images):
         h, w = composite.image.shape[:2]
         rh, rw = detector_input_size(h, w, MAX_RESOLUTION)
         for name, read in strategies.items():

@@ -112,7 +112,7 @@ class AIServiceSettings(BaseSettings):
         description=(
             "Longest side, in pixels, of one OCR detector input. A larger (resized) image, such as a panorama or a "
             "long screenshot, is read in overlapping tiles of at most this size, so the detector's working memory "
-            "stays near 190 bytes x this squared whatever the aspect ratio (about 290 MB for 736 x 2048)."
+            "is that of one tile whatever the aspect ratio (at most about 190 bytes per tile pixel)."
         ),
     )
     ocr_det_max_pixels: int = Field(
@@ -121,8 +121,8 @@ class AIServiceSettings(BaseSettings):
         le=400_000_000,
         description=(
             "Most pixels the OCR detector covers per image, all tiles together; a larger resized image is scaled "
-            "down to fit. Bounds time and the probability map (about 15 bytes per pixel): at maxResolution 736 it "
-            "is reached only beyond a 30:1 aspect ratio."
+            "down to fit. Bounds time (about 2-4 s per million pixels on 2 CPU cores) and the stitched probability "
+            "map; at maxResolution 736 it is reached only beyond a 30:1 aspect ratio."
         ),
     )
     ocr_memory_release: Literal["shrink", "no-arena", "keep"] = Field(

@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ai_service.api import immich, mtphotos, status
-from ai_service.api.limits import BodySizeLimitMiddleware
+from ai_service.api.limits import RequestBodyMiddleware
 from ai_service.inference import InferenceService, RequestError
 from ai_service.models.base import ModelError
 from ai_service.protocol.immich import DependencyError, EntriesError
@@ -21,11 +22,16 @@ log = logging.getLogger(__name__)
 MTPHOTOS_PATHS = frozenset({"/check", "/ocr", "/clip/img", "/clip/txt", "/represent", "/restart", "/restart_v2"})
 
 
-def _error(request: Request, status: int, detail: str) -> JSONResponse:
+def error_body(path: str, detail: str) -> dict[str, object]:
+    """``detail`` for HTTP clients; on MT Photos routes also its ``result``/``msg``, which its clients read."""
     body: dict[str, object] = {"detail": detail}
-    if request.url.path in MTPHOTOS_PATHS:
+    if path in MTPHOTOS_PATHS:
         body |= {"result": [], "msg": detail}
-    return JSONResponse(body, status_code=status)
+    return body
+
+
+def _error(request: Request, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, detail), status_code=status, headers=headers)
 
 
 def create_app(settings: AIServiceSettings | None = None, service: InferenceService | None = None) -> FastAPI:
@@ -51,8 +57,18 @@ def create_app(settings: AIServiceSettings | None = None, service: InferenceServ
     app.include_router(mtphotos.router)
     app.include_router(status.router)
     app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, setting_name="AI_SERVICE_MAX_UPLOAD_BYTES"
+        RequestBodyMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        setting_name="AI_SERVICE_MAX_UPLOAD_BYTES",
+        error_body=error_body,
     )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own handler answers {"detail"} only: an MT Photos client shown a 401 needs 'msg' too.
+        if not isinstance(exc.detail, str):  # structured details keep FastAPI's shape
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return _error(request, exc.status_code, exc.detail, headers=exc.headers)
 
     @app.exception_handler(EntriesError)
     async def _entries(request: Request, exc: EntriesError) -> JSONResponse:

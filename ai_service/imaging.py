@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 # We enforce our own, configurable limit before decoding; Pillow's global guard would raise a
 # different exception type at a fixed size, so it is switched off in favour of ours.
@@ -108,14 +111,19 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
 
 
 def _decode_error(exc: Exception) -> ImageError:
+    """What the client is told: what is wrong with its file. The library's own words go to the log."""
     if isinstance(exc, UnidentifiedImageError):
         return ImageError(
             "Image could not be decoded: not a supported image format (JPEG, PNG, WebP, GIF, TIFF, BMP…) "
             "or its header is invalid"
         )
+    log.info("image decoding failed: %s: %s", type(exc).__name__, exc)
     if isinstance(exc, MemoryError):
         return ImageError("Image could not be decoded: it needs more memory than is available")
-    return ImageError(f"Image could not be decoded: {type(exc).__name__}: {exc}")
+    return ImageError(
+        "Image could not be decoded: the file is truncated or damaged, or uses a variant of its format "
+        "that cannot be read"
+    )
 
 
 def _exif_orientation(img: Image.Image) -> int | None:

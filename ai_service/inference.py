@@ -46,7 +46,9 @@ from ai_service.protocol.immich import (
     PipelineEntry,
     check_dependencies,
     embedding_to_str,
+    query_text_problem,
 )
+from ai_service.runtime.heap import call_then_release, note_decoded
 from ai_service.runtime.onnx import choose_providers
 from ai_service.settings import AIServiceSettings
 
@@ -215,7 +217,8 @@ class InferenceService:
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, fn, *args)
+        # Large decoded images leave freed memory in the heap: call_then_release hands it back.
+        future = loop.run_in_executor(self.executor, call_then_release, fn, *args)
         try:
             return await asyncio.wait_for(future, timeout=self.settings.request_timeout_s)
         except TimeoutError:
@@ -273,8 +276,9 @@ class InferenceService:
         return await self.run_blocking(self._predict_text, entries, refs, text)
 
     def check_text(self, text: str) -> None:
-        if not text.strip():
-            raise RequestError(400, "'text' is empty")
+        problem = query_text_problem(text)
+        if problem is not None:
+            raise RequestError(400, problem)
         if len(text) > self.settings.max_text_chars:
             raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
 
@@ -321,7 +325,9 @@ class InferenceService:
 
     def decode(self, data: bytes, *, min_side: int | None = None) -> DecodedImage:
         try:
-            return decode_image(data, max_pixels=self.settings.max_image_pixels, min_side=min_side)
+            decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, min_side=min_side)
+            note_decoded(decoded.rgb.shape[0] * decoded.rgb.shape[1])
+            return decoded
         except ImageTooLargeError as exc:
             raise RequestError(413, str(exc)) from None
         except ImageError as exc:

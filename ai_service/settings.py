@@ -105,6 +105,44 @@ class AIServiceSettings(BaseSettings):
             "128 on a GPU, off on a CPU (nothing to gain there; padding only adds pixels)."
         ),
     )
+    ocr_max_resolution_ceiling: int = Field(
+        2048,
+        ge=32,
+        le=16384,
+        description=(
+            "Largest OCR maxResolution honoured (the detector input's shorter side); larger values, which Immich "
+            "sends as its admin typed them, are lowered to this one rather than refused."
+        ),
+    )
+    ocr_det_max_side: int = Field(
+        2048,
+        ge=512,
+        le=16384,
+        multiple_of=32,
+        description=(
+            "Longest side, in pixels, of one OCR detector input. A larger (resized) image, such as a panorama or a "
+            "long screenshot, is read in overlapping tiles of at most this size, so the detector's working memory "
+            "is that of one tile whatever the aspect ratio (at most about 190 bytes per tile pixel)."
+        ),
+    )
+    ocr_det_max_pixels: int = Field(
+        16_000_000,
+        ge=1024,
+        le=400_000_000,
+        description=(
+            "Most pixels the OCR detector covers per image, all tiles together; a larger resized image is scaled "
+            "down to fit. Bounds time (about 2-4 s per million pixels on 2 CPU cores) and the stitched probability "
+            "map; at maxResolution 736 it is reached only beyond a 30:1 aspect ratio."
+        ),
+    )
+    ocr_memory_release: Literal["shrink", "no-arena", "keep"] = Field(
+        "shrink",
+        description=(
+            "How OCR's ONNX sessions give back a request's working memory: 'shrink' returns the CPU arena's free "
+            "chunks after every run, 'no-arena' allocates per run without an arena, 'keep' keeps the arena at the "
+            "largest request's peak for as long as the model stays loaded (ONNX Runtime's default)."
+        ),
+    )
     model_ttl: float = Field(
         300.0, description="Seconds a model may sit idle before it is unloaded (<= 0 keeps models loaded)."
     )

@@ -13,10 +13,14 @@ Engines, in the same run:
 * ``rapidocr`` 3.x ``RapidOCR()`` with its defaults, given the BGR array: the same model files.
   It never shrinks an image whose shorter side is over 736 px, so it detects at 1440 x 1920.
 
+With ``--memory-release``, the engines are instead the pipeline at Immich's options under each
+``AI_SERVICE_OCR_MEMORY_RELEASE`` mode (shrink the ONNX Runtime arena after every run, no arena,
+keep the arena), timed side by side: the speed cost of giving memory back.
+
 Reported: median latency per image (``--runs`` timed calls after a warm-up), sequential
 throughput, throughput with ``--clients`` concurrent callers, and recall on the scaled set.
 
-    .venv/bin/python bench/bench_ocr.py [--runs 3] [--clients 2]
+    .venv/bin/python bench/bench_ocr.py [--runs 3] [--clients 2] [--memory-release]
 """
 
 from __future__ import annotations
@@ -88,8 +92,9 @@ def rendered_page() -> tuple[np.ndarray, list[str]] | None:
     return np.asarray(page), PAGE_LINES
 
 
-def family_engine(max_resolution: int) -> Engine:
-    family = OcrFamily(ModelStore(Path(tempfile.mkdtemp(prefix="ocr-bench-"))), SessionOptions(), AIServiceSettings())
+def family_engine(max_resolution: int, release: str | None = None) -> Engine:
+    settings = AIServiceSettings() if release is None else AIServiceSettings(ocr_memory_release=release)
+    family = OcrFamily(ModelStore(Path(tempfile.mkdtemp(prefix="ocr-bench-"))), SessionOptions(), settings)
     model = family.load(BUNDLED_NAME, COMPONENT)
 
     def read(image: np.ndarray) -> list[str]:
@@ -115,6 +120,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--runs", type=int, default=3, help="timed calls per image and engine")
     parser.add_argument("--clients", type=int, default=2, help="concurrent callers for the throughput figure")
+    parser.add_argument(
+        "--memory-release", action="store_true", help="compare AI_SERVICE_OCR_MEMORY_RELEASE modes instead"
+    )
     args = parser.parse_args()
     if not (args.data / "expected.tsv").is_file():
         sys.exit(f"no expected.tsv in {args.data}; pass --data")
@@ -128,6 +136,10 @@ def main() -> None:
         "OcrFamily, maxResolution 1440": family_engine(PREVIEW_SIDE),
         "rapidocr 3.x direct (det at full size)": rapidocr_engine(),
     }
+    if args.memory_release:
+        engines = {
+            f"OcrFamily at 736, memory release '{m}'": family_engine(736, m) for m in ("shrink", "no-arena", "keep")
+        }
     logging.getLogger("RapidOCR").setLevel(logging.ERROR)
 
     medians: dict[str, dict[str, float]] = {name: {} for name in engines}

@@ -23,6 +23,8 @@ ORDER = [
     "bench_clip",
     "bench_faces",
     "bench_ocr",
+    "bench_ocr_long",
+    "bench_memory",
 ]
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ai_service.api.limits import BodySizeLimitMiddleware
+from ai_service.api.limits import RequestBodyMiddleware
 from ai_service.protocol.immich import (
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
@@ -30,6 +30,7 @@ from ai_service.protocol.immich import (
     ModelTask,
     check_dependencies,
     load_entries_json,
+    query_text_problem,
     validate_entries,
 )
 from gateway.backends import Backend, ClientInputError, build_backends
@@ -165,9 +166,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.search = search
     if search is not None:
         app.include_router(search.api_router())
-    app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, setting_name="GATEWAY_MAX_BODY_BYTES"
-    )
+    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, setting_name="GATEWAY_MAX_BODY_BYTES")
     app.add_middleware(RequestContextMiddleware)
 
     @app.exception_handler(EntriesError)
@@ -259,6 +258,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 raise ClientInputError(400, orjson.dumps({"detail": "Either image or text must be provided"}))
             if data is not None:
                 text = None  # as Immich's service: the image wins over text
+            elif text is not None and (problem := query_text_problem(text)) is not None:
+                raise ClientInputError(400, orjson.dumps({"detail": problem}))  # a stock backend would embed it
             routed = [
                 router.route_task(task, types, raw.get(task.value) or {}) for task, types in parsed.items() if types
             ]

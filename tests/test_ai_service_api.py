@@ -17,16 +17,18 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from tests import immich_requests as im
 from tests.assets import astronaut_jpeg
+from tests.gateway_support import node_formdata
 from tests.servers import python_module_server
 
 API_KEY = "test-api-key-not-a-secret"
 MAX_PIXELS = 30_000_000
 MAX_UPLOAD = 12 * 1024 * 1024
 MAX_TEXT = 300
+OCR_DET_MAX_PIXELS = 2_000_000
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,8 @@ def ai_server(clip_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "AI_SERVICE_MAX_IMAGE_PIXELS": str(MAX_PIXELS),
         "AI_SERVICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "AI_SERVICE_MAX_TEXT_CHARS": str(MAX_TEXT),
+        # Lower than the default 16 MP so the extreme-aspect OCR test below takes seconds, not a minute.
+        "AI_SERVICE_OCR_DET_MAX_PIXELS": str(OCR_DET_MAX_PIXELS),
     }
     with python_module_server("ai_service", env, log=log) as base:
         yield base
@@ -402,3 +406,101 @@ def test_mtphotos_bad_input_gets_a_clear_4xx(
         # MT Photos clients read the reason from 'msg'; never a 200 with an empty result.
         assert body["msg"] == body["detail"] and body["result"] == []
     assert client.get(ai_server + "/ping").text == "pong"
+
+
+# ---- hostile input: what one request may cost, and parsing that refuses instead of guessing ---------
+
+
+def _text_strip_png(width: int, height: int) -> bytes:
+    """A greyscale PNG with a 40-px Chinese line every 1500 px along its long side (compresses to KiB)."""
+    from tests.test_ocr_model import FONT
+
+    img = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.truetype(str(FONT), 40) if FONT.is_file() else ImageFont.load_default()
+    for i, pos in enumerate(range(50, max(width, height) - 600, 1500)):
+        draw.text((pos, 400) if width >= height else (50, pos), f"北京欢迎你 {i}", font=font, fill=0)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(30_000, 1000), (1000, 30_000)], ids=["wide-30-to-1", "tall-1-to-30"])
+def test_extreme_aspect_ocr_with_a_huge_max_resolution_is_answered(
+    client: httpx.Client, ai_server: str, shape: tuple[int, int]
+) -> None:
+    # Immich's rule alone would run the detector on 1000 x 30000 here (~6 GB); the service clamps
+    # maxResolution, tiles and bounds the pixels, so this is an ordinary request (bench/bench_memory.py
+    # has the memory figures).
+    entries = json.loads(json.dumps(im.OCR))
+    entries["ocr"]["detection"]["options"]["maxResolution"] = 100_000
+    response = im.predict(client, ai_server, entries, image=_text_strip_png(*shape))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["imageWidth"], body["imageHeight"]) == shape
+    assert all(0.0 <= v <= 1.0 for v in body["ocr"]["box"])
+    assert body["ocr"]["text"], "text shrunk to fit the pixel bound is still found"
+    assert client.get(ai_server + "/ping").text == "pong"
+
+
+def test_decode_errors_say_what_is_wrong_not_how_it_failed(client: httpx.Client, ai_server: str) -> None:
+    full = _jpeg(Image.new("RGB", (64, 64), "red"))
+    for cut in (full[:200], _text_strip_png(100, 100)[:60]):
+        response = im.predict(client, ai_server, im.clip_visual("test-cn-clip-512"), image=cut)
+        assert response.status_code == 400
+        detail = response.json()["detail"]
+        assert "truncated or damaged" in detail
+        assert "Error" not in detail and "OSError" not in detail, detail
+
+
+def test_truncated_multipart_body_is_refused_as_such(client: httpx.Client, ai_server: str) -> None:
+    content_type, body = node_formdata(im.clip_visual("test-cn-clip-512"), image=_jpeg(Image.new("RGB", (64, 64))))
+    closing = body.rindex(b"\r\n--")
+    for cut in (body[:closing], body[: len(body) // 2]):  # closing boundary lost; cut mid-image
+        response = client.post(ai_server + "/predict", content=cut, headers={"content-type": content_type})
+        assert response.status_code == 400, response.text
+        assert "truncated" in response.json()["detail"]
+    complete = client.post(ai_server + "/predict", content=body, headers={"content-type": content_type})
+    assert complete.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"minScore": True}, {"minScore": False}, {"minScore": "0.5"}, {"maxResolution": True}, {"maxResolution": "736"}],
+    ids=["minScore-true", "minScore-false", "minScore-string", "maxResolution-true", "maxResolution-string"],
+)
+def test_options_must_be_json_numbers(client: httpx.Client, ai_server: str, options: dict[str, object]) -> None:
+    entries = {"ocr": {"detection": {"modelName": "PP-OCRv5_mobile", "options": options}}}
+    response = im.predict(client, ai_server, entries, image=_jpeg(Image.new("RGB", (64, 64))))
+    assert response.status_code == 422, response.text
+    assert "JSON number" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("text", ["\0", "\0\0\0\0", "\x01\x02\x7f", "\u200b\ufeff", " \t\u3000\0"])
+def test_text_without_visible_characters_is_refused(client: httpx.Client, ai_server: str, text: str) -> None:
+    response = im.predict(client, ai_server, im.clip_textual("test-cn-clip-512"), text=text)
+    assert response.status_code == 400, response.text
+    assert "'text'" in response.json()["detail"]
+    mt = client.post(ai_server + "/clip/txt", json={"text": text}, headers={"api-key": API_KEY})
+    assert mt.status_code == 400 and mt.json()["msg"] == mt.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_is_413(client: httpx.Client, ai_server: str) -> None:
+    content_type, body = node_formdata(im.clip_visual("test-cn-clip-512"), image=b"\xff" * (MAX_UPLOAD + 1))
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
+        for start in range(0, len(body), 1 << 20):
+            yield body[start : start + (1 << 20)]
+
+    response = client.post(ai_server + "/predict", content=chunks(), headers={"content-type": content_type})
+    assert response.status_code == 413, response.text
+    assert "AI_SERVICE_MAX_UPLOAD_BYTES" in response.json()["detail"]
+    assert client.get(ai_server + "/ping").text == "pong"
+
+
+def test_mtphotos_401_carries_msg(client: httpx.Client, ai_server: str) -> None:
+    for headers in ({}, {"api-key": "wrong"}):
+        response = client.post(ai_server + "/check", headers=headers)
+        assert response.status_code == 401
+        body = response.json()
+        assert body["msg"] == body["detail"] == "Invalid API key" and body["result"] == []

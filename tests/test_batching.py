@@ -688,9 +688,9 @@ class _ShapeRecorder:
         self.session = session
         self.shapes: set[tuple[int, ...]] = set()
 
-    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray], run_options: Any = None) -> Any:
         self.shapes |= {tuple(v.shape) for v in feeds.values()}
-        return self.session.run(outputs, feeds)
+        return self.session.run(outputs, feeds, run_options)
 
 
 def _ocr_pipeline(bucket: int | None) -> Any:

@@ -535,6 +535,20 @@ def test_norm_crop_puts_landmarks_on_the_template() -> None:
     np.testing.assert_allclose(mapped, ARCFACE_TEMPLATE, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(200, 40_000), (40_000, 200)], ids=["wide", "tall"])
+def test_norm_crop_beyond_opencvs_32767_px(shape: tuple[int, int]) -> None:
+    """A 40000-px panorama is a valid image; OpenCV's warp refuses sources that large (cv2.error, a 500),
+    so the face is warped from its neighbourhood: the same crop as from a small image holding it."""
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    to_image = similarity(1.3, 12.0, 40.0, 30.0)
+    landmarks = (to_image[:2, :2] @ ARCFACE_TEMPLATE.T.astype(np.float64)).T + to_image[:2, 2]
+    big = np.zeros((*shape, 3), np.uint8)
+    offset = np.array([shape[1] - 200, shape[0] - 200])  # the far end, beyond 32767 px
+    big[offset[1] :, offset[0] :] = small
+    np.testing.assert_array_equal(norm_crop(big, landmarks + offset), norm_crop(small, landmarks))
+
+
 def faces_with_landmarks(image: np.ndarray, count: int) -> FaceDetections:
     rng = np.random.default_rng(count)
     h, w = image.shape[:2]

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(180)
 CLIP_MODEL = "test-cn-clip-512"  # tiny towers, but cn-clip's layout and ViT-B-16's 512-d output
 MAX_BODY = 6 * 1024 * 1024
 
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     models = build_test_models(tmp_path_factory.mktemp("models"))
@@ -326,3 +327,26 @@ def test_metrics_count_requests_per_task_and_backend(client: httpx.Client, gatew
     assert status["routes"]["facial-recognition"]["model_map"]["buffalo_l"] == "dlib"
     assert status["routes"]["clip"]["dimensions"][CLIP_MODEL] == 512
     assert np.isfinite(metric_value(text, "gateway_requests_in_flight"))
+
+
+def test_lenient_input_is_refused_as_the_ai_service_refuses_it(client: httpx.Client, gateway: GatewayProcess) -> None:
+    base = gateway.base
+    # A body cut off before its closing boundary: said so, not "Either image or text must be provided".
+    content_type, body = node_formdata(CLIP_VISUAL, image=astronaut_jpeg())
+    for cut in (body[: body.rindex(b"\r\n--")], body[: len(body) // 2]):
+        response = _raw_post(client, base, content_type, cut)
+        assert response.status_code == 400 and "truncated" in response.json()["detail"], response.text
+    # Booleans are not thresholds (pydantic's lax mode read true as 1.0).
+    entries = {"clip": {"visual": {"modelName": "ViT-B-32__openai", "options": {"minScore": True}}}}
+    response = immich_predict(client, base, entries, image=astronaut_jpeg())
+    assert response.status_code == 422 and "JSON number" in response.json()["detail"]
+    # A query with nothing visible in it gets no embedding.
+    for text in ("\0\0\0", "\u200b\ufeff\x01"):
+        response = immich_predict(client, base, clip_textual(), text=text)
+        assert response.status_code == 400 and "'text'" in response.json()["detail"], response.text
+    # A chunked body over the limit is a 413, as one with a Content-Length is.
+    content_type, body = node_formdata(CLIP_VISUAL, image=b"\xff" * (MAX_BODY + 1))
+    chunks = (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+    response = client.post(base + "/predict", content=chunks, headers={"content-type": content_type})
+    assert response.status_code == 413 and "GATEWAY_MAX_BODY_BYTES" in response.json()["detail"]
+    assert client.get(base + "/ping").text == "pong"

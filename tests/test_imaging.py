@@ -94,3 +94,22 @@ def test_truncated_real_jpeg_is_an_image_error_or_decodes() -> None:
         except ImageError:
             continue
         assert decoded.rgb.shape == (200, 300, 3)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decode_errors_describe_the_file_and_log_the_internals(fmt: str, caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(2)
+    data = _encode(Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)), fmt)
+    cut = data[: len(data) // 3]
+    for decode in (decode_image, probe_size):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ai_service.imaging"), pytest.raises(ImageError) as raised:
+            decode(cut, max_pixels=10**6)
+            decode(data[:40], max_pixels=10**6)  # probe_size reads only the header: cut into it too
+        message = str(raised.value)
+        # What the client reads: what is wrong with its file, not Pillow's exception type and words.
+        assert message.startswith("Image could not be decoded: ")
+        assert "truncated or damaged" in message or "not a supported image format" in message
+        assert "Error" not in message and "truncated (" not in message, message
+        if "truncated or damaged" in message:
+            assert any("OSError" in r.getMessage() or "Error" in r.getMessage() for r in caplog.records)

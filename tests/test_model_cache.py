@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ai_service.inference import InferenceService
-from ai_service.models.base import ClipTextualModel
+from ai_service.models.base import ClipTextualModel, ModelLoadError
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.runtime.onnx import available_providers, choose_providers
 from ai_service.settings import AIServiceSettings, PreloadSettings
@@ -140,3 +140,22 @@ def test_provider_choice() -> None:
         # ... and asking only for ones that do not exist is an error, not a silent fallback.
         with pytest.raises(RuntimeError, match="none of the requested"):
             choose_providers(("CUDAExecutionProvider",))
+
+
+def test_a_corrupt_model_is_reported_by_name_and_the_details_are_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An OCR recogniser folder in Immich's layout whose model.onnx is a truncated download.
+    broken = tmp_path / "ocr" / "MY__broken" / "recognition"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"truncated download")
+    service = _service(tmp_path)
+    ref = service.registry.resolve(ModelTask.OCR, ModelType.DETECTION, "MY__broken")
+    with caplog.at_level("ERROR", logger="ai_service.models.cache"), pytest.raises(ModelLoadError) as raised:
+        service.cache.get(ref)
+    message = str(raised.value)
+    # The client learns which model failed and where to look, not ONNX Runtime's words or server paths.
+    assert "'MY__broken'" in message and "log" in message
+    assert str(tmp_path) not in message and "ONNX" not in message and "protobuf" not in message.lower()
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "MY__broken" in logged and str(tmp_path) in logged

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 from collections.abc import Iterator
@@ -24,15 +25,19 @@ from ai_service.models.ocr import (
     ALIASES,
     BUNDLED_NAME,
     COMPONENT,
+    DetectorLimits,
     OcrFamily,
     OcrPipeline,
+    bounded_input_size,
     bundled_files,
     detector_input_size,
+    read_characters,
+    tile_spans,
 )
 from ai_service.models.registry import ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
-from ai_service.runtime.onnx import SessionOptions
+from ai_service.runtime.onnx import ARENA_SHRINKAGE_KEY, SessionOptions
 from ai_service.settings import AIServiceSettings
 from tests.conftest import DATA_DIR
 
@@ -265,6 +270,128 @@ def test_concurrent_calls_with_different_thresholds(model: OcrPipeline, rendered
         results = list(pool.map(lambda s: run_ocr(model, rendered, det_min=s[0], rec_min=s[1])[0], settings))
     for s, texts in zip(settings, results, strict=True):
         assert texts == expected[s], f"settings {s} gave {texts} under concurrency"
+
+
+# ---- bounds on the detector's work (one request must not take the service down) -------------------
+
+
+class RecordingSession:
+    """The real detector session, noting the shape of every input it is given."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, outputs: object, feeds: dict[str, np.ndarray], run_options: object = None) -> object:
+        self.shapes.extend(tuple(v.shape) for v in feeds.values())
+        return self.session.run(outputs, feeds, run_options)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.session, name)
+
+
+def recording(model: OcrPipeline, limits: DetectorLimits) -> tuple[OcrPipeline, RecordingSession]:
+    det = RecordingSession(model._det)
+    characters = read_characters(model._rec, None)
+    return OcrPipeline(det, model._rec, characters, limits=limits), det  # type: ignore[arg-type]
+
+
+TALL_LINES = ["北京欢迎你 2026", "上海浦东 世纪大道", "增值税发票 No.88", "深圳湾公园 Park"]
+
+
+@pytest.fixture(scope="module")
+def tall_screenshot() -> Iterator[tuple[np.ndarray, list[tuple[str, tuple[int, int]]]]]:
+    """A 480 x 3200 'long screenshot': a 32-px line every 112 px."""
+    if not FONT.is_file():
+        pytest.skip(f"CJK font {FONT} not installed (apt fonts-wqy-zenhei)")
+    lines = [(TALL_LINES[i % len(TALL_LINES)], (30, 20 + 112 * i)) for i in range(28)]
+    yield render(lines, (480, 3200), font_size=32), lines
+
+
+def test_tall_image_is_read_in_tiles_of_the_long_side_bound(
+    model: OcrPipeline, tall_screenshot: tuple[np.ndarray, list[tuple[str, tuple[int, int]]]]
+) -> None:
+    image, lines = tall_screenshot
+    tiled, det = recording(model, DetectorLimits(max_side=1024))
+    texts, quads, _ = run_ocr(tiled, image)
+    # Immich's rule alone would feed the detector 480 x 3200 in one piece; here no input exceeds 1024.
+    assert len(det.shapes) > 1
+    assert all(max(shape[2:]) <= 1024 for shape in det.shapes), det.shapes
+    # Lines straddle the seams (where one tile's kept part ends and the next one's begins) ...
+    seams = [span.keep_stop for span in tile_spans(3200, 1024, 256)[:-1]]
+    assert any(y < seam < y + 32 for seam in seams for _, (_, y) in lines)
+    # ... and every line is read once, whole, in order, with boxes in the image's own pixels.
+    assert [normalise(t) for t in texts] == [normalise(t) for t, _ in lines]
+    assert (quads[..., 1] <= image.shape[0]).all()
+    # The same boxes as one whole-image pass, within a few pixels (the network's global pooling sees
+    # a tile, not the whole image).
+    _, whole, _ = run_ocr(recording(model, DetectorLimits(max_side=4096))[0], image)
+    assert quads.shape == whole.shape and np.abs(quads - whole).max() <= 4, np.abs(quads - whole).max()
+
+
+def test_text_beyond_opencvs_32767_px_is_read(model: OcrPipeline) -> None:
+    # A 40000 x 160 strip is a valid image (6.4 MP); OpenCV's warp refuses sources that wide, so a crop
+    # taken from the whole image failed with cv2.error (a 500) for every line, wherever it was.
+    if not FONT.is_file():
+        pytest.skip(f"CJK font {FONT} not installed (apt fonts-wqy-zenhei)")
+    img = Image.new("RGB", (40_000, 160), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.truetype(str(FONT), 40)
+    quads = []
+    for x, text in ((100, "北京欢迎你"), (36_000, "上海浦东 2026")):
+        draw.text((x, 60), text, font=font, fill="black")
+        left, top, right, bottom = draw.textbbox((x, 60), text, font=font)
+        quads.append([[left - 4, top - 4], [right + 4, top - 4], [right + 4, bottom + 4], [left - 4, bottom + 4]])
+    detections = TextDetections(np.asarray(quads, np.float32), np.ones(2, np.float32))
+    lines = model.recognize(np.asarray(img), detections, REC_MIN_SCORE)
+    assert [normalise(t) for t in lines.texts] == ["北京欢迎你", "上海浦东2026"]
+
+
+def test_max_resolution_is_clamped_to_the_ceiling(model: OcrPipeline) -> None:
+    image = np.full((1500, 1200, 3), 255, np.uint8)
+    clamped, det = recording(model, DetectorLimits(max_resolution_ceiling=512))
+    clamped.detect(image, DET_MIN_SCORE, 100_000)  # what an Immich admin may type: lowered, not refused
+    assert det.shapes == [(1, 3, 640, 512)]
+
+
+def test_pixel_bound_scales_extreme_images_down(
+    model: OcrPipeline, tall_screenshot: tuple[np.ndarray, list[tuple[str, tuple[int, int]]]]
+) -> None:
+    image, _ = tall_screenshot
+    bounded, det = recording(model, DetectorLimits(max_side=1024, max_pixels=800_000))
+    prob = bounded._det_probabilities(image, MAX_RESOLUTION)
+    h, w = prob.shape[-2:]
+    assert h * w <= 800_000 and (h, w) == bounded_input_size(3200, 480, MAX_RESOLUTION, 800_000)
+    assert all(max(shape[2:]) <= 1024 for shape in det.shapes)
+    # Text at 0.7x is still read, and boxes come back in the image's own pixels.
+    texts, quads, _ = run_ocr(bounded, image)
+    assert len(texts) >= 20 and (quads[..., 1] <= image.shape[0]).all()
+
+
+def test_bounded_sizes_and_tiles() -> None:
+    assert bounded_input_size(1000, 100_000, 736, 16_000_000) == (384, 40_000)  # 736 x 73600 is 54 MP
+    assert bounded_input_size(1440, 28_800, 736, 16_000_000) == detector_input_size(1440, 28_800, 736)
+    for length in (736, 2048, 2080, 14_720, 73_600, 32 * 997):
+        spans = tile_spans(length, 2048, 256)
+        assert spans[0].start == 0 and spans[-1].stop == length
+        assert spans[0].keep_start == 0 and spans[-1].keep_stop == length
+        assert all(a.keep_stop == b.keep_start and a.stop - b.start >= 256 for a, b in itertools.pairwise(spans))
+        assert all(s.start % 32 == 0 and (s.stop - s.start) % 32 == 0 and s.stop - s.start <= 2048 for s in spans)
+    assert [s.stop - s.start for s in tile_spans(2080, 2048, 256)] == [1184, 1184]  # equal tiles, no sliver
+    with pytest.raises(ValueError, match="multiple of 32"):
+        DetectorLimits(max_side=1000)
+
+
+@pytest.mark.parametrize("release", ["shrink", "no-arena", "keep"])
+def test_memory_release_setting_reaches_the_sessions(tmp_path: Path, release: str, rendered: np.ndarray) -> None:
+    settings = AIServiceSettings(ocr_memory_release=release, ocr_det_max_side=1024, ocr_max_resolution_ceiling=640)
+    family = OcrFamily(ModelStore(tmp_path), SessionOptions(), settings)
+    loaded = family.load(BUNDLED_NAME, COMPONENT)
+    assert loaded._limits == DetectorLimits(max_resolution_ceiling=640, max_side=1024)
+    assert loaded._det.get_session_options().enable_cpu_mem_arena == (release != "no-arena")
+    shrink = loaded._run_options.get_run_config_entry(ARENA_SHRINKAGE_KEY) if loaded._run_options else None
+    assert shrink == ("cpu:0" if release == "shrink" else None)
+    assert [normalise(t) for t in run_ocr(loaded, rendered)[0]] == [normalise(t) for t, _ in RENDERED]
 
 
 # ---- the model family ------------------------------------------------------------------------------------

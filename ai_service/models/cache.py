@@ -50,13 +50,26 @@ class ModelCache:
         started = time.monotonic()
         try:
             model = self.registry.load(ref)
+        except ModelLoadError as exc:
+            raise self._load_failed(ref, exc) from exc
         except ModelError:
             raise
         except (OSError, RuntimeError, ValueError) as exc:
-            raise ModelLoadError(f"{ref.task} model '{ref.name}' ({ref.component}) failed to load: {exc}") from exc
+            raise self._load_failed(ref, exc) from exc
         now = time.monotonic()
         log.info("loaded %s/%s/%s in %.2fs", ref.task, ref.name, ref.component, now - started)
         return _Entry(model=model, last_used=now, loaded_at=now)
+
+    @staticmethod
+    def _load_failed(ref: ModelRef, exc: Exception) -> ModelLoadError:
+        """The error a client sees: which model failed, and where to look. File paths and the loader's
+        own words (ONNX Runtime, dlib, JSON parsers) go to the log only."""
+        log.error("%s model '%s' (%s) failed to load: %s", ref.task, ref.name, ref.component, exc)
+        return ModelLoadError(
+            f"{ref.task} model '{ref.name}' ({ref.component}) could not be loaded: its files are damaged, "
+            "incomplete or not a model this service can run. The AI service's log says why; reinstalling "
+            "the model usually fixes it."
+        )
 
     def unload_idle(self, now: float | None = None) -> list[ModelRef]:
         """Drop models idle longer than the TTL; returns what was dropped."""

@@ -39,7 +39,7 @@ from rapidocr.utils.process_img import get_rotate_crop_image
 from ai_service.models.base import ModelLoadError, ModelNotInstalledError, TextDetections, TextLines
 from ai_service.models.store import MODEL_FILE, ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
-from ai_service.runtime.onnx import SessionOptions, create_session
+from ai_service.runtime.onnx import SessionOptions, create_session, shrink_arena_run_options
 from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,16 @@ _DB_THRESH = 0.3
 _DB_UNCLIP_RATIO = 1.6
 _DB_MAX_CANDIDATES = 1000
 _DET_MULTIPLE = 32  # the DB network downsamples by 32
+# Bounds on the detector's work, whatever the image's aspect ratio (AIServiceSettings documents them).
+# Immich's rule scales only the *shorter* side, so a 100000x1000 image meant a 736x73600 detector input
+# (over 8 GB); a 20:1 panorama preview (28800x1440) 736x14720 (2.2 GB).
+DEFAULT_MAX_RESOLUTION_CEILING = 2048
+DEFAULT_DET_MAX_SIDE = 2048
+DEFAULT_DET_MAX_PIXELS = 16_000_000
+# Tiles overlap by this much; each keeps the probability map up to the middle of the overlap, so every
+# kept pixel was computed at least half an overlap (128 px) away from a tile edge it does not share
+# with the image, and text that crosses a seam is joined by the one post-processing pass.
+_DET_TILE_OVERLAP = 256
 # Boxes whose top edges differ by less than this many pixels are one line (PaddleOCR's rule).
 _SAME_LINE_PX = 10
 
@@ -87,6 +97,24 @@ _CLS_THRESH = 0.9
 # between two sessions (detector, then recogniser batches), so the idle session's spinning threads
 # steal the cores the running one needs: turning it off measured ~8 % faster per image on 2 cores.
 _SPIN_KEY = "session.intra_op.allow_spinning"
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorLimits:
+    """What one request may make the detector do; see AIServiceSettings.ocr_* for the reasoning."""
+
+    max_resolution_ceiling: int = DEFAULT_MAX_RESOLUTION_CEILING  # larger maxResolution values are clamped
+    max_side: int = DEFAULT_DET_MAX_SIDE  # detector inputs never exceed this on either side (else: tiles)
+    max_pixels: int = DEFAULT_DET_MAX_PIXELS  # the resized image, all tiles together (else: scaled down)
+
+    def __post_init__(self) -> None:
+        if self.max_side % _DET_MULTIPLE or self.max_side < 2 * _DET_TILE_OVERLAP:
+            raise ValueError(
+                f"the OCR detector's largest side must be a multiple of {_DET_MULTIPLE} and at least "
+                f"{2 * _DET_TILE_OVERLAP} px, got {self.max_side}"
+            )
+        if self.max_resolution_ceiling < _DET_MULTIPLE or self.max_pixels < _DET_MULTIPLE * _DET_MULTIPLE:
+            raise ValueError("the OCR maxResolution ceiling and pixel bound must allow at least one 32-px cell")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +166,8 @@ class OcrPipeline:
         cls: ort.InferenceSession | None = None,
         rec_batch: int = _REC_BATCH,
         det_bucket: int | None = None,
+        limits: DetectorLimits | None = None,
+        run_options: ort.RunOptions | None = None,
     ) -> None:
         self._det = det
         self._rec = rec
@@ -149,6 +179,8 @@ class OcrPipeline:
         self._decoder = CTCLabelDecode(character=list(characters))
         self._rec_batch = max(1, rec_batch)
         self._det_bucket = resolve_det_bucket(det_bucket, det)
+        self._limits = limits or DetectorLimits()
+        self._run_options = run_options  # None: ONNX Runtime's defaults (the arena keeps its peak)
         n_classes = rec.get_outputs()[0].shape[-1]
         if isinstance(n_classes, int) and n_classes != len(self._decoder.character):
             raise ModelLoadError(
@@ -164,7 +196,8 @@ class OcrPipeline:
         if h < 2 or w < 2:
             return empty
         max_res = DEFAULT_MAX_RESOLUTION if max_resolution is None else max_resolution
-        prob = self._det_probabilities(image, max_res)
+        # Clamped, not refused: Immich sends whatever its admin typed, and a refusal would fail every OCR job.
+        prob = self._det_probabilities(image, min(max_res, self._limits.max_resolution_ceiling))
         # A fresh post-processor per call: box_thresh is this request's value, nothing shared changes.
         post = DBPostProcess(
             thresh=_DB_THRESH,
@@ -182,13 +215,28 @@ class OcrPipeline:
         return TextDetections(quads[order], np.asarray(scores, dtype=np.float32)[order])
 
     def _det_probabilities(self, image: np.ndarray, max_resolution: int) -> np.ndarray:
-        """The DB probability map (1 x 1 x H' x W') for ``image`` resized per Immich's rule."""
+        """The DB probability map (1 x 1 x H' x W') for ``image`` resized per Immich's rule and this
+        service's bounds: at most ``max_pixels`` in all, computed in tiles of at most ``max_side``."""
         h, w = image.shape[:2]
-        rh, rw = detector_input_size(h, w, max_resolution)
+        rh, rw = bounded_input_size(h, w, max_resolution, self._limits.max_pixels)
         if (rh, rw) != (h, w):
             # INTER_AREA when shrinking keeps thin strokes (bilinear skips pixels); linear otherwise.
             shrink = rh < h and rw < w
             image = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        spans_y = tile_spans(rh, self._limits.max_side, _DET_TILE_OVERLAP)
+        spans_x = tile_spans(rw, self._limits.max_side, _DET_TILE_OVERLAP)
+        if len(spans_y) == len(spans_x) == 1:
+            return self._det_run(image)
+        prob = np.empty((1, 1, rh, rw), np.float32)
+        for ty in spans_y:
+            for tx in spans_x:
+                tile = self._det_run(image[ty.start : ty.stop, tx.start : tx.stop])
+                prob[..., ty.kept, tx.kept] = tile[..., ty.kept_in_tile, tx.kept_in_tile]
+        return prob
+
+    def _det_run(self, image: np.ndarray) -> np.ndarray:
+        """One detector call on an already resized image (sides multiples of 32): 1 x 1 x H x W probabilities."""
+        rh, rw = image.shape[:2]
         tensor = _to_tensor(image)
         if self._det_bucket:
             # A GPU provider compiles (picks kernels, builds engines) per input shape: padding to a bucket
@@ -201,7 +249,7 @@ class OcrPipeline:
                 padded = np.zeros((1, 3, ph, pw), np.float32)
                 padded[:, :, :rh, :rw] = tensor
                 tensor = padded
-        out = self._det.run(None, {self._det_input: tensor})[0]
+        out = self._det.run(None, {self._det_input: tensor}, self._run_options)[0]
         return np.asarray(out, dtype=np.float32)[..., :rh, :rw]
 
     # ---- recognition -----------------------------------------------------------------------------
@@ -234,7 +282,7 @@ class OcrPipeline:
             idx = order[start : start + self._rec_batch]
             width = int(min(_REC_MAX_WIDTH, max(_REC_MIN_WIDTH, math.ceil(_REC_HEIGHT * ratios[idx].max()))))
             batch = np.stack([_rec_input(crops[i], width) for i in idx])
-            preds = self._rec.run(None, {self._rec_input: batch})[0]
+            preds = self._rec.run(None, {self._rec_input: batch}, self._run_options)[0]
             results, _ = self._decoder(preds)
             for i, (text, score) in zip(idx, results, strict=True):
                 texts[i] = text
@@ -248,7 +296,7 @@ class OcrPipeline:
         for start in range(0, len(crops), _CLS_BATCH):
             idx = range(start, min(len(crops), start + _CLS_BATCH))
             batch = np.stack([_cls_input(crops[i]) for i in idx])
-            probs = self._cls.run(None, {self._cls_input: batch})[0]
+            probs = self._cls.run(None, {self._cls_input: batch}, self._run_options)[0]
             for i, p in zip(idx, probs, strict=True):
                 if int(np.argmax(p)) == 1 and float(p[1]) > _CLS_THRESH:
                     out[i] = cv2.rotate(crops[i], cv2.ROTATE_180)
@@ -264,6 +312,63 @@ def detector_input_size(height: int, width: int, max_resolution: int) -> tuple[i
         return max(_DET_MULTIPLE, round(int(n * ratio) / _DET_MULTIPLE) * _DET_MULTIPLE)
 
     return side(height), side(width)
+
+
+def bounded_input_size(height: int, width: int, max_resolution: int, max_pixels: int) -> tuple[int, int]:
+    """:func:`detector_input_size`, then scaled down uniformly (sides rounded down to multiples of 32)
+    until it has at most ``max_pixels``: only extreme aspect ratios (over ~30:1 at maxResolution 736)
+    get there, and their text shrinks no more than needed to keep time and memory bounded."""
+    rh, rw = detector_input_size(height, width, max_resolution)
+    if rh * rw <= max_pixels:
+        return rh, rw
+    factor = math.sqrt(max_pixels / (rh * rw))
+
+    def side(n: int) -> int:
+        return max(_DET_MULTIPLE, int(n * factor) // _DET_MULTIPLE * _DET_MULTIPLE)
+
+    return side(rh), side(rw)
+
+
+@dataclass(frozen=True, slots=True)
+class TileSpan:
+    """One tile along one axis: ``start:stop`` is fed to the detector, ``keep_start:keep_stop`` is kept."""
+
+    start: int
+    stop: int
+    keep_start: int
+    keep_stop: int
+
+    @property
+    def kept(self) -> slice:
+        return slice(self.keep_start, self.keep_stop)
+
+    @property
+    def kept_in_tile(self) -> slice:
+        return slice(self.keep_start - self.start, self.keep_stop - self.start)
+
+
+def tile_spans(length: int, tile: int, overlap: int) -> list[TileSpan]:
+    """Equal overlapping tiles of at most ``tile`` covering ``length``, as few as the overlap allows; each
+    keeps up to the middle of its overlaps, so the kept parts cover ``length`` exactly once. With all three
+    multiples of 32, so is every start and size (the network's stride: a tile sees the grid the whole would).
+    """
+    if length <= tile:
+        return [TileSpan(0, length, 0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    # Equal tiles, not full ones plus a sliver: 2080 px are two 1184-px tiles, not two of 2048.
+    size = min(tile, _round_up(math.ceil((length + (count - 1) * overlap) / count), _DET_MULTIPLE))
+    step = _round_up(math.ceil((length - size) / (count - 1)), _DET_MULTIPLE)  # <= size - overlap
+    starts = sorted({min(i * step, length - size) for i in range(count)})
+    spans: list[TileSpan] = []
+    for i, start in enumerate(starts):
+        keep_start = 0 if i == 0 else (start + starts[i - 1] + size) // 2
+        keep_stop = length if i == len(starts) - 1 else (start + size + starts[i + 1]) // 2
+        spans.append(TileSpan(start, start + size, keep_start, keep_stop))
+    return spans
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 # Immich's 1440-px previews of aspect ratios 1:1 to 2:1 at maxResolution 736: 47 detector shapes, 13 in 128-px buckets.
@@ -302,17 +407,40 @@ def reading_order(quads: np.ndarray) -> np.ndarray:
     return by_y[np.lexsort((quads[by_y, 0, 0], line))]
 
 
+# INTER_CUBIC reads up to 2 px beyond a sample: a box is cut with this much context around it.
+_CROP_MARGIN = 3
+# OpenCV's warps refuse images with a side of 32767 px or more (SHRT_MAX), so a box is warped from its
+# own neighbourhood, never from the whole image (a 100000 x 1000 strip is a valid image), and a box
+# longer than this is shrunk first: the recogniser squeezes anything over 80:1 anyway.
+_CROP_MAX_SIDE = 16384
+
+
 def _crop(image: np.ndarray, quad: np.ndarray) -> np.ndarray:
     """Perspective-crop one quad (rapidocr's crop: cubic, replicated border, tall crops turned).
 
     Detections may come from a caller rather than this detector, so degenerate quads (under one
-    pixel wide or high) yield a blank 1 x 1 crop, which reads as no text, instead of an OpenCV error.
+    pixel wide or high, or outside the image) yield a blank 1 x 1 crop, which reads as no text,
+    instead of an OpenCV error.
     """
+    blank = np.full((1, 1, 3), 255, dtype=np.uint8)
     width = max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3]))
     height = max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2]))
     if width < 1 or height < 1 or not np.isfinite(quad).all():
-        return np.full((1, 1, 3), 255, dtype=np.uint8)
-    return np.ascontiguousarray(get_rotate_crop_image(image, quad.astype(np.float32)))
+        return blank
+    h, w = image.shape[:2]
+    x0, y0 = (max(0, int(v) - _CROP_MARGIN) for v in np.floor(quad.min(axis=0)))
+    x1, y1 = (min(limit, int(v) + _CROP_MARGIN + 1) for v, limit in zip(np.ceil(quad.max(axis=0)), (w, h), strict=True))
+    if x1 <= x0 or y1 <= y0:
+        return blank
+    region = image[y0:y1, x0:x1]
+    local = (quad - np.array([x0, y0], dtype=np.float32)).astype(np.float32)
+    longest = max(region.shape[:2])
+    if longest > _CROP_MAX_SIDE:
+        factor = _CROP_MAX_SIDE / longest
+        size = (max(1, round(region.shape[1] * factor)), max(1, round(region.shape[0] * factor)))
+        region = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
+        local = local * np.float32(factor)
+    return np.ascontiguousarray(get_rotate_crop_image(region, local))
 
 
 def _to_tensor(image: np.ndarray) -> np.ndarray:
@@ -371,6 +499,8 @@ def load_pipeline(
     classifier: Path | None = None,
     rec_batch: int = _REC_BATCH,
     det_bucket: int | None = None,
+    limits: DetectorLimits | None = None,
+    run_options: ort.RunOptions | None = None,
 ) -> OcrPipeline:
     """Open the sessions (through the service's one session factory) and build the pipeline."""
     det = create_session(files.detection, options)
@@ -385,7 +515,16 @@ def load_pipeline(
         f" from {files.dictionary.name}" if files.dictionary else ", embedded",
         ", angle classifier on" if cls is not None else "",
     )
-    return OcrPipeline(det, rec, characters, cls=cls, rec_batch=rec_batch, det_bucket=det_bucket)
+    return OcrPipeline(
+        det,
+        rec,
+        characters,
+        cls=cls,
+        rec_batch=rec_batch,
+        det_bucket=det_bucket,
+        limits=limits,
+        run_options=run_options,
+    )
 
 
 class OcrFamily:
@@ -404,7 +543,18 @@ class OcrFamily:
         self.store = store
         # A value set centrally (SessionOptions.extra) wins; otherwise OCR's sessions do not spin.
         extra = {_SPIN_KEY: "0", **session_options.extra}
-        self.session_options = dataclasses.replace(session_options, extra=extra)
+        # Every OCR request has its own input size, so ONNX Runtime's arena would keep the largest
+        # request's working memory for good: give it back after each run, or use no arena at all.
+        release = settings.ocr_memory_release
+        self.session_options = dataclasses.replace(
+            session_options, extra=extra, cpu_arena=session_options.cpu_arena and release != "no-arena"
+        )
+        self.run_options = shrink_arena_run_options() if release == "shrink" else None
+        self.limits = DetectorLimits(
+            max_resolution_ceiling=settings.ocr_max_resolution_ceiling,
+            max_side=settings.ocr_det_max_side,
+            max_pixels=settings.ocr_det_max_pixels,
+        )
         self.settings = settings
         # Off by default: on the project's OCR set it lost one substring (86 vs 87/90) and found
         # nothing new, since the decoder already applies EXIF orientation; see
@@ -460,7 +610,15 @@ class OcrFamily:
             )
         classifier = bundled_classifier() if self.use_classifier else None
         try:
-            return load_pipeline(files, self.session_options, classifier, self.rec_batch, self.det_bucket)
+            return load_pipeline(
+                files,
+                self.session_options,
+                classifier,
+                self.rec_batch,
+                self.det_bucket,
+                limits=self.limits,
+                run_options=self.run_options,
+            )
         except ModelLoadError as exc:
             raise ModelLoadError(f"ocr model '{name}': {exc}") from exc
         except Exception as exc:  # ONNX Runtime raises its own types for corrupt or truncated files

@@ -8,12 +8,13 @@ with embeddings serialised as *strings* holding a JSON array (Immich passes them
 
 from __future__ import annotations
 
+import unicodedata
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
 
 class ModelTask(StrEnum):
@@ -56,6 +57,15 @@ class PredictOptions(BaseModel):
     min_score: float | None = Field(None, alias="minScore", ge=0.0, le=1.0)
     max_resolution: int | None = Field(None, alias="maxResolution", ge=1)
     language: str | None = None
+
+    @field_validator("min_score", "max_resolution", mode="before")
+    @classmethod
+    def _json_number(cls, value: Any) -> Any:
+        # Pydantic would read true as 1.0 and "0.5" as 0.5; Immich sends JSON numbers, and anything else
+        # is a client bug that must not silently become a threshold.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"must be a JSON number, not {type(value).__name__}")
+        return value
 
 
 class PipelineEntry(BaseModel):
@@ -115,6 +125,17 @@ def check_dependencies(entries: dict[ModelTask, dict[ModelType, PipelineEntry]])
             needed = DEPENDS_ON.get((task, type_))
             if needed is not None and needed not in types:
                 raise DependencyError(f"Task {task}/{type_} depends on output of {task}/{needed}")
+
+
+def query_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a CLIP query, or None. Only whitespace, control and format characters
+    (NUL, zero-width spaces, BOMs…) is no query: it would still get an embedding, one that matches
+    arbitrary photos."""
+    if not text.strip():
+        return "'text' is empty"
+    if all(unicodedata.category(c)[0] in "CZ" for c in text):
+        return "'text' has no visible characters (only whitespace or control characters)"
+    return None
 
 
 # ---- responses -------------------------------------------------------------------------------------

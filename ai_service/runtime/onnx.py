@@ -45,6 +45,9 @@ class SessionOptions:
     precision: Precision = "fp32"
     batching: BatchOptions = field(default_factory=BatchOptions)  # off unless the service's settings turn it on
     extra: dict[str, str] = field(default_factory=dict)
+    # False: tensors are malloc'd and freed per run instead of kept in ONNX Runtime's CPU arena, whose
+    # footprint only ever grows to the largest run seen (see shrink_arena_run_options for the alternative).
+    cpu_arena: bool = True
 
 
 def available_providers() -> list[str]:
@@ -68,6 +71,23 @@ def _provider_options(provider: str, options: SessionOptions) -> dict[str, objec
     if provider == "CUDAExecutionProvider":
         return {"device_id": options.device_id, "arena_extend_strategy": "kSameAsRequested"}
     return {}
+
+
+# Run option that hands the CPU arena's unused chunks back at the end of each run.
+ARENA_SHRINKAGE_KEY = "memory.enable_memory_arena_shrinkage"
+
+
+def shrink_arena_run_options() -> ort.RunOptions:
+    """Run options that return a run's working memory to the system when the run ends.
+
+    For models whose input size varies per request (OCR): the arena otherwise keeps the peak of the
+    largest request for as long as the session lives. Only the CPU arena is named: a device arena
+    (``gpu:N``) exists only where a CUDA provider is active, and naming a missing one fails every run.
+    The object is only read during a run, so one instance serves concurrent runs.
+    """
+    options = ort.RunOptions()
+    options.add_run_config_entry(ARENA_SHRINKAGE_KEY, "cpu:0")
+    return options
 
 
 def default_intra_threads() -> int:
@@ -118,6 +138,7 @@ def create_session(path: Path | str, options: SessionOptions) -> ort.InferenceSe
     so.inter_op_num_threads = options.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = options.cpu_arena
     for key, value in options.extra.items():
         so.add_session_config_entry(key, value)
     providers = choose_providers(options.providers)

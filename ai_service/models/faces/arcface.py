@@ -96,10 +96,29 @@ def estimate_norm(landmarks: np.ndarray, image_size: int = CROP_SIZE) -> np.ndar
     return umeyama(landmarks, dst)[:2, :]
 
 
+# OpenCV's warps refuse source images with a side of 32767 px or more (SHRT_MAX): a panorama of that
+# width is a valid image, so the face is warped from its own neighbourhood instead.
+_WARP_MAX_SIDE = 32766
+
+
 def norm_crop(image: np.ndarray, landmarks: np.ndarray, image_size: int = CROP_SIZE) -> np.ndarray:
     """The aligned ``image_size`` x ``image_size`` face crop (uint8, same channel order as ``image``)."""
     matrix = estimate_norm(np.asarray(landmarks, np.float64), image_size)
-    return cv2.warpAffine(image, matrix, (image_size, image_size), borderValue=0.0)
+    h, w = image.shape[:2]
+    if max(h, w) <= _WARP_MAX_SIDE:
+        return cv2.warpAffine(image, matrix, (image_size, image_size), borderValue=0.0)
+    # Source pixels the crop samples: its corners mapped back, plus one pixel for bilinear interpolation.
+    # Pixels outside them cannot reach the crop, so warping this window alone gives the same crop.
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0, 1], [image_size, 0, 1], [0, image_size, 1], [image_size, image_size, 1]], np.float64)
+    source = corners @ inverse.T
+    x0, y0 = (max(0, int(np.floor(v)) - 2) for v in source.min(axis=0))
+    x1, y1 = (min(n, int(np.ceil(v)) + 3) for v, n in zip(source.max(axis=0), (w, h), strict=True))
+    if x1 <= x0 or y1 <= y0 or max(x1 - x0, y1 - y0) > _WARP_MAX_SIDE:
+        return np.zeros((image_size, image_size, *image.shape[2:]), image.dtype)  # nothing of the image in it
+    shifted = matrix.copy()
+    shifted[:, 2] += matrix[:, :2] @ np.array([x0, y0], np.float64)
+    return cv2.warpAffine(image[y0:y1, x0:x1], shifted, (image_size, image_size), borderValue=0.0)
 
 
 def to_blob(crops: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ Images, built here from the shared OCR set (``expected.tsv``) and text rendered 
 Recall: each part's expected substrings searched in the lines whose centres fall inside that part.
 Memory: peak RSS growth during the detect+recognise call (sampled every 5 ms), in one process.
 
-    .venv/bin/python bench/bench_ocr_long.py [--data /work/shared/data/ocr] [--images panorama screenshot strip]
+    .venv/bin/python bench/bench_ocr_long.py [--data tests/data/ocr] [--images panorama screenshot strip]
 """
 
 from __future__ import annotations

@@ -24,11 +24,13 @@ def _serve(argv: list[str]) -> int:
     import uvicorn
 
     from ai_service.app import create_app
+    from ai_service.runtime.http_server import uvicorn_http
 
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=uvicorn_http(settings.http),  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ai_service.runtime.batching import DEFAULT_MAX_SIZE, DEFAULT_WAIT_MS, BatchOptions
+from ai_service.runtime.http_limits import HttpLimits
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.runtime.workers import worker_slot
 
@@ -45,6 +46,10 @@ class AIServiceSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (use 0.0.0.0 or [::] in containers).")
     port: int = Field(3004, ge=1, le=65535, description="TCP port to listen on.")
     log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+    http: HttpLimits = Field(
+        default_factory=HttpLimits,
+        description="Limits per HTTP connection: header size and count, slow-client timeouts (AI_SERVICE_HTTP__*).",
+    )
 
     model_dir: Path = Field(
         default_factory=_default_model_dir,

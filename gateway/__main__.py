@@ -78,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("gateway").error(str(exc))
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    from ai_service.runtime.http_server import uvicorn_http
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        http=uvicorn_http(settings.http),  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),

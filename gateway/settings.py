@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ai_service.protocol.immich import ModelTask
+from ai_service.runtime.http_limits import HttpLimits
 
 
 class BackendKind(StrEnum):
@@ -374,6 +375,10 @@ class GatewaySettings(BaseSettings):
         default_factory=ImmichSettings, description="The Immich server behind the search front and regenerate."
     )
     search: SearchSettings = Field(default_factory=SearchSettings, description="Search front and regenerate endpoints.")
+    http: HttpLimits = Field(
+        default_factory=HttpLimits,
+        description="Limits per HTTP connection: header size and count, slow-client timeouts (GATEWAY_HTTP__*).",
+    )
     graceful_shutdown_s: float = Field(
         30.0, ge=0, le=600, description="Seconds in-flight requests get to finish on SIGTERM before closing."
     )

@@ -48,7 +48,8 @@ class BackendSettings(BaseModel):
         None,
         description=(
             "Base URL of an immich or mtphotos backend, e.g. http://gpu:3003 or http://proxy/ml/ "
-            "(a sub-path is kept: '/predict' is appended to it, with or without a trailing slash)."
+            "(a sub-path is kept: '/predict' is appended to it, with or without a trailing slash; a query, "
+            "e.g. ?token=…, is kept and sent with every request)."
         ),
     )
     api_key: SecretStr | None = Field(

@@ -316,6 +316,25 @@ def test_mtphotos_backend_agrees_with_the_immich_protocol(
         assert mine["textScore"][i] == pytest.approx(theirs["textScore"][j], abs=0.006)
 
 
+def test_mtphotos_backend_refuses_a_clip_entry_of_the_other_type(
+    client: httpx.Client, service: str, via_mtphotos: GatewayProcess, via_immich: GatewayProcess
+) -> None:
+    """MT Photos picks /clip/img or /clip/txt by what it is sent; the entry's type must still match, as on
+    every other path: a clip.visual entry with only text (or clip.textual with an image) is a 400."""
+    photo = preview_jpeg(astronaut_jpeg())
+    cases = [
+        (clip_visual(), clip_visual(CLIP_MODEL), {"text": "一只猫"}, "clip/visual needs an 'image' file"),
+        (clip_text(), clip_text(CLIP_MODEL), {"image": photo}, "clip/textual needs a 'text' field, not an image"),
+    ]
+    for entries, service_entries, payload, message in cases:
+        direct = immich_predict(client, service, service_entries, **payload)
+        assert direct.status_code == 400 and direct.json() == {"detail": message}
+        for gateway in (via_mtphotos, via_immich):
+            through = immich_predict(client, gateway.base, entries, **payload)
+            assert through.status_code == 400, (gateway.base, through.text)
+            assert through.json() == direct.json()
+
+
 def test_mtphotos_backend_skips_a_server_running_another_model(
     client: httpx.Client, via_mtphotos: GatewayProcess
 ) -> None:

@@ -20,6 +20,11 @@ Policy, in the order a request meets it:
    input goes back to Immich unchanged: every backend would say the same.
 6. When nothing answered: a 503 listing the reason per backend. Each attempt is bounded by the task's
    timeout and all attempts together by ``request_deadline_s``, below Immich's own ~300 s.
+7. When a breaker opens, attempts still waiting on its backend for its task are cut at once and fail over
+   (``breaker.cut_in_flight``): the breaker's verdict reaches the requests it was made too late for. A hung
+   backend otherwise holds each of them for the whole task timeout; its health checks (or the failures of
+   earlier requests) open the breaker long before. Hedging (a second backend after a latency budget) was
+   the alternative: it doubles the work of every slow request, and OCR on a CPU is slow by nature.
 """
 
 from __future__ import annotations
@@ -162,6 +167,8 @@ class Dispatcher:
         self.backends = backends
         self.metrics = metrics
         self.breakers: dict[tuple[str, ModelTask], CircuitBreaker] = {}
+        # Per breaker, resolved (with the reason) when it opens: what in-flight attempts wait on besides their reply.
+        self._opened: dict[tuple[str, ModelTask], asyncio.Future[str]] = {}
         for task in ModelTask:
             for name in router.backends_for(task):
                 breaker = CircuitBreaker(
@@ -176,6 +183,10 @@ class Dispatcher:
 
     def _breaker_changed(self, breaker: CircuitBreaker) -> None:
         self.metrics.breaker_state.labels(breaker.backend, breaker.task.value).set(BREAKER_STATE_VALUES[breaker.state])
+        if breaker.state is BreakerState.OPEN:
+            opened = self._opened.pop((breaker.backend, breaker.task), None)
+            if opened is not None and not opened.done():
+                opened.set_result(breaker.last_error or "")
         level = logging.WARNING if breaker.state is BreakerState.OPEN else logging.INFO
         log.log(
             level,
@@ -269,7 +280,7 @@ class Dispatcher:
         failure: tuple[str, str] | None = None
         result: dict[str, Any] = {}
         try:
-            raw = await backend.predict(routed, image, text, timeout_s=timeout_s, request_id=request_id)
+            raw = await self._predict(backend, routed, image, text, timeout_s, request_id)
             result = validate_response(routed, raw, image=image is not None)
         except ClientInputError:
             # The backend is fine; the input is not. Its verdict goes to Immich as is.
@@ -294,7 +305,10 @@ class Dispatcher:
             self.metrics.backend_requests.labels(backend.name, task, "ok").inc()
             return result
         kind, reason = failure
-        breaker.failure(permit, reason)
+        if kind == "cut":
+            breaker.release(permit)  # no new evidence: the breaker has already opened, and says why
+        else:
+            breaker.failure(permit, reason)
         self.metrics.backend_requests.labels(backend.name, task, "failure").inc()
         self.metrics.backend_errors.labels(backend.name, task, kind).inc()
         log.warning(
@@ -303,6 +317,36 @@ class Dispatcher:
         )
         attempts.append({"backend": backend.name, "error": reason, "kind": kind})
         return None
+
+
+    async def _predict(
+        self,
+        backend: Backend,
+        routed: RoutedTask,
+        image: bytes | None,
+        text: str | None,
+        timeout_s: float,
+        request_id: str,
+    ) -> dict[str, Any]:
+        """``backend.predict``, cut short with a BackendFailure if the breaker opens meanwhile (rule 7)."""
+        call = backend.predict(routed, image, text, timeout_s=timeout_s, request_id=request_id)
+        if not self.settings.breaker.cut_in_flight:
+            return await call
+        key = (backend.name, routed.task)
+        opened = self._opened.get(key)
+        if opened is None or opened.done():
+            opened = self._opened[key] = asyncio.get_running_loop().create_future()
+        attempt = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait((attempt, opened), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the request itself was cancelled: so is its attempt
+            attempt.cancel()
+            raise
+        if attempt.done():
+            return attempt.result()
+        attempt.cancel()  # closes its connection; nothing is left to read its outcome, so drop it quietly
+        attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise BackendFailure("cut", f"circuit opened while this attempt waited ({opened.result()})")
 
 
 class HealthMonitor:

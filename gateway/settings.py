@@ -165,6 +165,14 @@ class BreakerSettings(BaseModel):
     cooldown_s: float = Field(
         30.0, gt=0, le=3600, description="Seconds an open breaker skips its backend before one trial request."
     )
+    cut_in_flight: bool = Field(
+        True,
+        description=(
+            "When a breaker opens (failures, or failed health checks), attempts still waiting on that backend for "
+            "that task are cut and fail over at once, instead of waiting out their timeout: a hung backend "
+            "otherwise holds every request already sent to it for the whole task timeout (60 s for OCR)."
+        ),
+    )
 
 
 class HealthSettings(BaseModel):

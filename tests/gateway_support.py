@@ -355,8 +355,8 @@ class FaultServer:
                     if not await self._respond(method, route, writer):
                         break
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # cancelled: the server is stopping while this request hangs or sleeps
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
@@ -422,9 +422,11 @@ class FaultServer:
 
             async def stop() -> None:
                 server_box[0].close()
-                for task in asyncio.all_tasks():
-                    if task is not asyncio.current_task():
-                        task.cancel()
+                tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                # Let them finish before the loop stops (a hung request's handler is still pending otherwise).
+                await asyncio.gather(*tasks, return_exceptions=True)
 
             asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)

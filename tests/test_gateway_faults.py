@@ -275,6 +275,31 @@ def test_requests_waiting_on_a_hung_backend_fail_over_when_its_breaker_opens(tmp
             assert gw.status()["breakers"]["clip"]["hung"]["state"] == "open"
 
 
+def test_an_attempt_with_nowhere_to_go_is_not_cut(client: httpx.Client, tmp_path: Path) -> None:
+    """The breaker of a slow only backend opens (its /ping is slow too) while a request waits on it: the request
+    keeps waiting and gets the answer, since cutting it could only turn a slow answer into a 503."""
+    slow = FaultServer(tag="slow", delay_s=4)
+    with slow.running():
+        env = _env(
+            _immich_backends(slow=slow),
+            GATEWAY_TIMEOUTS__CLIP="10",
+            GATEWAY_HEALTH__INTERVAL_S="0.3",
+            GATEWAY_HEALTH__TIMEOUT_S="0.3",
+            GATEWAY_HEALTH__FAILURE_THRESHOLD="2",
+        )
+        with gateway_process(env, tmp_path / "gw.log") as gw:
+            deadline = time.monotonic() + 10
+            while gw.status()["backends"]["slow"]["up"] is not True:
+                assert time.monotonic() < deadline, "the backend must be up first"
+                time.sleep(0.05)
+            slow.mode, slow.ping_mode = "slow", "slow"
+            response = immich_predict(client, gw.base, CLIP_TEXT, text="海滩上的狗", timeout=15)
+            assert response.status_code == 200 and response.json() == {"clip": fault_vector("slow")}
+            # Health checks opened its breaker while the request waited (the answer then closed it again).
+            assert gw.status()["backends"]["slow"]["up"] is False
+            assert '"msg":"circuit breaker open"' in gw.log_text()
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
     slow = FaultServer(tag="slow", mode="slow", delay_s=1.5)
     with slow.running():

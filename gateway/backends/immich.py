@@ -38,8 +38,11 @@ class ImmichBackend(HttpBackend):
     ) -> dict[str, Any]:
         try:
             return await self._predict(routed, image, text, timeout_s=timeout_s, request_id=request_id)
-        except BackendFailure:
-            self._protocol_ok = False  # the next health check probes /predict again
+        except BackendFailure as exc:
+            if exc.status is not None:
+                # It answered, but not as expected (a proxy or URL changed?): the next health check probes
+                # /predict again. A timeout or a refused connection says nothing about the protocol.
+                self._protocol_ok = False
             raise
 
     async def _predict(
@@ -85,7 +88,9 @@ class ImmichBackend(HttpBackend):
         another app's /ping, a URL whose path or query leads elsewhere (then every predict gets 404/405
         while the backend looks up). The probe is one small form whose 'entries' is not JSON: a service
         speaking Immich's protocol refuses it with 422 (400 from some) before any model runs, so it costs
-        no inference. Once it passed, only /ping is checked until a predict or a check fails again.
+        no inference. Once it passed, only /ping is checked until a predict gets an unexpected status or a
+        check fails. Only a wrong *answer* fails the probe: if it times out (a busy backend is slow, not
+        wrong), the check rests on /ping and the probe is tried again next time.
         """
         deadline = time.monotonic() + timeout_s
         try:
@@ -94,17 +99,22 @@ class ImmichBackend(HttpBackend):
             if not 200 <= reply.status < 300:
                 raise BackendFailure("http_status", f"/ping answered HTTP {reply.status}", reply.status)
             if not self._protocol_ok:
-                await self._probe_predict(max(0.05, deadline - time.monotonic()))
-                self._protocol_ok = True
+                self._protocol_ok = await self._probe_predict(max(0.05, deadline - time.monotonic()))
         except BackendFailure:
             self._protocol_ok = False
             raise
 
-    async def _probe_predict(self, timeout_s: float) -> None:
+    async def _probe_predict(self, timeout_s: float) -> bool:
+        """True when /predict answered as Immich's does; False when it did not answer in time."""
         content_type, body = encode_formdata([("entries", PROBE_ENTRIES)])
-        reply = await self.request(
-            "POST", "predict", timeout_s=timeout_s, headers={"Content-Type": content_type}, content=body
-        )
+        try:
+            reply = await self.request(
+                "POST", "predict", timeout_s=timeout_s, headers={"Content-Type": content_type}, content=body
+            )
+        except BackendFailure as exc:
+            if exc.kind == "timeout":
+                return False
+            raise
         if reply.status not in _PROBE_STATUSES:
             raise BackendFailure(
                 "protocol",
@@ -112,3 +122,4 @@ class ImmichBackend(HttpBackend):
                 f"does not lead to an Immich ML service ({snippet(reply.body)})",
                 reply.status,
             )
+        return True

@@ -169,8 +169,9 @@ class BreakerSettings(BaseModel):
         True,
         description=(
             "When a breaker opens (failures, or failed health checks), attempts still waiting on that backend for "
-            "that task are cut and fail over at once, instead of waiting out their timeout: a hung backend "
-            "otherwise holds every request already sent to it for the whole task timeout (60 s for OCR)."
+            "that task are cut and fail over at once if a later backend of their route would take them, instead of "
+            "waiting out their timeout: a hung backend otherwise holds every request already sent to it for the "
+            "whole task timeout (60 s for OCR)."
         ),
     )
 

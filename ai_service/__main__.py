@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ai_service.settings import AIServiceSettings
@@ -15,20 +16,28 @@ def _serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = AIServiceSettings(**overrides)
+    problem = settings.exposure_problem()
+    if problem is not None:
+        print(f"ai_service: {problem}", file=sys.stderr)
+        return 2
     from ai_service.runtime.workers import configure_logging, serve_workers
 
     configure_logging(settings)
+    if not settings.mtphotos_api_key:
+        logging.getLogger("ai_service").info("MT Photos API is off (AI_SERVICE_MTPHOTOS_API_KEY is empty)")
     if settings.workers > 1:
         return serve_workers(settings)
 
     import uvicorn
 
     from ai_service.app import create_app
+    from ai_service.runtime.http_server import uvicorn_http
 
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=uvicorn_http(settings.http),  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
     )

@@ -6,6 +6,7 @@ current values, and the README table is generated from the same descriptions.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ai_service.runtime.batching import DEFAULT_MAX_SIZE, DEFAULT_WAIT_MS, BatchOptions
+from ai_service.runtime.http_limits import HttpLimits
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.runtime.workers import worker_slot
 
@@ -27,6 +29,20 @@ DEFAULT_CN_CLIP_REPOS: dict[str, str] = {
     "ViT-L-14-336__cn-clip": "Xenova/chinese-clip-vit-large-patch14-336px",
 }
 _CN_CLIP_SUFFIX = "__cn-clip"  # catalog.CN_CLIP_SUFFIX; importing the catalog here would be circular
+
+# MT Photos' own default key: public, so anyone who can reach the service would know it.
+DEFAULT_MTPHOTOS_API_KEY = "mt_photos_ai_extra"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the service to this machine (a name other than localhost: no)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_model_dir() -> Path:
@@ -55,6 +71,10 @@ class AIServiceSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (use 0.0.0.0 or [::] in containers).")
     port: int = Field(3004, ge=1, le=65535, description="TCP port to listen on.")
     log_level: str = Field("info", description="Python log level: debug, info, warning, error.")
+    http: HttpLimits = Field(
+        default_factory=HttpLimits,
+        description="Limits per HTTP connection: header size and count, slow-client timeouts (AI_SERVICE_HTTP__*).",
+    )
 
     model_dir: Path = Field(
         default_factory=_default_model_dir,
@@ -247,8 +267,12 @@ class AIServiceSettings(BaseSettings):
     )
 
     mtphotos_api_key: str = Field(
-        "mt_photos_ai_extra",
-        description="Key MT Photos clients must send in the 'api-key' header. Change it.",
+        DEFAULT_MTPHOTOS_API_KEY,
+        description=(
+            "Key MT Photos clients must send in the 'api-key' header; empty switches the MT Photos API off. "
+            "The public default (MT Photos' own) is accepted on a loopback address only: with it the service "
+            "refuses to listen on any other. The Docker images set it empty."
+        ),
         repr=False,
     )
     mtphotos_clip_model: str = Field(
@@ -363,6 +387,17 @@ class AIServiceSettings(BaseSettings):
         if value is not None and (not value or any(d < 0 for d in value)):
             raise ValueError("device_ids must list at least one GPU index >= 0")
         return value
+
+    def exposure_problem(self) -> str | None:
+        """Why serving on ``host`` with these settings is refused, or None."""
+        if self.mtphotos_api_key != DEFAULT_MTPHOTOS_API_KEY or is_loopback(self.host):
+            return None
+        return (
+            f"refusing to listen on {self.host!r} with the MT Photos API's public default key: anyone who can "
+            "reach this address could run inference and POST /restart. Set AI_SERVICE_MTPHOTOS_API_KEY to a "
+            "secret of your own (and the same key in MT Photos), or to an empty value to switch the MT Photos "
+            "API off (e.g. AI_SERVICE_MTPHOTOS_API_KEY= in .env), or listen on 127.0.0.1."
+        )
 
     def effective_device_id(self) -> int:
         """The GPU this process uses: its worker slot's entry of device_ids, else device_id."""

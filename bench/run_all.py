@@ -18,6 +18,8 @@ ORDER = [
     "ocr_compare",
     "bench_ai_service",
     "bench_gateway",
+    "bench_hung_backend",
+    "bench_http_limits",
     "bench_search",
     "bench_batching",
     "bench_clip",

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from typing import Any
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from gateway.backends.http import redact_url
 from gateway.settings import GatewaySettings
 
 
@@ -16,23 +19,35 @@ def _print_settings() -> int:
     settings = GatewaySettings()
     for name, field in GatewaySettings.model_fields.items():
         value = getattr(settings, name)
-        if hasattr(value, "model_dump_json"):
-            text = value.model_dump_json()
-        elif isinstance(value, dict):
-            text = "{" + ", ".join(f'"{k}": {_dump(v)}' for k, v in value.items()) + "}"
+        if isinstance(value, BaseModel | dict | list):
+            text = json.dumps(_masked(_plain(value)), ensure_ascii=False, separators=(",", ":"))
         else:
             text = str(value)
         print(f"GATEWAY_{name.upper()}={text}\n    {field.description}")
     return 0
 
 
-def _dump(value: object) -> str:
-    # model_dump_json masks SecretStr as '**********', so keys never reach the terminal.
-    if hasattr(value, "model_dump_json"):
-        return value.model_dump_json(exclude_none=True)  # type: ignore[no-any-return,attr-defined]
-    if isinstance(value, SecretStr):
-        return '"**********"'
-    return repr(value)
+def _plain(value: Any, *, nested: bool = False) -> Any:
+    """JSON-ready data; pydantic's JSON mode writes a SecretStr (an API key) as '**********'.
+    Unset fields show as null at the top level, and are left out of the entries of a dict (backends)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=nested)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, nested=True) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, nested=True) for v in value]
+    return value
+
+
+def _masked(value: Any) -> Any:
+    """Every URL as /status and the logs show it: user:password and query values masked."""
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return value
 
 
 def describe_errors(exc: ValidationError) -> str:
@@ -78,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("gateway").error(str(exc))
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    from ai_service.runtime.http_server import uvicorn_http
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        http=uvicorn_http(settings.http),  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),

@@ -20,6 +20,13 @@ Policy, in the order a request meets it:
    input goes back to Immich unchanged: every backend would say the same.
 6. When nothing answered: a 503 listing the reason per backend. Each attempt is bounded by the task's
    timeout and all attempts together by ``request_deadline_s``, below Immich's own ~300 s.
+7. When a breaker opens, attempts still waiting on its backend for its task are cut at once and fail over
+   (``breaker.cut_in_flight``), if a later backend of their route would take them now: the breaker's verdict
+   reaches the requests it was made too late for. A hung backend otherwise holds each of them for the whole
+   task timeout; its health checks (or the failures of earlier requests) open the breaker long before. With
+   nowhere to go, an attempt keeps waiting: a slow answer beats a 503. Hedging (a second backend after a
+   latency budget) was the alternative: it doubles the work of every slow request, and OCR on a CPU is slow
+   by nature.
 """
 
 from __future__ import annotations
@@ -117,6 +124,14 @@ class CircuitBreaker:
         elif self.state is BreakerState.CLOSED and self.failures >= self.threshold:
             self._open(by_health=False)
 
+    def would_admit(self) -> bool:
+        """Whether acquire() would give a permit now (without taking it)."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN:
+            return self.clock() >= self.open_until
+        return not self.trial_in_flight
+
     def release(self, permit: Permit) -> None:
         """Neither success nor failure (the request was cancelled): free the trial slot."""
         if permit.trial:
@@ -142,6 +157,14 @@ class CircuitBreaker:
         }
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """An attempt in flight that a breaker opening may cut: where it could go, and how it is told."""
+
+    fallbacks: tuple[str, ...]  # later backends of its route that can serve its request
+    cut: asyncio.Future[str]
+
+
 class NoBackendAvailable(Exception):
     """Every backend of a task failed or was skipped; ``attempts`` says why, per backend."""
 
@@ -162,6 +185,8 @@ class Dispatcher:
         self.backends = backends
         self.metrics = metrics
         self.breakers: dict[tuple[str, ModelTask], CircuitBreaker] = {}
+        # Per breaker, the attempts in flight on it that may be cut when it opens (rule 7).
+        self._waiting: dict[tuple[str, ModelTask], set[_Waiting]] = {}
         for task in ModelTask:
             for name in router.backends_for(task):
                 breaker = CircuitBreaker(
@@ -176,6 +201,12 @@ class Dispatcher:
 
     def _breaker_changed(self, breaker: CircuitBreaker) -> None:
         self.metrics.breaker_state.labels(breaker.backend, breaker.task.value).set(BREAKER_STATE_VALUES[breaker.state])
+        if breaker.state is BreakerState.OPEN:
+            for waiting in self._waiting.get((breaker.backend, breaker.task), ()):
+                if not waiting.cut.done() and any(
+                    self.breakers[(name, breaker.task)].would_admit() for name in waiting.fallbacks
+                ):
+                    waiting.cut.set_result(breaker.last_error or "")
         level = logging.WARNING if breaker.state is BreakerState.OPEN else logging.INFO
         log.log(
             level,
@@ -198,7 +229,9 @@ class Dispatcher:
         attempts: list[dict[str, str]] = []
         last_failed: str | None = None
         eligible: list[str] = []
-        for name in self.router.backends_for(task):
+        route = self.router.backends_for(task)
+        servable = [name for name in route if self.backends[name].cannot_serve(routed) is None]
+        for name in route:
             backend = self.backends[name]
             why_not = backend.cannot_serve(routed)
             if why_not is not None:
@@ -214,7 +247,10 @@ class Dispatcher:
                 continue
             if last_failed is not None:
                 self.metrics.failovers.labels(label, last_failed).inc()
-            result = await self._attempt(backend, breaker, permit, routed, image, text, request_id, deadline, attempts)
+            fallbacks = tuple(servable[servable.index(name) + 1 :])
+            result = await self._attempt(
+                backend, breaker, permit, routed, image, text, request_id, deadline, attempts, fallbacks
+            )
             if result is not None:
                 return result, name
             last_failed = name
@@ -256,6 +292,7 @@ class Dispatcher:
         request_id: str,
         deadline: float,
         attempts: list[dict[str, str]],
+        fallbacks: tuple[str, ...] = (),
     ) -> dict[str, Any] | None:
         task = routed.task.value
         remaining = deadline - time.monotonic()
@@ -269,7 +306,7 @@ class Dispatcher:
         failure: tuple[str, str] | None = None
         result: dict[str, Any] = {}
         try:
-            raw = await backend.predict(routed, image, text, timeout_s=timeout_s, request_id=request_id)
+            raw = await self._predict(backend, routed, image, text, timeout_s, request_id, fallbacks)
             result = validate_response(routed, raw, image=image is not None)
         except ClientInputError:
             # The backend is fine; the input is not. Its verdict goes to Immich as is.
@@ -294,7 +331,10 @@ class Dispatcher:
             self.metrics.backend_requests.labels(backend.name, task, "ok").inc()
             return result
         kind, reason = failure
-        breaker.failure(permit, reason)
+        if kind == "cut":
+            breaker.release(permit)  # no new evidence: the breaker has already opened, and says why
+        else:
+            breaker.failure(permit, reason)
         self.metrics.backend_requests.labels(backend.name, task, "failure").inc()
         self.metrics.backend_errors.labels(backend.name, task, kind).inc()
         log.warning(
@@ -303,6 +343,37 @@ class Dispatcher:
         )
         attempts.append({"backend": backend.name, "error": reason, "kind": kind})
         return None
+
+    async def _predict(
+        self,
+        backend: Backend,
+        routed: RoutedTask,
+        image: bytes | None,
+        text: str | None,
+        timeout_s: float,
+        request_id: str,
+        fallbacks: tuple[str, ...],
+    ) -> dict[str, Any]:
+        """``backend.predict``, cut short with a BackendFailure if the breaker opens meanwhile (rule 7)."""
+        call = backend.predict(routed, image, text, timeout_s=timeout_s, request_id=request_id)
+        if not self.settings.breaker.cut_in_flight or not fallbacks:
+            return await call
+        waiting = _Waiting(fallbacks, asyncio.get_running_loop().create_future())
+        on_breaker = self._waiting.setdefault((backend.name, routed.task), set())
+        on_breaker.add(waiting)
+        attempt = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait((attempt, waiting.cut), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the request itself was cancelled: so is its attempt
+            attempt.cancel()
+            raise
+        finally:
+            on_breaker.discard(waiting)
+        if attempt.done():
+            return attempt.result()
+        attempt.cancel()  # closes its connection; nothing is left to read its outcome, so drop it quietly
+        attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise BackendFailure("cut", f"circuit opened while this attempt waited ({waiting.cut.result()})")
 
 
 class HealthMonitor:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ai_service.protocol.immich import ModelTask
+from ai_service.runtime.http_limits import HttpLimits
 
 
 class BackendKind(StrEnum):
@@ -47,7 +48,8 @@ class BackendSettings(BaseModel):
         None,
         description=(
             "Base URL of an immich or mtphotos backend, e.g. http://gpu:3003 or http://proxy/ml/ "
-            "(a sub-path is kept: '/predict' is appended to it, with or without a trailing slash)."
+            "(a sub-path is kept: '/predict' is appended to it, with or without a trailing slash; a query, "
+            "e.g. ?token=…, is kept and sent with every request)."
         ),
     )
     api_key: SecretStr | None = Field(
@@ -160,6 +162,15 @@ class BreakerSettings(BaseModel):
     failure_threshold: int = Field(3, ge=1, le=1000, description="Consecutive failures that open the breaker.")
     cooldown_s: float = Field(
         30.0, gt=0, le=3600, description="Seconds an open breaker skips its backend before one trial request."
+    )
+    cut_in_flight: bool = Field(
+        True,
+        description=(
+            "When a breaker opens (failures, or failed health checks), attempts still waiting on that backend for "
+            "that task are cut and fail over at once if a later backend of their route would take them, instead of "
+            "waiting out their timeout: a hung backend otherwise holds every request already sent to it for the "
+            "whole task timeout (60 s for OCR)."
+        ),
     )
 
 
@@ -372,6 +383,10 @@ class GatewaySettings(BaseSettings):
         default_factory=ImmichSettings, description="The Immich server behind the search front and regenerate."
     )
     search: SearchSettings = Field(default_factory=SearchSettings, description="Search front and regenerate endpoints.")
+    http: HttpLimits = Field(
+        default_factory=HttpLimits,
+        description="Limits per HTTP connection: header size and count, slow-client timeouts (GATEWAY_HTTP__*).",
+    )
     graceful_shutdown_s: float = Field(
         30.0, ge=0, le=600, description="Seconds in-flight requests get to finish on SIGTERM before closing."
     )

@@ -268,6 +268,10 @@ def fault_vector(tag: str) -> str:
     return json.dumps([round(float(x), 6) for x in v / np.linalg.norm(v)], separators=(",", ":"))
 
 
+def _reply(status: str, body: bytes, ctype: str = "application/json") -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
 @dataclass
 class RecordedRequest:
     method: str
@@ -276,24 +280,56 @@ class RecordedRequest:
     body: bytes
 
 
+def form_entries(body: bytes) -> bytes | None:
+    """The raw value of a multipart body's 'entries' field (None without one)."""
+    marker = b'name="entries"\r\n\r\n'
+    start = body.find(marker)
+    if start < 0:
+        return None
+    start += len(marker)
+    end = body.find(b"\r\n--", start)
+    return body[start : end if end >= 0 else len(body)]
+
+
+def is_protocol_probe(body: bytes) -> bool:
+    """A /predict form whose 'entries' is not JSON: Immich's service refuses it with 422 before any model runs."""
+    entries = form_entries(body)
+    if entries is None:
+        return False
+    try:
+        json.loads(entries)
+    except ValueError:
+        return True
+    return False
+
+
 @dataclass
 class FaultServer:
-    """``mode`` for /predict: ok | 500 | garbage | empty | wrongdim | slow | cut | reset | 400.
-    ``ping_mode``: ok | 500 | slow. ``delay_s``: how long 'slow' sleeps."""
+    """``mode`` for /predict: ok | 500 | garbage | empty | wrongdim | slow | cut | reset | 400 | hang (accept the
+    request, never answer). ``ping_mode``: ok | 500 | slow. ``delay_s``: how long 'slow' sleeps.
+
+    Like Immich's service, a /predict whose 'entries' is not JSON (the gateway's protocol probe) gets 422 whatever
+    the mode: form parsing comes before any model. Those probes are kept apart, in ``probes``.
+    ``required_query`` (e.g. "token=T"): requests without it get 401, as behind a token-checking proxy.
+    ``predict_served`` False: POST answers 405, as a URL that leads to something with a /ping but no /predict."""
 
     tag: str = "fault"
     mode: str = "ok"
     ping_mode: str = "ok"
     delay_s: float = 5.0
+    required_query: str | None = None
+    predict_served: bool = True
     port: int = field(default_factory=free_port)
     requests: list[RecordedRequest] = field(default_factory=list)
+    probes: list[RecordedRequest] = field(default_factory=list)
+    refused: list[RecordedRequest] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def count(self, path_suffix: str = "/predict") -> int:
-        return sum(1 for r in self.requests if r.path.endswith(path_suffix))
+        return sum(1 for r in self.requests if r.path.partition("?")[0].endswith(path_suffix))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -303,20 +339,30 @@ class FaultServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                self.requests.append(RecordedRequest(method, path, headers, body))
-                keep = await self._respond(method, path, writer)
-                if not keep:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+                recorded = RecordedRequest(method, path, headers, body)
+                route, _, query = path.partition("?")
+                if self.required_query is not None and self.required_query not in query.split("&"):
+                    self.refused.append(recorded)
+                    writer.write(_reply("401 Unauthorized", b'{"detail":"token required"}'))
+                elif method == "POST" and not self.predict_served:
+                    self.refused.append(recorded)
+                    writer.write(_reply("405 Method Not Allowed", b'{"detail":"Method Not Allowed"}'))
+                elif method == "POST" and is_protocol_probe(body):
+                    self.probes.append(recorded)
+                    writer.write(_reply("422 Unprocessable Entity", b'{"detail":"Invalid request format."}'))
+                else:
+                    self.requests.append(recorded)
+                    if not await self._respond(method, route, writer):
+                        break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # cancelled: the server is stopping while this request hangs or sleeps
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
 
     async def _respond(self, method: str, path: str, writer: asyncio.StreamWriter) -> bool:
-        def reply(status: str, body: bytes, ctype: str = "application/json") -> bytes:
-            return f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-
+        reply = _reply
         if path.endswith("/ping"):
             if self.ping_mode == "slow":
                 await asyncio.sleep(self.delay_s)
@@ -327,6 +373,8 @@ class FaultServer:
             await writer.drain()
             return True
         mode = self.mode
+        if mode == "hang":
+            await asyncio.Event().wait()  # until the server stops (its tasks are cancelled)
         if mode == "slow":
             await asyncio.sleep(self.delay_s)
             mode = "ok"
@@ -374,9 +422,11 @@ class FaultServer:
 
             async def stop() -> None:
                 server_box[0].close()
-                for task in asyncio.all_tasks():
-                    if task is not asyncio.current_task():
-                        task.cancel()
+                tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                # Let them finish before the loop stops (a hung request's handler is still pending otherwise).
+                await asyncio.gather(*tasks, return_exceptions=True)
 
             asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)

@@ -59,12 +59,13 @@ def module_process(
     port: int | None = None,
     ready_path: str = "/ping",
     ready_timeout: float = 90.0,
+    host: str = "127.0.0.1",
 ) -> Iterator[ServerProcess]:
-    """Run ``python -m module --host 127.0.0.1 --port P`` until the block ends; wait until it answers."""
+    """Run ``python -m module --host HOST --port P`` until the block ends; wait until it answers (on 127.0.0.1)."""
     port = port or free_port()
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", module, "--host", host, "--port", str(port)],
         cwd=REPO,
         env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         stdout=out,

@@ -209,6 +209,8 @@ def test_immich_backend_builds_immichs_form_under_a_sub_path(client: httpx.Clien
             sent = next(r for r in probe.requests if r.method == "POST")
             assert sent.path == "/ml/predict"
             assert any(r.method == "GET" and r.path == "/ml/ping" for r in probe.requests)
+            # The health check's protocol probe went to the same sub-path (kept apart by the server).
+            assert probe.probes and all(r.path == "/ml/predict" for r in probe.probes)
             assert sent.headers["x-request-id"] == "sub-1"
             boundary = sent.headers["content-type"].split("boundary=")[1]
             assert boundary.startswith("----formdata-undici-0")
@@ -227,6 +229,50 @@ def test_immich_backend_builds_immichs_form_under_a_sub_path(client: httpx.Clien
                 b"Content-Type: application/octet-stream"
             )
             assert value.removesuffix(b"\r\n") == image
+
+
+def _wait_for(check: Any, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_immich_backend_url_keeps_its_query_and_health_proves_predict(client: httpx.Client, logs: Path) -> None:
+    """A backend reached through '?token=…' (a token-checking proxy): every request carries the query, and
+    the health check fails when /ping answers but POST /predict does not speak Immich's protocol."""
+    token = "token=tok-s3cret-77"
+    with FaultServer(tag="tok", required_query=token).running() as server:
+        env = {
+            "GATEWAY_BACKENDS": json.dumps({"tok": {"kind": "immich", "url": f"{server.url}/?{token}"}}),
+            "GATEWAY_MODEL_MAP__CLIP": json.dumps({"ViT-B-32__openai": "ViT-B-16__cn-clip"}),
+            "GATEWAY_HEALTH__INTERVAL_S": "0.2",
+            "GATEWAY_BREAKER__FAILURE_THRESHOLD": "1000",
+        }
+        with gateway_process(env, logs / "gw_token.log") as gw:
+            _wait_for(lambda: gw.status()["backends"]["tok"]["up"] is True)
+            body = _direct(client, gw.base, clip_text(), text="猫")
+            assert body == {"clip": fault_vector("tok")}
+            assert [r.path for r in server.requests if r.method == "POST"] == [f"/predict?{token}"]
+            assert f"/ping?{token}" in {r.path for r in server.requests if r.method == "GET"}
+            assert server.probes and {r.path for r in server.probes} == {f"/predict?{token}"}
+            assert server.refused == [], "a request went out without the URL's query"
+            status = gw.status()
+            assert status["backends"]["tok"]["url"] == f"{server.url}/?token=***"
+
+            # Now the URL leads to something that answers /ping but not Immich's /predict (405).
+            server.predict_served = False
+            response = immich_predict(client, gw.base, clip_text(), text="猫")
+            assert response.status_code == 503 and "HTTP 405" in response.text
+            # The failed predict makes the next checks probe /predict again: the backend is reported down.
+            _wait_for(lambda: gw.status()["backends"]["tok"]["up"] is False)
+            error = gw.status()["backends"]["tok"]["health_check"]["last_error"]
+            assert "answered HTTP 405" in error and "does not lead to an Immich ML service" in error
+
+            server.predict_served = True
+            _wait_for(lambda: gw.status()["backends"]["tok"]["up"] is True)
+            assert _direct(client, gw.base, clip_text(), text="猫") == {"clip": fault_vector("tok")}
+            assert "tok-s3cret-77" not in gw.log_text() + json.dumps(gw.status())
 
 
 # ---- mtphotos backend against the AI service's MT Photos endpoints -----------------------------------------
@@ -275,6 +321,25 @@ def test_mtphotos_backend_agrees_with_the_immich_protocol(
         expected = [x0, y0, x1, y0, x1, y1, x0, y1]
         assert mine["box"][8 * i : 8 * i + 8] == pytest.approx(expected, abs=0.002)
         assert mine["textScore"][i] == pytest.approx(theirs["textScore"][j], abs=0.006)
+
+
+def test_mtphotos_backend_refuses_a_clip_entry_of_the_other_type(
+    client: httpx.Client, service: str, via_mtphotos: GatewayProcess, via_immich: GatewayProcess
+) -> None:
+    """MT Photos picks /clip/img or /clip/txt by what it is sent; the entry's type must still match, as on
+    every other path: a clip.visual entry with only text (or clip.textual with an image) is a 400."""
+    photo = preview_jpeg(astronaut_jpeg())
+    cases = [
+        (clip_visual(), clip_visual(CLIP_MODEL), {"text": "一只猫"}, "clip/visual needs an 'image' file"),
+        (clip_text(), clip_text(CLIP_MODEL), {"image": photo}, "clip/textual needs a 'text' field, not an image"),
+    ]
+    for entries, service_entries, payload, message in cases:
+        direct = immich_predict(client, service, service_entries, **payload)
+        assert direct.status_code == 400 and direct.json() == {"detail": message}
+        for gateway in (via_mtphotos, via_immich):
+            through = immich_predict(client, gateway.base, entries, **payload)
+            assert through.status_code == 400, (gateway.base, through.text)
+            assert through.json() == direct.json()
 
 
 def test_mtphotos_backend_skips_a_server_running_another_model(

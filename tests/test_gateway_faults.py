@@ -234,6 +234,72 @@ def test_health_checks_open_and_close_breakers(client: httpx.Client, tmp_path: P
             assert _ask(client, gw)[0].json() == {"clip": fault_vector("sick")}
 
 
+def test_requests_waiting_on_a_hung_backend_fail_over_when_its_breaker_opens(tmp_path: Path) -> None:
+    """A backend that accepts requests and never answers (nor its /ping): the requests already sent to it fail
+    over as soon as its health checks open the breaker, not after the 60 s task timeout."""
+    hung, backup = FaultServer(tag="hung", delay_s=3600), FaultServer(tag="backup")
+    with hung.running(), backup.running():
+        env = _env(
+            _immich_backends(hung=hung, backup=backup),
+            GATEWAY_TIMEOUTS__CLIP="60",
+            GATEWAY_BREAKER__FAILURE_THRESHOLD="3",
+            GATEWAY_HEALTH__INTERVAL_S="0.5",
+            GATEWAY_HEALTH__TIMEOUT_S="0.5",
+            GATEWAY_HEALTH__FAILURE_THRESHOLD="2",
+        )
+        with gateway_process(env, tmp_path / "gw.log") as gw, httpx.Client(timeout=90) as client:
+            deadline = time.monotonic() + 10
+            while gw.status()["backends"]["hung"]["up"] is not True:
+                assert time.monotonic() < deadline, "the backend must be up before it hangs"
+                time.sleep(0.05)
+            hung.mode, hung.ping_mode = "hang", "slow"
+            results: list[tuple[int, Any, float]] = []
+
+            def ask() -> None:
+                started = time.monotonic()
+                response = immich_predict(client, gw.base, CLIP_TEXT, text="海滩上的狗", timeout=90)
+                results.append((response.status_code, response.json(), time.monotonic() - started))
+
+            threads = [threading.Thread(target=ask) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(90)
+            assert hung.count() == 4, "every request was first sent to the hung backend"
+            assert [(status, body) for status, body, _ in results] == [(200, {"clip": fault_vector("backup")})] * 4
+            waits = sorted(wait for _, _, wait in results)
+            # Two failed checks (0.5 s apart, 0.5 s each) open the breaker after ~1.5 s; 60 s without the cut.
+            assert waits[-1] < 15, f"requests waited {waits} s on a hung backend"
+            metrics = client.get(gw.base + "/metrics").text
+            assert metric_value(metrics, "gateway_backend_errors_total", backend="hung", kind="cut") == 4
+            assert gw.status()["breakers"]["clip"]["hung"]["state"] == "open"
+
+
+def test_an_attempt_with_nowhere_to_go_is_not_cut(client: httpx.Client, tmp_path: Path) -> None:
+    """The breaker of a slow only backend opens (its /ping is slow too) while a request waits on it: the request
+    keeps waiting and gets the answer, since cutting it could only turn a slow answer into a 503."""
+    slow = FaultServer(tag="slow", delay_s=4)
+    with slow.running():
+        env = _env(
+            _immich_backends(slow=slow),
+            GATEWAY_TIMEOUTS__CLIP="10",
+            GATEWAY_HEALTH__INTERVAL_S="0.3",
+            GATEWAY_HEALTH__TIMEOUT_S="0.3",
+            GATEWAY_HEALTH__FAILURE_THRESHOLD="2",
+        )
+        with gateway_process(env, tmp_path / "gw.log") as gw:
+            deadline = time.monotonic() + 10
+            while gw.status()["backends"]["slow"]["up"] is not True:
+                assert time.monotonic() < deadline, "the backend must be up first"
+                time.sleep(0.05)
+            slow.mode, slow.ping_mode = "slow", "slow"
+            response = immich_predict(client, gw.base, CLIP_TEXT, text="海滩上的狗", timeout=15)
+            assert response.status_code == 200 and response.json() == {"clip": fault_vector("slow")}
+            # Health checks opened its breaker while the request waited (the answer then closed it again).
+            assert gw.status()["backends"]["slow"]["up"] is False
+            assert '"msg":"circuit breaker open"' in gw.log_text()
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
     slow = FaultServer(tag="slow", mode="slow", delay_s=1.5)
     with slow.running():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -10,7 +13,7 @@ import pytest
 
 from ai_service.protocol.immich import ModelTask, parse_entries
 from gateway.backends.base import BackendFailure
-from gateway.backends.http import base_url, encode_formdata, redact_url
+from gateway.backends.http import base_url, encode_formdata, endpoint_url, redact_url
 from gateway.backends.mtphotos import faces_to_immich, ocr_to_immich, sort_lines, unit_vector
 from gateway.health import BreakerState, CircuitBreaker
 from gateway.logs import request_id_from
@@ -18,6 +21,7 @@ from gateway.routing import ConfigError, MappingError, Router
 from gateway.settings import BackendKind, GatewaySettings
 from gateway.validate import InvalidResponse, validate_response
 from tests.gateway_support import node_formdata
+from tests.servers import REPO
 
 
 def settings(**values: Any) -> GatewaySettings:
@@ -375,3 +379,38 @@ def test_urls_and_request_ids() -> None:
     assert redact_url("http://h/ml/?token=s3cret&v=1") == "http://h/ml/?token=***&v=***"
     assert request_id_from("abc-123") == "abc-123"
     assert request_id_from("bad id\n") != "bad id\n" and len(request_id_from(None)) == 32
+
+
+def test_settings_command_masks_credentials_in_urls() -> None:
+    """``python -m gateway settings`` shows URLs as /status does: no user:password, no query values, no keys."""
+    env = {
+        **os.environ,
+        "GATEWAY_BACKENDS": json.dumps(
+            {
+                "gpu": {"kind": "immich", "url": "http://bob:hunter2-pw@gpu:3003/ml/?token=tok-SECRET-1&v=2"},
+                "mt": {"kind": "mtphotos", "url": "http://mt:8060/?key=tok-SECRET-2", "api_key": "mt-SECRET-3"},
+            }
+        ),
+        "GATEWAY_IMMICH__URL": "http://alice:pw-SECRET-4@immich:2283",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "settings"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    for secret in ("hunter2-pw", "bob", "tok-SECRET-1", "tok-SECRET-2", "mt-SECRET-3", "pw-SECRET-4", "alice"):
+        assert secret not in out.stdout + out.stderr
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith("GATEWAY_"))
+    backends = json.loads(lines["GATEWAY_BACKENDS"])
+    assert backends["gpu"]["url"] == redact_url("http://bob:hunter2-pw@gpu:3003/ml/?token=tok-SECRET-1&v=2")
+    assert backends["gpu"]["url"] == "http://***@gpu:3003/ml/?token=***&v=***"
+    assert backends["mt"]["api_key"] == "**********" and backends["mt"]["url"] == "http://mt:8060/?key=***"
+    assert json.loads(lines["GATEWAY_IMMICH"])["url"] == "http://***@immich:2283"
+    assert json.loads(lines["GATEWAY_HTTP"])["max_header_bytes"] == 65536
+
+
+def test_backend_endpoints_keep_the_sub_path_and_the_query() -> None:
+    assert endpoint_url("http://h/ml", "predict") == endpoint_url("http://h/ml/", "predict") == "http://h/ml/predict"
+    assert endpoint_url("http://h:3003/?token=T", "predict") == "http://h:3003/predict?token=T"
+    assert endpoint_url("http://h:3003?token=T&a=b", "ping") == "http://h:3003/ping?token=T&a=b"
+    assert endpoint_url("http://u:p@h/x?t=1#frag", "check") == "http://u:p@h/x/check?t=1"
+    assert base_url("http://h:3003/?token=T") == "http://h:3003/?token=T"

@@ -40,8 +40,9 @@ async def require_api_key(
     api_key: Annotated[str | None, Header(alias=API_KEY_HEADER, include_in_schema=True)] = None,
 ) -> None:
     expected = _service(request).settings.mtphotos_api_key
-    # Constant-time compare: the key is a secret and the endpoint is reachable on the network.
-    if api_key is None or not hmac.compare_digest(api_key.encode(), expected.encode()):
+    # Constant-time compare: the key is a secret and the endpoint is reachable on the network. An empty
+    # setting switches the API off: no header, empty or not, matches it.
+    if not expected or api_key is None or not hmac.compare_digest(api_key.encode(), expected.encode()):
         raise HTTPException(status_code=401, detail="Invalid API key")
 
 

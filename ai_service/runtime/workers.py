@@ -87,6 +87,8 @@ def serve_workers(settings: AIServiceSettings) -> int:
     """Run ``settings.workers`` processes on ``settings.host:settings.port`` until stopped."""
     import uvicorn
 
+    from ai_service.runtime.http_server import uvicorn_http
+
     with tempfile.TemporaryDirectory(prefix="ai-service-workers-") as slots:
         # Workers inherit the environment: that is how they find the slot folder and their settings.
         os.environ[SLOT_DIR_ENV] = slots
@@ -96,6 +98,8 @@ def serve_workers(settings: AIServiceSettings) -> int:
             workers=settings.workers,
             host=settings.host,
             port=settings.port,
+            # Pickled into each worker process: a partial of a module-level class travels by reference.
+            http=uvicorn_http(settings.http),  # type: ignore[arg-type]
             log_level=settings.log_level.lower(),
             timeout_graceful_shutdown=30,
         )

@@ -30,13 +30,23 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def base_url(url: str) -> str:
-    """Treat the configured URL as a folder: 'http://h/ml' and 'http://h/ml/' both lead to 'http://h/ml/predict'.
+def endpoint_url(base: str, path: str) -> str:
+    """``path`` under the configured base URL, which is treated as a folder, its query kept.
 
-    Immich itself resolves relatively (without the slash it would call http://h/predict); the
-    gateway is lenient because a dropped sub-path is never what an admin means.
+    'http://h/ml' and 'http://h/ml/' both lead to 'http://h/ml/predict' (Immich itself resolves
+    relatively and would drop a sub-path without its slash: never what an admin means), and
+    'http://h:3003/?token=T' leads to 'http://h:3003/predict?token=T': a token in the query is how such
+    a backend is reached, so every request carries it (appending the path to the whole string made
+    'POST /?token=T/predict', which no backend serves). A fragment is never sent.
     """
-    return url if url.endswith("/") else url + "/"
+    parts = urlsplit(base)
+    folder = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme, parts.netloc, folder + path, parts.query, ""))
+
+
+def base_url(url: str) -> str:
+    """The configured URL as the folder that endpoints are resolved in (shown, redacted, in /status)."""
+    return endpoint_url(url, "")
 
 
 def snippet(body: bytes) -> str:
@@ -122,12 +132,13 @@ class HttpBackend(Backend):
     ) -> HttpReply:
         if self._client is None:
             raise BackendFailure("not_started", f"{self.name}: backend client is closed")
+        url = endpoint_url(self.url, path)
         all_headers = dict(headers or {})
         if request_id:
             all_headers[REQUEST_ID_HEADER] = request_id
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._client.stream(method, self.url + path, headers=all_headers, content=content) as resp:
+                async with self._client.stream(method, url, headers=all_headers, content=content) as resp:
                     declared = resp.headers.get("content-length")
                     if declared is not None and declared.isdigit() and int(declared) > self.max_response_bytes:
                         raise BackendFailure(

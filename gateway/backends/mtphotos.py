@@ -213,6 +213,13 @@ class MtPhotosBackend(HttpBackend):
         self, routed: RoutedTask, image: bytes | None, text: str | None, *, timeout_s: float, request_id: str
     ) -> dict[str, Any]:
         task = routed.task
+        if task is ModelTask.CLIP:
+            # MT Photos picks /clip/img or /clip/txt by what it is sent, not by the entry's type: refuse a
+            # mismatch as the AI service (ai_service/inference.py) and Immich's service do, with the same words.
+            if image is not None and ModelType.TEXTUAL in routed.entries:
+                raise ClientInputError(400, orjson.dumps({"detail": "clip/textual needs a 'text' field, not an image"}))
+            if image is None and any(t != ModelType.TEXTUAL for t in routed.entries):
+                raise ClientInputError(400, orjson.dumps({"detail": "clip/visual needs an 'image' file"}))
         size = self._image_size(image) if image is not None else None
         if task is ModelTask.CLIP:
             if image is not None:

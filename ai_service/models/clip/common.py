@@ -16,15 +16,17 @@ from ai_service.models.base import ModelError, ModelLoadError
 CONFIG_FILE = "config.json"
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str, error: type[Exception] = ModelLoadError) -> dict[str, Any]:
+    """A JSON object file; anything else raises ``error`` (a load error, or a conversion error while
+    installing) with a message that names the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelLoadError(f"{what}: {path} is missing") from None
+        raise error(f"{what}: {path.name} is missing") from None
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{what}: {path} is not readable JSON ({exc})") from None
+        raise error(f"{what}: {path.name} is not readable JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{what}: {path} must hold a JSON object")
+        raise error(f"{what}: {path.name} must hold a JSON object")
     return data
 
 

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ai_service.models.clip.catalog import CN_CLIP_CONTEXT_LENGTH, CN_CLIP_MEAN, CN_CLIP_STD, cn_clip_arch
+from ai_service.models.clip.common import read_json
 from ai_service.models.clip.family import ClipFamily
 from ai_service.models.clip.preprocess import PreprocessConfig
 from ai_service.models.clip.textual import (
@@ -148,7 +149,7 @@ def convert_transformers_js(
         raise ConversionError(
             f"{what}: the repository has no {source.graph_path}; choose another AI_SERVICE_CN_CLIP_VARIANT"
         )
-    hf_config = _read_json(files / "config.json", what)
+    hf_config = read_json(files / "config.json", what, ConversionError)
     embed_dim, vision, text = _model_facts(hf_config, what)
     arch = cn_clip_arch(name)
     if arch is not None and embed_dim != arch.embed_dim:
@@ -172,7 +173,7 @@ def convert_transformers_js(
         leftover.unlink()
     _write_json(folder / "config.json", _layout_config(embed_dim, vision, text, image_size, source, arch, len(vocab)))
     processor_file = files / "preprocessor_config.json"
-    processor = _read_json(processor_file, what) if processor_file.is_file() else {}
+    processor = read_json(processor_file, what, ConversionError) if processor_file.is_file() else {}
     _write_json(folder / "visual" / PREPROCESS_FILE, preprocess_config(processor, image_size).to_dict())
     textual = folder / "textual"
     bert_wordpiece_tokenizer(vocab, CN_CLIP_CONTEXT_LENGTH).save(str(textual / TOKENIZER_FILE))
@@ -355,18 +356,6 @@ def _save(onnx: Any, model: Any, path: Path, weights_dir: Path) -> None:
 # ---- the small files ------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"{what}: the repository has no {path.name}") from None
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{what}: {path.name} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{what}: {path.name} is not a JSON object")
-    return data
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -390,7 +379,7 @@ def _vocabulary(files: Path, what: str) -> dict[str, int]:
     if vocab_file.is_file():
         vocab = read_vocab(vocab_file)
     else:
-        tokenizer = _read_json(files / TOKENIZER_FILE, what)
+        tokenizer = read_json(files / TOKENIZER_FILE, what, ConversionError)
         model = tokenizer.get("model") or {}
         vocab = model.get("vocab") if isinstance(model, dict) and model.get("type") == "WordPiece" else None
         if not isinstance(vocab, dict):

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 OWNER = "test-owner"
@@ -147,3 +148,12 @@ class FakeHub:
         req.end_headers()
         if not head:
             req.wfile.write(body)
+
+
+def isolate_hf(home: Path, monkeypatch: Any) -> None:
+    """huggingface_hub must not touch the user's cache or send the user's token (``monkeypatch``: pytest's)."""
+    monkeypatch.setenv("HF_HOME", str(home / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf-home" / "hub"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)

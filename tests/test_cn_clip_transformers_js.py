@@ -35,7 +35,7 @@ from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
 from tests import immich_requests as im
 from tests.builders.transformers_js_clip import TinyChineseClip, build_transformers_js_repo, export_combined
-from tests.fake_hub import FakeHub
+from tests.fake_hub import FakeHub, isolate_hf
 from tests.servers import python_module_server
 
 REPO = "test-xenova/chinese-clip-vit-base-patch16"
@@ -62,12 +62,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyChineseClip:
 
 @pytest.fixture(autouse=True)
 def _isolated_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """huggingface_hub must not touch the user's cache or send the user's token."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    isolate_hf(tmp_path, monkeypatch)
 
 
 @pytest.fixture()

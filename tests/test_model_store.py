@@ -21,17 +21,13 @@ from ai_service.protocol.immich import ModelTask
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
 from tests.builders.clip_models import build_clip_model
-from tests.fake_hub import OWNER, FakeHub, files_of
+from tests.fake_hub import OWNER, FakeHub, files_of, isolate_hf
 from tests.servers import free_port
 
 
 @pytest.fixture(autouse=True)
 def _isolated_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """huggingface_hub must not touch the user's cache or send the user's token."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    isolate_hf(tmp_path, monkeypatch)
 
 
 @pytest.fixture()

@@ -63,6 +63,8 @@ def ai_service(clip_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         "AI_SERVICE_MODEL_DIR": str(clip_model_dir),
         "AI_SERVICE_MTPHOTOS_API_KEY": MT_KEY,
         "AI_SERVICE_MTPHOTOS_CLIP_MODEL": CLIP_MODEL,
+        # The bundled face model: MT Photos' default (buffalo_l) would be downloaded, and tests reach no hub.
+        "AI_SERVICE_MTPHOTOS_FACE_MODEL": "dlib",
         "AI_SERVICE_LOG_LEVEL": "warning",
     }
     log = tmp_path_factory.mktemp("ai") / "ai_service.log"
@@ -199,8 +201,8 @@ def test_real_requests_are_answered_as_documented(ai_service: str, gateway: tupl
                     statuses.setdefault(f"{base} {operation.label}", []).append(reply.status_code)
     ai_predict, gw_predict = statuses[f"{ai_service} POST /predict"], statuses[f"{gateway[0]} POST /predict"]
     assert ai_predict[:4] == [200] * 4 and gw_predict[:4] == [200] * 4, statuses
-    # (the gateway maps Immich's buffalo_l to the built-in dlib model: installed)
-    assert ai_predict[4:] == [400, 503, 404] and gw_predict[4:] == [400, 200, 503], statuses
+    # (buffalo_l is served by buffalo_l, never swapped: not installed and, with no hub reachable, 503 on both)
+    assert ai_predict[4:] == [400, 503, 404] and gw_predict[4:] == [400, 503, 503], statuses
     assert statuses[f"{ai_service} POST /ocr"][0] == 200 and statuses[f"{ai_service} POST /clip/txt"][0] == 200
 
 

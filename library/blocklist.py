@@ -1,8 +1,9 @@
 """Known-image blocklist: reference PDQ hashes; every ingested item is checked, matches are flagged.
 
-An item matches when any of its 8 dihedral hashes is within ``blocklist_threshold`` bits of an entry (so a
-mirrored or rotated copy of a listed image is caught). Importing new entries also checks the items already
-in the library (against their stored, upright hash). Flagged items are excluded from every search.
+An item matches when any of its 8 dihedral hashes (of the image, and of the image without a uniform frame)
+is within ``blocklist_threshold`` bits of an entry, so a mirrored, rotated or framed copy of a listed image
+is caught. Importing new entries also checks the items already in the library (against their stored
+upright hashes). Flagged items are excluded from every search.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def match_hashes(conn: psycopg.Connection[Any], settings: LibrarySettings, query
     return BlockMatch(int(row[0]), int(row[1]), row[2]) if row else None
 
 
-def check_item(conn: psycopg.Connection[Any], settings: LibrarySettings, item_id: int, result: pdq.PdqResult) -> None:
-    found = match_hashes(conn, settings, result.dihedral_bits)
+def check_item(conn: psycopg.Connection[Any], settings: LibrarySettings, item_id: int, hashes: pdq.PdqHashes) -> None:
+    found = match_hashes(conn, settings, hashes.query_bits)
     if found is not None:
         conn.execute(
             """INSERT INTO block_hit (item_id, entry_id, distance) VALUES (%s, %s, %s)

@@ -101,7 +101,7 @@ class Ingestor:
             item_id, created = items.insert_item(conn, new, items.enabled_steps(self.settings))
             if created and result is not None:
                 with conn.transaction():
-                    items.store_pdq(conn, item_id, result.bits, result.quality, result.dihedral_bits)
+                    items.store_pdq(conn, item_id, result)
                     blocklist.check_item(conn, self.settings, item_id, result)
                     items.mark_step_done(conn, item_id, "pdq")
         return Added(item_id=item_id, md5=new.md5, sha256=digest.hexdigest(), created=created)

@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from library.pdq import PdqHashes
 from library.settings import LibrarySettings
 
 STEP_STATES = ("pending", "running", "done", "failed")
@@ -124,13 +125,14 @@ def step_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def store_pdq(conn: psycopg.Connection[Any], item_id: int, bits: str, quality: int, dihedral_bits: list[str]) -> None:
-    conn.execute(
-        """INSERT INTO pdq (item_id, hash, quality, dihedral) VALUES (%s, %s::bit(256), %s, %s::bit(256)[])
-           ON CONFLICT (item_id) DO UPDATE SET hash = excluded.hash, quality = excluded.quality,
-                                               dihedral = excluded.dihedral""",
-        [item_id, bits, quality, dihedral_bits],
-    )
+def store_pdq(conn: psycopg.Connection[Any], item_id: int, hashes: PdqHashes) -> None:
+    conn.execute("DELETE FROM pdq WHERE item_id = %s", [item_id])
+    for kind, result in hashes.variants:
+        conn.execute(
+            """INSERT INTO pdq (item_id, kind, hash, quality, dihedral)
+               VALUES (%s, %s, %s::bit(256), %s, %s::bit(256)[])""",
+            [item_id, kind, result.bits, result.quality, result.dihedral_bits],
+        )
 
 
 def mark_step_done(conn: psycopg.Connection[Any], item_id: int, step: str) -> None:

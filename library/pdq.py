@@ -33,6 +33,28 @@ class PdqResult:
         return [hex_to_bits(h) for h in self.dihedral_hex]
 
 
+@dataclass(frozen=True)
+class PdqHashes:
+    """An image's PDQ: ``plain`` is exactly what ThreatExchange computes (blocklists are made of these);
+    ``trimmed`` is the hash after cutting a uniform frame (letterbox bars, a screenshot's margins), present
+    only when the image has one. Both are stored and both are queried, so a framed copy matches."""
+
+    plain: PdqResult
+    trimmed: PdqResult | None
+
+    @property
+    def variants(self) -> list[tuple[str, PdqResult]]:
+        found = [("plain", self.plain)]
+        if self.trimmed is not None:
+            found.append(("trimmed", self.trimmed))
+        return found
+
+    @property
+    def query_bits(self) -> list[str]:
+        """All dihedral hashes of every variant: what a search or blocklist check compares."""
+        return [b for _, result in self.variants for b in result.dihedral_bits]
+
+
 def _vector_to_hex(vector: np.ndarray) -> str:
     return f"{int(''.join('1' if b else '0' for b in vector), 2):064x}"
 
@@ -44,11 +66,57 @@ def hash_rgb(rgb: np.ndarray) -> PdqResult:
     return PdqResult(hash_hex=hexes[0], quality=int(quality), dihedral_hex=hexes)
 
 
-def hash_image(data: bytes, *, max_pixels: int) -> PdqResult:
+# A row/column belongs to a frame when at least this share of its pixels is within _FRAME_TOLERANCE (per
+# channel) of the line's median colour: a status bar with a clock or a caption strip still counts, a row
+# of a photograph almost never does.
+_FRAME_SHARE = 0.97
+_FRAME_TOLERANCE = 24
+# Keep at least this share of each side; a "frame" that leaves less is the picture itself (a flat image).
+_MIN_KEPT = 0.3
+
+
+def _uniform_lines(lines: np.ndarray) -> np.ndarray:
+    """Bool per line of ``lines`` (n x length x 3): the line is (almost) one colour."""
+    median = np.median(lines, axis=1, keepdims=True)
+    close = np.abs(lines.astype(np.int16) - median.astype(np.int16)).max(axis=2) <= _FRAME_TOLERANCE
+    return close.mean(axis=1) >= _FRAME_SHARE
+
+
+def _frame_depth(lines: np.ndarray, block: int = 32) -> int:
+    """How many leading lines are frame; only looks as far as the frame goes (cheap on big photos)."""
+    for start in range(0, len(lines), block):
+        flags = _uniform_lines(lines[start : start + block])
+        if not flags.all():
+            return start + int(np.flatnonzero(~flags)[0])
+    return len(lines)
+
+
+def trim_frame(rgb: np.ndarray) -> np.ndarray | None:
+    """``rgb`` without its uniform frame (any colour, each side on its own), or None when it has none.
+    With black bars this is ThreatExchange's un-letterboxing."""
+    height, width = rgb.shape[:2]
+    top = _frame_depth(rgb)
+    bottom = height - _frame_depth(rgb[::-1])
+    columns = rgb.transpose(1, 0, 2)
+    left = _frame_depth(columns)
+    right = width - _frame_depth(columns[::-1])
+    if (top, bottom, left, right) == (0, height, 0, width):
+        return None
+    if bottom - top < height * _MIN_KEPT or right - left < width * _MIN_KEPT:
+        return None
+    return np.ascontiguousarray(rgb[top:bottom, left:right])
+
+
+def hash_pixels(rgb: np.ndarray) -> PdqHashes:
+    trimmed = trim_frame(rgb)
+    return PdqHashes(plain=hash_rgb(rgb), trimmed=hash_rgb(trimmed) if trimmed is not None else None)
+
+
+def hash_image(data: bytes, *, max_pixels: int) -> PdqHashes:
     """PDQ of encoded image bytes. EXIF orientation is applied (the upright picture is what people see);
     the RGB conversion is Pillow's, as in python-threatexchange, so published hashes reproduce bit for bit.
     Raises ``ImageError`` / ``ImageTooLargeError`` for bytes that are not a usable image."""
-    return hash_rgb(decode_image(data, max_pixels=max_pixels, pillow_rgb=True).rgb)
+    return hash_pixels(decode_image(data, max_pixels=max_pixels, pillow_rgb=True).rgb)
 
 
 def hex_to_bits(value: str) -> str:

@@ -144,9 +144,9 @@ class Pipeline:
         return False
 
     def _run_pdq(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
-        result = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
-        items.store_pdq(conn, item.id, result.bits, result.quality, result.dihedral_bits)
-        blocklist.check_item(conn, self.settings, item.id, result)
+        hashes = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
+        items.store_pdq(conn, item.id, hashes)
+        blocklist.check_item(conn, self.settings, item.id, hashes)
 
     def _run_clip(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         vector = self.inference.clip_image(data)

@@ -53,14 +53,15 @@ def pdq_matches(
                GROUP BY c.item_id
                ORDER BY distance, c.item_id
                LIMIT %s""",
-            [query_bits, settings.pdq_min_quality, limit + 1, threshold, exclude_item, include_blocked, limit],
+            # Each item may hold two indexed hashes (plain, trimmed) and one may be excluded: fetch enough.
+            [query_bits, settings.pdq_min_quality, 2 * limit + 2, threshold, exclude_item, include_blocked, limit],
         ).fetchall()
     return [Match(int(r[0]), float(r[1])) for r in rows]
 
 
 def item_dihedral(conn: psycopg.Connection[Any], item_id: int) -> list[str] | None:
-    row = conn.execute("SELECT dihedral::text[] FROM pdq WHERE item_id = %s", [item_id]).fetchone()
-    return list(row[0]) if row else None
+    rows = conn.execute("SELECT dihedral::text[] FROM pdq WHERE item_id = %s ORDER BY kind", [item_id]).fetchall()
+    return [bits for row in rows for bits in row[0]] or None
 
 
 def clip_matches(

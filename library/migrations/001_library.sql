@@ -34,14 +34,17 @@ CREATE TABLE step (
 );
 CREATE INDEX step_todo_idx ON step (next_attempt_at) WHERE state IN ('pending', 'running');
 
--- PDQ: one indexed hash per item (the image as stored, upright); the query side tries its 8 dihedral
--- variants, so a mirrored or rotated copy matches without indexing 8x the rows. The item's own 8 variants
--- are kept (unindexed) for item-to-item queries (duplicate groups, search by item id).
+-- PDQ: per item the hash of the image as stored (upright; 'plain', ThreatExchange's value) and, when the
+-- image has a uniform frame, the hash without it ('trimmed'). The query side tries its 8 dihedral variants,
+-- so a mirrored or rotated copy matches without indexing 8x the rows; the item's own 8 variants are kept
+-- (unindexed) for item-to-item queries (duplicate groups, search by item id).
 CREATE TABLE pdq (
-  item_id  bigint PRIMARY KEY REFERENCES item (id) ON DELETE CASCADE,
+  item_id  bigint NOT NULL REFERENCES item (id) ON DELETE CASCADE,
+  kind     text NOT NULL CHECK (kind IN ('plain', 'trimmed')),
   hash     bit(256) NOT NULL,
   quality  integer NOT NULL,
-  dihedral bit(256)[] NOT NULL
+  dihedral bit(256)[] NOT NULL,
+  PRIMARY KEY (item_id, kind)
 );
 CREATE INDEX pdq_hash_idx ON pdq USING hnsw (hash bit_hamming_ops);
 

@@ -67,9 +67,9 @@ def hash_rgb(rgb: np.ndarray) -> PdqResult:
 
 
 # A row/column belongs to a frame when at least this share of its pixels is within _FRAME_TOLERANCE (per
-# channel) of the line's median colour: a status bar with a clock or a caption strip still counts, a row
-# of a photograph almost never does.
-_FRAME_SHARE = 0.97
+# channel) of the line's median colour: a status bar with a clock or a caption strip still counts (text is
+# sparse), a row through a photograph rarely does.
+_FRAME_SHARE = 0.75
 _FRAME_TOLERANCE = 24
 # Keep at least this share of each side; a "frame" that leaves less is the picture itself (a flat image).
 _MIN_KEPT = 0.3
@@ -93,16 +93,23 @@ def _frame_depth(lines: np.ndarray, block: int = 32) -> int:
 
 def trim_frame(rgb: np.ndarray) -> np.ndarray | None:
     """``rgb`` without its uniform frame (any colour, each side on its own), or None when it has none.
-    With black bars this is ThreatExchange's un-letterboxing."""
+    With black bars this is ThreatExchange's un-letterboxing. Rows and columns are trimmed in turns until
+    nothing changes, so a line is judged without the margins already cut on the other axis."""
     height, width = rgb.shape[:2]
-    top = _frame_depth(rgb)
-    bottom = height - _frame_depth(rgb[::-1])
-    columns = rgb.transpose(1, 0, 2)
-    left = _frame_depth(columns)
-    right = width - _frame_depth(columns[::-1])
+    top, bottom, left, right = 0, height, 0, width
+    for _ in range(4):
+        before = (top, bottom, left, right)
+        view = rgb[top:bottom, left:right]
+        top, bottom = top + _frame_depth(view), bottom - _frame_depth(view[::-1])
+        if bottom - top < height * _MIN_KEPT:
+            return None
+        columns = rgb[top:bottom, left:right].transpose(1, 0, 2)
+        left, right = left + _frame_depth(columns), right - _frame_depth(columns[::-1])
+        if right - left < width * _MIN_KEPT:
+            return None
+        if (top, bottom, left, right) == before:
+            break
     if (top, bottom, left, right) == (0, height, 0, width):
-        return None
-    if bottom - top < height * _MIN_KEPT or right - left < width * _MIN_KEPT:
         return None
     return np.ascontiguousarray(rgb[top:bottom, left:right])
 

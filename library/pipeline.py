@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,25 @@ log = logging.getLogger(__name__)
 
 class PermanentStepError(Exception):
     """The item itself is unusable for this step; retrying cannot help."""
+
+
+def worker_identity() -> str:
+    """host:pid:start-time of this process; the start time tells a reused pid from ours."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+
+def _alive(identity: str) -> bool:
+    import psutil
+
+    host, pid, started = identity.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True  # another machine's worker: only its lease expiry can tell
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+    except (psutil.NoSuchProcess, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,7 @@ class Pipeline:
         self.db = db
         self.settings = settings
         self.inference = inference or LibraryInference(settings)
+        self.identity = worker_identity()
         self._runners: dict[str, Callable[[psycopg.Connection[Any], items.Item, bytes], None]] = {
             "pdq": self._run_pdq,
             "clip": self._run_clip,
@@ -77,25 +99,53 @@ class Pipeline:
     def claim(self, conn: psycopg.Connection[Any], limit: int = 1) -> list[Claim]:
         rows = conn.execute(
             """UPDATE step AS s
-                  SET state = 'running', attempts = s.attempts + 1, updated_at = now(),
+                  SET state = 'running', attempts = s.attempts + 1, updated_at = now(), claimed_by = %s,
                       lease_until = now() + make_interval(secs => %s)
                  FROM (SELECT item_id, name FROM step
                         WHERE (state = 'pending' AND next_attempt_at <= now())
-                           OR (state = 'running' AND lease_until < now())
+                           OR (state = 'running' AND lease_until < now() AND attempts < %s)
                         ORDER BY next_attempt_at, item_id
                         LIMIT %s
                         FOR UPDATE SKIP LOCKED) AS todo
                 WHERE s.item_id = todo.item_id AND s.name = todo.name
             RETURNING s.item_id, s.name, s.attempts""",
-            [self.settings.lease_s, limit],
+            [self.identity, self.settings.lease_s, self.settings.max_attempts, limit],
         ).fetchall()
         return [Claim(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def release_dead_claims(self) -> int:
+        """Hand back steps claimed by workers of this machine that no longer run (killed, crashed) without
+        waiting for their lease to expire, and fail steps whose every try ended with a dead worker (an
+        image that crashes the decoder must not crash-loop the workers). Returns how many were released."""
+        with self.db.conn() as conn:
+            owners = conn.execute(
+                "SELECT DISTINCT claimed_by FROM step WHERE state = 'running' AND claimed_by IS NOT NULL"
+            ).fetchall()
+            dead = [o for (o,) in owners if not _alive(str(o))]
+            released = 0
+            if dead:
+                released = conn.execute(
+                    """UPDATE step SET state = 'pending', lease_until = NULL, claimed_by = NULL,
+                                      next_attempt_at = now(), updated_at = now()
+                       WHERE state = 'running' AND claimed_by = ANY(%s)""",
+                    [dead],
+                ).rowcount
+                log.warning("released %d steps held by workers that are gone: %s", released, ", ".join(dead))
+            conn.execute(
+                """UPDATE step SET state = 'failed', lease_until = NULL, claimed_by = NULL, updated_at = now(),
+                                  reason = 'the worker died or timed out on every try (' || attempts || ')'
+                   WHERE attempts >= %s
+                     AND (state = 'pending' AND reason IS NULL AND claimed_by IS NULL AND attempts > 0
+                          OR state = 'running' AND lease_until < now())""",
+                [self.settings.max_attempts],
+            )
+        return released
 
     def _fail(self, conn: psycopg.Connection[Any], claim: Claim, reason: str, *, permanent: bool) -> None:
         final = permanent or claim.attempts >= self.settings.max_attempts
         delay = self.settings.retry_base_s * (2 ** max(claim.attempts - 1, 0))
         conn.execute(
-            """UPDATE step SET state = %s, reason = %s, lease_until = NULL, updated_at = now(),
+            """UPDATE step SET state = %s, reason = %s, lease_until = NULL, claimed_by = NULL, updated_at = now(),
                                next_attempt_at = now() + make_interval(secs => %s)
                WHERE item_id = %s AND name = %s""",
             ["failed" if final else "pending", reason[:2000], 0 if final else delay, claim.item_id, claim.step],

@@ -61,6 +61,7 @@ class Library:
         self.inference = LibraryInference(self.settings)
         self.ingestor = Ingestor(self.db, self.settings)
         self.pipeline = Pipeline(self.db, self.settings, self.inference)
+        self.pipeline.release_dead_claims()
         self.workers: WorkerPool | None = None
 
     def start_workers(self, threads: int | None = None) -> None:

@@ -28,6 +28,7 @@ CREATE TABLE step (
   attempts        integer NOT NULL DEFAULT 0,
   next_attempt_at timestamptz NOT NULL DEFAULT now(),
   lease_until     timestamptz,
+  claimed_by      text,                      -- 'host:pid:start-time' of the worker holding the lease
   reason          text,
   updated_at      timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (item_id, name)

@@ -106,7 +106,8 @@ def _image(request: Request, hit: Hit) -> dict[str, Any]:
         "md5": it.md5,
         "remark": it.remark,
         "meta": it.meta,
-        "simr": hit.distance,
+        # PDQ: Hamming distance in bits (an integer, 0-256); CLIP: cosine distance (0-2).
+        "simr": int(hit.distance) if hit.match_type == "pdq" else hit.distance,
         "matchType": hit.match_type,
     }
 

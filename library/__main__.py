@@ -49,7 +49,11 @@ def cmd_add(args: argparse.Namespace) -> int:
             else:
                 existing += 1
         print(f"{added} added, {existing} already in the library, {rejected} skipped")
-        if not args.no_process:
+        if library.uses_celery:
+            # The Celery workers process them; enough drain tasks to keep every worker busy.
+            library.wake_workers(tasks=max(1, min(64, added // library.settings.celery_drain_batch + 1)))
+            print("queued for the Celery workers (LIBRARY_BROKER_URL)")
+        elif not args.no_process:
             _process(library, args.quiet)
     finally:
         library.close()

@@ -64,14 +64,24 @@ class Library:
         self.pipeline.release_dead_claims()
         self.workers: WorkerPool | None = None
 
+    @property
+    def uses_celery(self) -> bool:
+        return self.settings.broker_url is not None
+
     def start_workers(self, threads: int | None = None) -> None:
+        """In-process worker threads; none when a Celery broker is configured (the workers run there)."""
         threads = self.settings.workers if threads is None else threads
-        if threads > 0 and self.workers is None:
+        if threads > 0 and self.workers is None and not self.uses_celery:
             self.workers = WorkerPool(self.pipeline, threads)
             self.workers.start()
 
-    def wake_workers(self) -> None:
-        if self.workers is not None:
+    def wake_workers(self, tasks: int = 1) -> None:
+        """New steps were enqueued: wake the in-process workers, or start Celery drain tasks."""
+        if self.uses_celery:
+            from library.worker import enqueue
+
+            enqueue(tasks)
+        elif self.workers is not None:
             self.workers.wake()
 
     def close(self) -> None:

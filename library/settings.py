@@ -133,6 +133,15 @@ class LibrarySettings(BaseSettings):
         description="A claimed step not finished within this time (its worker died) is handed to another worker.",
     )
     poll_s: float = Field(default=1.0, gt=0, le=60, description="Idle workers look for new work this often.")
+    broker_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL (redis://host:6379/0) of a Celery broker. When set, pipeline steps run on Celery "
+        "workers ('celery -A library.worker worker', any number, on any machine sharing the database) instead of "
+        "in-process threads.",
+    )
+    celery_drain_batch: int = Field(
+        default=20, ge=1, le=10000, description="Steps one Celery task runs before it hands over to a new task."
+    )
     clip_model: str | None = Field(
         default=None,
         description="CLIP model (Immich name, e.g. ViT-B-16__cn-clip) for the 'clip' step and CLIP search; "

@@ -1,0 +1,236 @@
+"""Library-mode benchmark: ingest throughput, PDQ lookup latency at scale, image search latency.
+
+Runs on a fresh embedded PostgreSQL (pgvector) in a temporary folder:
+
+* **ingest**: N generated photo-like JPEGs (crops of skimage's photos, 1024x768) added by path and
+  processed by the in-process pipeline (``LIBRARY_WORKERS`` threads), PDQ only, then PDQ + OCR (the
+  bundled RapidOCR model) when --ocr is given; images/min.
+* **PDQ lookups at --hashes rows** (default 1 000 000): random 256-bit hashes bulk-loaded with COPY, the
+  HNSW ``bit_hamming_ops`` index built, then queries of 8 dihedral hashes (as a search sends) for planted
+  near-duplicates (10-24 bits away): p50/p95 with the index, recall of the planted items, and the same
+  query as an exact sequential scan for comparison.
+* **image search at --items items** (default 100 000, the first rows of the same table): the full
+  ``Library.search_image`` path (decode + PDQ of the query image + lookup), p50/p95.
+
+    .venv/bin/python bench/bench_library.py [--hashes 1000000] [--items 100000] [--ingest 120] [--ocr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import skimage.data
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from library import pdq
+from library.service import Library
+from library.settings import LibrarySettings
+
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def make_photos(folder: Path, n: int, seed: int = 7) -> list[Path]:
+    rng = random.Random(seed)
+    sources = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+    paths = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        box = (rng.randint(0, w // 4), rng.randint(0, h // 4), rng.randint(3 * w // 4, w), rng.randint(3 * h // 4, h))
+        image = src.crop(box).resize((1024, 768)).rotate(rng.choice([0, 90, 180, 270]), expand=True)
+        path = folder / f"p{i:05d}.jpg"
+        image.save(path, "JPEG", quality=85)
+        paths.append(path)
+    return paths
+
+
+def bench_ingest(settings: LibrarySettings, n: int, ocr: bool) -> float:
+    folder = Path(tempfile.mkdtemp(prefix="bench-lib-photos-"))
+    try:
+        paths = make_photos(folder, n)
+        lib = Library(settings)
+        try:
+            started = time.perf_counter()
+            for path in paths:
+                lib.ingestor.add_path(path)
+            import threading
+
+            threads = [threading.Thread(target=lib.pipeline.run_until_idle) for _ in range(settings.workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - started
+            with lib.db.conn() as conn:
+                states = dict(conn.execute("SELECT state, count(*) FROM step GROUP BY state").fetchall())
+        finally:
+            lib.close()
+        rate = n / elapsed * 60
+        print(
+            f"ingest {'PDQ+OCR' if ocr else 'PDQ only'}: {n} images, {settings.workers} workers, "
+            f"{elapsed:.1f} s -> {rate:.0f} images/min; steps {states}"
+        )
+        return rate
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def random_bits(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 2, (n, 256), dtype=np.uint8)
+
+
+def to_text(bits: np.ndarray) -> str:
+    return "".join("1" if b else "0" for b in bits)
+
+
+def bench_lookups(lib: Library, n_hashes: int, n_items: int, queries: int) -> None:
+    rng = np.random.default_rng(42)
+    planted_ids = sorted(rng.choice(np.arange(1, n_items + 1), size=queries, replace=False).tolist())
+    planted: dict[int, np.ndarray] = {}
+    with lib.db.conn() as conn:
+        conn.execute("DROP INDEX IF EXISTS pdq_hash_idx")
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            with cur.copy(
+                "COPY item (id, sha256, md5, byte_size, width, height, format, source, location) FROM STDIN"
+            ) as cp:
+                for i in range(1, n_hashes + 1):
+                    cp.write_row((i, i.to_bytes(32, "big"), f"{i:032x}", 1, 1, 1, "JPEG", "path", f"/synthetic/{i}"))
+            block = 100_000
+            with cur.copy("COPY pdq (item_id, kind, hash, quality, dihedral) FROM STDIN") as cp:
+                for start in range(0, n_hashes, block):
+                    bits = random_bits(rng, min(block, n_hashes - start))
+                    for offset, row in enumerate(bits):
+                        item_id = start + offset + 1
+                        if item_id in planted_ids:
+                            planted[item_id] = row.copy()
+                        text = to_text(row)
+                        cp.write_row((item_id, "plain", text, 100, "{" + text + "}"))
+        conn.execute("SELECT setval(pg_get_serial_sequence('item', 'id'), %s)", [n_hashes])
+        load_s = time.perf_counter() - started
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        started = time.perf_counter()
+        conn.execute("CREATE INDEX pdq_hash_idx ON pdq USING hnsw (hash bit_hamming_ops)")
+        build_s = time.perf_counter() - started
+        conn.execute("ANALYZE pdq")
+        size = conn.execute("SELECT pg_size_pretty(pg_relation_size('pdq_hash_idx'))").fetchone()[0]
+    print(f"PDQ table: {n_hashes} hashes loaded in {load_s:.1f} s; HNSW build {build_s:.1f} s, index {size}")
+
+    from library import search
+
+    def query_for(item_id: int, flip: int) -> list[str]:
+        row = planted[item_id].copy()
+        for bit in rng.choice(256, size=flip, replace=False):
+            row[bit] ^= 1
+        variants = [to_text(row)] + [to_text(random_bits(rng, 1)[0]) for _ in range(7)]
+        return variants
+
+    latencies, hits = [], 0
+    seq_latencies = []
+    with lib.db.conn() as conn:
+        for n, item_id in enumerate(planted_ids):
+            q = query_for(item_id, int(rng.integers(10, 25)))
+            t = time.perf_counter()
+            found = search.pdq_matches(conn, lib.settings, q, threshold=31, limit=20)
+            latencies.append((time.perf_counter() - t) * 1000)
+            hits += any(m.item_id == item_id for m in found)
+            if n < 5:
+                with conn.transaction():
+                    conn.execute("SET LOCAL enable_indexscan = off")
+                    t = time.perf_counter()
+                    exact = conn.execute(
+                        """SELECT p.item_id, min(p.hash <~> q.h) d FROM pdq p, unnest(%s::bit(256)[]) q(h)
+                           WHERE p.hash <~> q.h <= 31 GROUP BY p.item_id""",
+                        [q],
+                    ).fetchall()
+                    seq_latencies.append((time.perf_counter() - t) * 1000)
+                assert any(r[0] == item_id for r in exact)
+    print(
+        f"PDQ lookup at {n_hashes} hashes (8 query hashes, threshold 31): p50 {pct(latencies, 0.5):.1f} ms, "
+        f"p95 {pct(latencies, 0.95):.1f} ms; planted near-duplicates found {hits}/{len(planted_ids)}; "
+        f"exact sequential scan p50 {statistics.median(seq_latencies):.0f} ms"
+    )
+
+
+def bench_image_search(lib: Library, n_items: int, queries: int) -> None:
+    with lib.db.conn() as conn:
+        conn.execute("DELETE FROM item WHERE id > %s", [n_items])
+        conn.execute("VACUUM ANALYZE pdq")
+        count = conn.execute("SELECT count(*) FROM pdq").fetchone()[0]
+    sources = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+    blobs = []
+    for i in range(queries):
+        out = io.BytesIO()
+        sources[i % len(sources)].rotate(i % 4 * 90, expand=True).save(out, "JPEG", quality=85)
+        blobs.append(out.getvalue())
+    latencies = []
+    for data in blobs:
+        t = time.perf_counter()
+        lib.search_image(data, "pdq", None, 20)
+        latencies.append((time.perf_counter() - t) * 1000)
+    hash_ms = []
+    for data in blobs[:10]:
+        t = time.perf_counter()
+        pdq.hash_image(data, max_pixels=lib.settings.max_image_pixels)
+        hash_ms.append((time.perf_counter() - t) * 1000)
+    print(
+        f"image search at {count} items (JPEG query, decode + PDQ + lookup): p50 {pct(latencies, 0.5):.1f} ms, "
+        f"p95 {pct(latencies, 0.95):.1f} ms (decode + hash alone p50 {statistics.median(hash_ms):.1f} ms)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hashes", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--ingest", type=int, default=120)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ocr", action="store_true", help="also measure ingest with the OCR step")
+    args = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-library-"))
+    try:
+        base = {"data_dir": data_dir, "workers": args.workers}
+        if args.ingest:
+            bench_ingest(
+                LibrarySettings(**base, schema_name="ingest_pdq", text_schema_name="ingest_text"),
+                args.ingest,
+                ocr=False,
+            )
+            if args.ocr:
+                bench_ingest(
+                    LibrarySettings(
+                        **base, schema_name="ingest_ocr", text_schema_name="ingest_text", ocr_model="PP-OCRv6_small"
+                    ),
+                    max(args.ingest // 4, 10),
+                    ocr=True,
+                )
+        lib = Library(LibrarySettings(**base, schema_name="scale", text_schema_name="scale_text"))
+        try:
+            bench_lookups(lib, args.hashes, min(args.items, args.hashes), min(args.queries, args.items))
+            bench_image_search(lib, min(args.items, args.hashes), args.queries)
+        finally:
+            lib.close()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

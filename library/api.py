@@ -280,7 +280,8 @@ def search_text(
 def duplicates(
     request: Request, threshold: Annotated[int | None, Query(ge=0, le=256)] = None
 ) -> dict[str, list[list[HitModel]]]:
-    groups = lib(request).duplicates(threshold)
+    with http_errors():
+        groups = lib(request).duplicates(threshold)
     return {"groups": [[HitModel(**h) for h in g] for g in groups]}
 
 

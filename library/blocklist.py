@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from library import pdq
+from library import pdq, search
 from library.settings import LibrarySettings
 
 
@@ -25,18 +26,20 @@ class BlockMatch:
 
 
 def match_hashes(conn: psycopg.Connection[Any], settings: LibrarySettings, query_bits: list[str]) -> BlockMatch | None:
-    """The nearest blocklist entry within the threshold of any of ``query_bits``, or None."""
-    with conn.transaction():
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(settings.pdq_ef_search)])
-        row = conn.execute(
-            """SELECT c.id, c.d, c.label
-               FROM unnest(%s::bit(256)[]) AS q(h)
-               CROSS JOIN LATERAL (SELECT e.id, e.label, e.hash <~> q.h AS d FROM blocklist_entry AS e
-                                   ORDER BY e.hash <~> q.h LIMIT 1) AS c
-               WHERE c.d <= %s
-               ORDER BY c.d, c.id LIMIT 1""",
-            [query_bits, settings.blocklist_threshold],
-        ).fetchone()
+    """The nearest blocklist entry within the threshold of any of ``query_bits``, or None (indexed like
+    library.search: chunk probes, then exact distances)."""
+    where, params = search.candidate_filter("e", query_bits, settings.blocklist_threshold)
+    row = conn.execute(
+        sql.SQL(
+            """SELECT e.id, min(e.hash <~> q.h) AS d, e.label
+               FROM blocklist_entry AS e CROSS JOIN unnest(%s::bit(256)[]) AS q(h)
+               WHERE {where}
+               GROUP BY e.id, e.label
+               HAVING min(e.hash <~> q.h) <= %s
+               ORDER BY d, e.id LIMIT 1"""
+        ).format(where=where),
+        [query_bits, *params, settings.blocklist_threshold],
+    ).fetchone()
     return BlockMatch(int(row[0]), int(row[1]), row[2]) if row else None
 
 
@@ -78,24 +81,20 @@ def import_hashes(
 
 
 def _flag_existing(conn: psycopg.Connection[Any], settings: LibrarySettings, entry_ids: list[int]) -> int:
-    if not entry_ids:
-        return 0
-    with conn.transaction():
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(settings.pdq_ef_search)])
-        conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-        rows = conn.execute(
-            """INSERT INTO block_hit (item_id, entry_id, distance)
-               SELECT DISTINCT ON (c.item_id) c.item_id, e.id, c.d
-               FROM blocklist_entry AS e
-               CROSS JOIN LATERAL (SELECT p.item_id, p.hash <~> e.hash AS d FROM pdq AS p
-                                   ORDER BY p.hash <~> e.hash LIMIT 100) AS c
-               WHERE e.id = ANY(%s) AND c.d <= %s
-               ORDER BY c.item_id, c.d
-               ON CONFLICT (item_id) DO NOTHING
-               RETURNING item_id""",
-            [entry_ids, settings.blocklist_threshold],
-        ).fetchall()
-    return len(rows)
+    """Flag the items already in the library that match one of the new entries (their stored hashes)."""
+    flagged = 0
+    rows = conn.execute("SELECT id, hash::text FROM blocklist_entry WHERE id = ANY(%s)", [entry_ids]).fetchall()
+    for entry_id, bits in rows:
+        matches = search.pdq_matches(
+            conn, settings, [bits], threshold=settings.blocklist_threshold, limit=100000, include_blocked=True
+        )
+        for m in matches:
+            flagged += conn.execute(
+                """INSERT INTO block_hit (item_id, entry_id, distance) VALUES (%s, %s, %s)
+                   ON CONFLICT (item_id) DO NOTHING""",
+                [m.item_id, entry_id, int(m.distance)],
+            ).rowcount
+    return flagged
 
 
 def list_hits(conn: psycopg.Connection[Any], limit: int, offset: int) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ai_service.imaging import ImageTooLargeError, probe_image
-from library import blocklist, items, pdq
+from library import blocklist, items, pdq, search
 from library.db import Database
 from library.fetch import fetch_image_bytes
 from library.pipeline import blob_path
@@ -103,6 +103,7 @@ class Ingestor:
                 with conn.transaction():
                     items.store_pdq(conn, item_id, result)
                     blocklist.check_item(conn, self.settings, item_id, result)
+                    search.record_pairs(conn, self.settings, item_id, result.query_bits)
                     items.mark_step_done(conn, item_id, "pdq")
         return Added(item_id=item_id, md5=new.md5, sha256=digest.hexdigest(), created=created)
 

@@ -126,6 +126,10 @@ def step_counts(conn: psycopg.Connection[Any]) -> dict[str, dict[str, int]]:
 
 
 def store_pdq(conn: psycopg.Connection[Any], item_id: int, hashes: PdqHashes) -> None:
+    """Store the item's hashes. Call inside a transaction: hash writers are serialised until commit, so the
+    pair lookup that follows (search.record_pairs) sees every hash committed before it -- two copies hashed
+    at the same moment by two workers still find each other."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('immich_zh_ai.library.pdq'))")
     conn.execute("DELETE FROM pdq WHERE item_id = %s", [item_id])
     for kind, result in hashes.variants:
         conn.execute(

@@ -23,7 +23,7 @@ import psycopg
 
 from ai_service.imaging import ImageError, ImageTooLargeError
 from ai_service.inference import RequestError
-from library import blocklist, items, pdq, text
+from library import blocklist, items, pdq, search, text
 from library.db import Database
 from library.inference import LibraryInference
 from library.settings import LibrarySettings
@@ -197,6 +197,7 @@ class Pipeline:
         hashes = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
         items.store_pdq(conn, item.id, hashes)
         blocklist.check_item(conn, self.settings, item.id, hashes)
+        search.record_pairs(conn, self.settings, item.id, hashes.query_bits)
 
     def _run_clip(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         vector = self.inference.clip_image(data)

@@ -1,18 +1,27 @@
 """PDQ and CLIP matching against the library, and duplicate groups.
 
-PDQ lookups use the HNSW index on ``pdq.hash`` (``bit_hamming_ops``): for each of the query's 8 dihedral
-hashes one index scan ordered by Hamming distance (pgvector iterative scans keep filtering from starving
-it), then the best distance per item. Low-quality hashes (flat images) never match.
+PDQ lookups are exact and indexed by multi-index hashing (see migrations/001_library.sql): a hash within
+``t`` bits of the query differs in at most ``t // 16`` bits in at least one of its 16 chunks of 16 bits,
+so the candidates are found by btree probes of each chunk's column with the query chunk's neighbours
+within that radius (17 values per query hash for t <= 31, 137 for t <= 47), and only the candidates get
+their Hamming distance computed. Thresholds above 47 bits are answered by a sequential scan.
+Low-quality hashes (flat images) never match.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from library.settings import LibrarySettings
+
+CHUNKS = 16
+CHUNK_BITS = 16
+MAX_INDEXED_THRESHOLD = 3 * CHUNKS - 1  # radius 2 per chunk: 137 probes per chunk and query hash
 
 
 @dataclass(frozen=True)
@@ -21,9 +30,30 @@ class Match:
     distance: float
 
 
-def _hnsw_session(conn: psycopg.Connection[Any], settings: LibrarySettings) -> None:
-    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(settings.pdq_ef_search)])
-    conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+def chunk_probes(query_bits: list[str], threshold: int) -> list[list[int]] | None:
+    """Per chunk, every value a matching hash may have in it; None when the threshold is too large for
+    the index (the caller scans)."""
+    if threshold > MAX_INDEXED_THRESHOLD:
+        return None
+    radius = threshold // CHUNKS
+    flips = [0]
+    for r in range(1, radius + 1):
+        flips += [sum(1 << b for b in combo) for combo in itertools.combinations(range(CHUNK_BITS), r)]
+    probes: list[set[int]] = [set() for _ in range(CHUNKS)]
+    for bits in query_bits:
+        for i in range(CHUNKS):
+            value = int(bits[i * CHUNK_BITS : (i + 1) * CHUNK_BITS], 2)
+            probes[i].update(value ^ f for f in flips)
+    return [sorted(p) for p in probes]
+
+
+def candidate_filter(alias: str, query_bits: list[str], threshold: int) -> tuple[sql.Composable, list[Any]]:
+    """``(c0 = ANY(..) OR ... OR c15 = ANY(..))`` for ``alias``, or TRUE (scan) beyond the index's reach."""
+    probes = chunk_probes(query_bits, threshold)
+    if probes is None:
+        return sql.SQL("TRUE"), []
+    parts = [sql.SQL("{} = ANY(%s)").format(sql.Identifier(alias, f"c{i}")) for i in range(CHUNKS)]
+    return sql.SQL("(") + sql.SQL(" OR ").join(parts) + sql.SQL(")"), list(probes)
 
 
 def pdq_matches(
@@ -37,31 +67,49 @@ def pdq_matches(
     include_blocked: bool = False,
 ) -> list[Match]:
     """Items within ``threshold`` bits of any of ``query_bits`` (best distance per item), nearest first."""
-    with conn.transaction():
-        _hnsw_session(conn, settings)
-        rows = conn.execute(
-            """SELECT c.item_id, min(c.d) AS distance
-               FROM unnest(%s::bit(256)[]) AS q(h)
-               CROSS JOIN LATERAL (
-                 SELECT p.item_id, p.hash <~> q.h AS d FROM pdq AS p
-                 WHERE p.quality >= %s
-                 ORDER BY p.hash <~> q.h
-                 LIMIT %s) AS c
-               WHERE c.d <= %s
-                 AND c.item_id IS DISTINCT FROM %s
-                 AND (%s OR NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = c.item_id))
-               GROUP BY c.item_id
-               ORDER BY distance, c.item_id
-               LIMIT %s""",
-            # Each item may hold two indexed hashes (plain, trimmed) and one may be excluded: fetch enough.
-            [query_bits, settings.pdq_min_quality, 2 * limit + 2, threshold, exclude_item, include_blocked, limit],
-        ).fetchall()
+    where, params = candidate_filter("p", query_bits, threshold)
+    query = sql.SQL(
+        """SELECT p.item_id, min(p.hash <~> q.h) AS distance
+           FROM pdq AS p CROSS JOIN unnest(%s::bit(256)[]) AS q(h)
+           WHERE {where} AND p.quality >= %s
+             AND p.item_id IS DISTINCT FROM %s
+             AND (%s OR NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = p.item_id))
+           GROUP BY p.item_id
+           HAVING min(p.hash <~> q.h) <= %s
+           ORDER BY distance, p.item_id
+           LIMIT %s"""
+    ).format(where=where)
+    rows = conn.execute(
+        query,
+        [query_bits, *params, settings.pdq_min_quality, exclude_item, include_blocked, threshold, limit],
+    ).fetchall()
     return [Match(int(r[0]), float(r[1])) for r in rows]
 
 
 def item_dihedral(conn: psycopg.Connection[Any], item_id: int) -> list[str] | None:
     rows = conn.execute("SELECT dihedral::text[] FROM pdq WHERE item_id = %s ORDER BY kind", [item_id]).fetchall()
     return [bits for row in rows for bits in row[0]] or None
+
+
+def record_pairs(conn: psycopg.Connection[Any], settings: LibrarySettings, item_id: int, query_bits: list[str]) -> int:
+    """Store the item's near-duplicate pairs (within ``pdq_threshold``, blocked items included so groups
+    stay right when a block is lifted); returns how many."""
+    matches = pdq_matches(
+        conn,
+        settings,
+        query_bits,
+        threshold=settings.pdq_threshold,
+        limit=10000,
+        exclude_item=item_id,
+        include_blocked=True,
+    )
+    for m in matches:
+        conn.execute(
+            """INSERT INTO pdq_pair (a, b, distance) VALUES (%s, %s, %s)
+               ON CONFLICT (a, b) DO UPDATE SET distance = least(pdq_pair.distance, excluded.distance)""",
+            [min(item_id, m.item_id), max(item_id, m.item_id), int(m.distance)],
+        )
+    return len(matches)
 
 
 def clip_matches(
@@ -73,7 +121,8 @@ def clip_matches(
     limit: int,
     exclude_item: int | None = None,
 ) -> list[Match]:
-    """Items whose CLIP vector (same model) is within ``threshold`` cosine distance, nearest first."""
+    """Items whose CLIP vector (same model) is within ``threshold`` cosine distance, nearest first
+    (an exact scan of the model's vectors; no vector index yet)."""
     rows = conn.execute(
         """SELECT item_id, d FROM (
              SELECT c.item_id, c.embedding <=> %s::vector AS d FROM clip AS c
@@ -94,26 +143,16 @@ def item_clip(conn: psycopg.Connection[Any], item_id: int, model: str) -> list[f
     return [float(v) for v in row[0].strip("[]").split(",")] if row else None
 
 
-def duplicate_groups(
-    conn: psycopg.Connection[Any], settings: LibrarySettings, *, threshold: int, neighbours: int = 32
-) -> list[list[tuple[int, int]]]:
-    """Groups of items connected by PDQ matches (any of an item's 8 variants within ``threshold`` of
-    another item's hash; transitive). Each group: [(item_id, distance to the group's first item)…],
-    groups ordered by size, then first id. Blocked items are left out."""
-    with conn.transaction():
-        _hnsw_session(conn, settings)
-        pairs = conn.execute(
-            """SELECT a.item_id, c.item_id, min(c.d)
-               FROM pdq AS a
-               CROSS JOIN LATERAL unnest(a.dihedral) AS q(h)
-               CROSS JOIN LATERAL (
-                 SELECT p.item_id, p.hash <~> q.h AS d FROM pdq AS p
-                 WHERE p.quality >= %s ORDER BY p.hash <~> q.h LIMIT %s) AS c
-               WHERE a.quality >= %s AND c.item_id <> a.item_id AND c.d <= %s
-                 AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id IN (a.item_id, c.item_id))
-               GROUP BY a.item_id, c.item_id""",
-            [settings.pdq_min_quality, neighbours, settings.pdq_min_quality, threshold],
-        ).fetchall()
+def duplicate_groups(conn: psycopg.Connection[Any], *, threshold: int) -> list[list[tuple[int, int]]]:
+    """Groups of items connected by recorded PDQ pairs within ``threshold`` (transitive). Each group:
+    [(item_id, distance to the group's first item, -1 when only connected through others)…], groups by
+    size, then first id. Blocked items are left out."""
+    pairs = conn.execute(
+        """SELECT a, b, distance FROM pdq_pair
+           WHERE distance <= %s
+             AND NOT EXISTS (SELECT 1 FROM block_hit AS h WHERE h.item_id IN (pdq_pair.a, pdq_pair.b))""",
+        [threshold],
+    ).fetchall()
     parent: dict[int, int] = {}
 
     def find(x: int) -> int:
@@ -128,8 +167,7 @@ def duplicate_groups(
         ra, rb = find(int(a)), find(int(b))
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-        key = (min(int(a), int(b)), max(int(a), int(b)))
-        distance[key] = min(distance.get(key, 256), int(d))
+        distance[(int(a), int(b))] = int(d)
     members: dict[int, list[int]] = {}
     for x in list(parent):
         members.setdefault(find(x), []).append(x)

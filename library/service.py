@@ -189,9 +189,16 @@ class Library:
         return self._hits([search.Match(i, -score) for i, score in order], "hybrid")
 
     def duplicates(self, threshold: int | None) -> list[list[dict[str, Any]]]:
+        """Near-duplicate groups from the pairs recorded at hashing time (within LIBRARY_PDQ_THRESHOLD);
+        a smaller ``threshold`` narrows them, a larger one is refused (ValueError)."""
         thr = self.settings.pdq_threshold if threshold is None else threshold
+        if thr > self.settings.pdq_threshold:
+            raise ValueError(
+                f"duplicate pairs are recorded within LIBRARY_PDQ_THRESHOLD={self.settings.pdq_threshold} bits; "
+                f"a threshold of {thr} needs a larger setting (and re-hashing)"
+            )
         with self.db.conn() as conn:
-            groups = search.duplicate_groups(conn, self.settings, threshold=thr)
+            groups = search.duplicate_groups(conn, threshold=thr)
             found = items.get_items(conn, [i for g in groups for i, _ in g])
         return [[Hit(found[i], d, "pdq").as_dict() for i, d in g if i in found] for g in groups]
 

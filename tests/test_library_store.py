@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from library import items, pdq
+from library import items, search
 from library.db import Database
 from library.service import Library
 from tests.library_support import PDQ_DATA, REPO, distinct_images, encode, library_env, photo, settings_from
@@ -70,7 +71,8 @@ def test_migrations_are_idempotent_and_install_the_segmenter(env: dict[str, str]
                     "SELECT indexname FROM pg_indexes WHERE schemaname = %s", [env["LIBRARY_SCHEMA_NAME"]]
                 )
             }
-            assert {"pdq_hash_idx", "blocklist_hash_idx", "ocr_doc_idx"} <= indexes
+            assert {f"pdq_c{i}_idx" for i in range(16)} <= indexes
+            assert {"blocklist_c0_idx", "blocklist_c15_idx", "ocr_doc_idx"} <= indexes
             # No Immich table is needed and none was touched.
             assert conn.execute("SELECT to_regclass('public.asset_ocr')").fetchone() == (None,)
     finally:
@@ -391,14 +393,47 @@ def test_blocklist_from_a_folder_of_images(library: Library, env: dict[str, str]
         assert conn.execute("SELECT item_id FROM block_hit").fetchall() == [(copy.item_id,)]
 
 
-def test_pdq_lookup_uses_the_index(library: Library) -> None:
+def test_pdq_lookup_uses_the_chunk_indexes_and_is_exact(library: Library) -> None:
+    rng = random.Random(5)
+    stored = ["".join(rng.choice("01") for _ in range(256)) for _ in range(300)]
     with library.db.conn() as conn:
-        conn.execute("SET enable_seqscan = off")
+        for n, bits in enumerate(stored):
+            item = items.NewItem(
+                sha256=n.to_bytes(32, "big"),
+                md5="0" * 32,
+                byte_size=1,
+                width=1,
+                height=1,
+                format="PNG",
+                source="upload",
+                location="synthetic",
+            )
+            item_id, _ = items.insert_item(conn, item, [])
+            conn.execute(
+                "INSERT INTO pdq (item_id, kind, hash, quality, dihedral) VALUES (%s, 'plain', %s, 100, "
+                "ARRAY[%s]::bit(256)[])",
+                [item_id, bits, bits],
+            )
+        conn.execute("ANALYZE pdq")
+        for threshold in (0, 15, 31, 40, 47, 60):
+            for target in stored[:20]:
+                flipped = list(target)
+                for bit in rng.sample(range(256), threshold):
+                    flipped[bit] = "1" if flipped[bit] == "0" else "0"
+                query = "".join(flipped)
+                found = search.pdq_matches(conn, library.settings, [query], threshold=threshold, limit=10)
+                exact = sorted((bin(int(s, 2) ^ int(query, 2)).count("1"), i) for i, s in enumerate(stored))
+                assert found and found[0].distance == exact[0][0] == threshold
+        where, params = search.candidate_filter("p", [stored[0]], 31)
+        conn.execute("SET enable_seqscan = off")  # a 300-row table would be scanned anyway
         plan = "\n".join(
             r[0]
             for r in conn.execute(
-                "EXPLAIN SELECT item_id FROM pdq ORDER BY hash <~> %s::bit(256) LIMIT 5", [pdq.hex_to_bits("f" * 64)]
+                psycopg.sql.SQL("EXPLAIN SELECT p.item_id FROM pdq AS p WHERE {}").format(where), params
             )
         )
         conn.execute("RESET enable_seqscan")
-    assert "pdq_hash_idx" in plan
+    assert "BitmapOr" in plan and "pdq_c15_idx" in plan
+    assert search.chunk_probes([stored[0]], 31) is not None and len(search.chunk_probes([stored[0]], 31)[0]) == 17
+    assert len(search.chunk_probes([stored[0]], 47)[0]) == 137
+    assert search.chunk_probes([stored[0]], 48) is None  # beyond the index: scanned

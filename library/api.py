@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
 
-from ai_service.imaging import ImageError
+from ai_service.imaging import ImageError, ImageTooLargeError
 from library import blocklist, items
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
 from library.ingest import IngestTooLargeError
@@ -128,8 +129,10 @@ def http_errors() -> Iterator[None]:
         raise HTTPException(400, f"cannot fetch the URL: {exc}") from None
     except ImageError as exc:
         raise HTTPException(415, str(exc)) from None
-    except ValueError as exc:  # ImageTooLargeError and other checks on client input
-        raise HTTPException(413 if "limit" in str(exc) else 400, str(exc)) from None
+    except ImageTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ValueError as exc:  # other checks on client input (e.g. a duplicates threshold out of range)
+        raise HTTPException(400, str(exc)) from None
 
 
 def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -202,9 +205,9 @@ def get_image(request: Request, item_id: int) -> Response:
         raise HTTPException(404, f"no item {item_id}")
     if blocked:
         raise HTTPException(451, "this image matches the blocklist")
-    path = blob_path(library.settings, item.blob) if item.blob else None
+    path = blob_path(library.settings, item.blob) if item.blob else Path(item.location)
     try:
-        data = path.read_bytes() if path else open(item.location, "rb").read()  # noqa: SIM115
+        data = path.read_bytes()
     except OSError:
         raise HTTPException(404, "the item's file is no longer available") from None
     return Response(data, media_type=Image.MIME.get(item.format, "application/octet-stream"))

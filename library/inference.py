@@ -1,18 +1,22 @@
 """The library's one door to inference: CLIP image/text vectors and OCR lines.
 
 Models run in-process through ``ai_service.inference.InferenceService`` (the same registry, model cache
-and decoder as the AI service; models from ``AI_SERVICE_MODEL_DIR``). Every pipeline step and search goes
-through this module only, so moving inference elsewhere (a task table, a gateway URL) changes one file.
+and decoder as the AI service; models from ``AI_SERVICE_MODEL_DIR``), or, with ``LIBRARY_INFERENCE_URL``,
+on an AI service or gateway through Immich's ``/predict`` protocol. Every pipeline step and search goes
+through this module only, so moving inference elsewhere (a task table) changes one file.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import numpy as np
 
-from ai_service.inference import InferenceService
+from ai_service.inference import InferenceService, RequestError
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.settings import AIServiceSettings
 from library.settings import LibrarySettings
@@ -60,20 +64,52 @@ class LibraryInference:
         return self.settings.clip_model
 
     def clip_image(self, data: bytes) -> np.ndarray:
-        ref = self.service.registry.resolve(ModelTask.CLIP, ModelType.VISUAL, self._clip_name())
+        name = self._clip_name()
+        if self.settings.inference_url:
+            reply = self._predict({"clip": {"visual": {"modelName": name}}}, image=data)
+            return _unit(np.asarray(json.loads(reply["clip"]), dtype=np.float32))
+        ref = self.service.registry.resolve(ModelTask.CLIP, ModelType.VISUAL, name)
         vector, _ = self.service.encode_image(ref, data)
         return _unit(vector)
 
     def clip_text(self, text: str) -> np.ndarray:
-        ref = self.service.registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, self._clip_name())
+        name = self._clip_name()
+        if self.settings.inference_url:
+            reply = self._predict({"clip": {"textual": {"modelName": name}}}, text=text)
+            return _unit(np.asarray(json.loads(reply["clip"]), dtype=np.float32))
+        ref = self.service.registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, name)
         return _unit(self.service.encode_text(ref, text, None))
 
     def ocr(self, data: bytes) -> OcrText:
-        if not self.settings.ocr_model:
+        name = self.settings.ocr_model
+        if not name:
             raise InferenceUnavailableError("no OCR model configured (LIBRARY_OCR_MODEL)")
-        ref = self.service.registry.resolve(ModelTask.OCR, ModelType.DETECTION, self.settings.ocr_model)
+        if self.settings.inference_url:
+            entries = {"ocr": {"detection": {"modelName": name}, "recognition": {"modelName": name}}}
+            texts = self._predict(entries, image=data)["ocr"]["text"]
+            return OcrText([str(t) for t in texts if str(t).strip()])
+        ref = self.service.registry.resolve(ModelTask.OCR, ModelType.DETECTION, name)
         lines, _ = self.service.ocr(ref, data)
         return OcrText([t for t in lines.texts if t.strip()])
+
+    def _predict(self, entries: dict[str, Any], *, image: bytes | None = None, text: str | None = None) -> Any:
+        """POST <inference_url>/predict as the Immich server does. A 4xx about the input becomes a
+        RequestError (the pipeline fails that item's step for good); anything else is retried."""
+        assert self.settings.inference_url is not None
+        url = self.settings.inference_url.rstrip("/") + "/predict"
+        form: dict[str, Any] = {"entries": json.dumps(entries)}
+        if text is not None:
+            form["text"] = text
+        files = {"image": ("blob", image, "application/octet-stream")} if image is not None else None
+        response = httpx.post(url, data=form, files=files, timeout=self.settings.inference_timeout_s, trust_env=False)
+        if response.status_code in (400, 413, 415, 422):
+            try:
+                detail = str(response.json().get("detail", response.text))
+            except ValueError:
+                detail = response.text
+            raise RequestError(response.status_code, f"inference service: {detail[:500]}")
+        response.raise_for_status()
+        return response.json()
 
     def close(self) -> None:
         with self._lock:

@@ -142,6 +142,14 @@ class LibrarySettings(BaseSettings):
     celery_drain_batch: int = Field(
         default=20, ge=1, le=10000, description="Steps one Celery task runs before it hands over to a new task."
     )
+    inference_url: str | None = Field(
+        default=None,
+        description="Base URL of an AI service or gateway (Immich's /predict protocol) that runs CLIP and OCR for "
+        "the library; unset: models run in-process (AI_SERVICE_MODEL_DIR).",
+    )
+    inference_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="Timeout of one inference request to LIBRARY_INFERENCE_URL."
+    )
     clip_model: str | None = Field(
         default=None,
         description="CLIP model (Immich name, e.g. ViT-B-16__cn-clip) for the 'clip' step and CLIP search; "

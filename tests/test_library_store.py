@@ -437,3 +437,48 @@ def test_pdq_lookup_uses_the_chunk_indexes_and_is_exact(library: Library) -> Non
     assert search.chunk_probes([stored[0]], 31) is not None and len(search.chunk_probes([stored[0]], 31)[0]) == 17
     assert len(search.chunk_probes([stored[0]], 47)[0]) == 137
     assert search.chunk_probes([stored[0]], 48) is None  # beyond the index: scanned
+
+
+@pytest.mark.skipif(not FONT.is_file(), reason=f"CJK font {FONT} not installed (apt fonts-wqy-zenhei)")
+def test_inference_through_an_ai_service_url(
+    postgres_uri: str, tmp_path: Path, clip_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LIBRARY_INFERENCE_URL: CLIP and OCR run on a real ``python -m ai_service`` over Immich's /predict; the
+    vectors are the ones the in-process path computes, and a broken image fails its steps for good."""
+    from library.inference import LibraryInference
+    from tests.servers import module_process
+
+    with module_process("ai_service", {"AI_SERVICE_MODEL_DIR": str(clip_model_dir)}, log=tmp_path / "ai.log") as ai:
+        env = library_env(
+            postgres_uri,
+            tmp_path / "data",
+            LIBRARY_INFERENCE_URL=ai.base,
+            LIBRARY_CLIP_MODEL="test-cn-clip-tiny",
+            LIBRARY_OCR_MODEL="PP-OCRv6_small",
+        )
+        lib = Library(settings_from(env))
+        try:
+            image = Image.new("RGB", (700, 160), "white")
+            ImageDraw.Draw(image).text((30, 40), "增值税专用发票", font=ImageFont.truetype(str(FONT), 56), fill="black")
+            text_item = lib.ingestor.add_bytes(encode(image), source="upload", location="t")
+            jpeg = encode(photo("chelsea"), "JPEG")
+            broken = lib.ingestor.add_bytes(jpeg[:3000], source="upload", location="b")
+            lib.pipeline.run_until_idle()
+            assert {s: v["state"] for s, v in steps_of(lib, text_item.item_id).items()} == {
+                "pdq": "done",
+                "clip": "done",
+                "ocr": "done",
+            }
+            assert [h.item.id for h in lib.search_text("发票", "ocr", None)] == [text_item.item_id]
+            remote = lib.inference.clip_image(encode(image))
+            monkeypatch.setenv("AI_SERVICE_MODEL_DIR", str(clip_model_dir))
+            local = LibraryInference(lib.settings.model_copy(update={"inference_url": None}))
+            try:
+                assert float(remote @ local.clip_image(encode(image))) > 0.999
+            finally:
+                local.close()
+            steps = steps_of(lib, broken.item_id)
+            assert steps["clip"]["state"] == "failed" and "inference service" in str(steps["clip"]["reason"])
+            assert steps["clip"]["attempts"] == 1
+        finally:
+            lib.close()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
 
+from ai_service.api.limits import BodySizeLimitMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
 from library import blocklist, items
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
@@ -363,7 +364,7 @@ def create_app(library: Library | None = None, settings: LibrarySettings | None 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = library is None
-        app.state.library = library or Library(settings)
+        app.state.library = library or Library(limits)
         if own:
             app.state.library.start_workers()
         app.state.registry = CollectorRegistry(auto_describe=False)
@@ -376,6 +377,14 @@ def create_app(library: Library | None = None, settings: LibrarySettings | None 
 
     app = FastAPI(title="immich-zh-ai library", lifespan=lifespan)
     app.include_router(router)
+    limits = library.settings if library is not None else (settings or LibrarySettings())
+    # Bodies are refused while they stream in, before a multipart parser spools them to disk: the largest
+    # legitimate body is one image or one hash list, plus multipart framing.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=max(limits.max_image_bytes, limits.max_blocklist_import_bytes) + 1024 * 1024,
+        setting_name="LIBRARY_MAX_IMAGE_BYTES / LIBRARY_MAX_BLOCKLIST_IMPORT_BYTES",
+    )
 
     from library import imgsmlr
 

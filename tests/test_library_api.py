@@ -34,7 +34,9 @@ def images() -> Iterator[ImageServer]:
 @pytest.fixture(scope="module")
 def api(postgres_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     tmp = tmp_path_factory.mktemp("library-api")
-    env = library_env(postgres_uri, tmp / "data", LIBRARY_MAX_IMAGE_BYTES="3000000")
+    env = library_env(
+        postgres_uri, tmp / "data", LIBRARY_MAX_IMAGE_BYTES="3000000", LIBRARY_MAX_BLOCKLIST_IMPORT_BYTES="2000000"
+    )
     port = free_port()
     with (
         library_server(env, tmp / "server.log", port),
@@ -176,6 +178,9 @@ def test_native_upload_statuses(api: httpx.Client, images: ImageServer) -> None:
         415,
     )
     assert api.post("/api/items").status_code == 422
+    # A body over the limit is refused while it streams (3 MB image + 1 MB framing), not spooled.
+    huge = api.post("/api/items", files={"file": ("huge.jpg", b"\xff" * 5_000_000)})
+    assert huge.status_code == 413 and "LIBRARY_MAX_IMAGE_BYTES" in huge.text
     item = api.get(f"/api/items/{created.json()['id']}").json()
     assert item["remark"] == "rocket" and item["steps"][0]["name"] == "pdq" and item["blocked"] is False
     image = api.get(f"/api/items/{item['id']}/image")

@@ -214,6 +214,23 @@ def get_image(request: Request, item_id: int) -> Response:
     return Response(data, media_type=Image.MIME.get(item.format, "application/octet-stream"))
 
 
+class FaceModel(BaseModel):
+    n: int
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the upright image")
+    score: float
+
+
+@router.get("/items/{item_id}/faces", response_model=list[FaceModel], summary="Faces found in an item")
+def get_faces(request: Request, item_id: int) -> list[FaceModel]:
+    with lib(request).db.conn() as conn:
+        if items.get_item(conn, item_id) is None:
+            raise HTTPException(404, f"no item {item_id}")
+        rows = conn.execute(
+            "SELECT n, x1, y1, x2, y2, score FROM face WHERE item_id = %s ORDER BY n", [item_id]
+        ).fetchall()
+    return [FaceModel(n=r[0], box=[float(v) for v in r[1:5]], score=float(r[5])) for r in rows]
+
+
 @router.get("/status", summary="Item and pipeline-step counts")
 def status(request: Request) -> dict[str, Any]:
     with lib(request).db.conn() as conn:

@@ -1,4 +1,4 @@
-"""The library's one door to inference: CLIP image/text vectors and OCR lines.
+"""The library's one door to inference: CLIP image/text vectors, OCR lines and faces.
 
 Models run in-process through ``ai_service.inference.InferenceService`` (the same registry, model cache
 and decoder as the AI service; models from ``AI_SERVICE_MODEL_DIR``), or, with ``LIBRARY_INFERENCE_URL``,
@@ -24,6 +24,13 @@ from library.settings import LibrarySettings
 
 class InferenceUnavailableError(RuntimeError):
     """The requested capability has no model configured."""
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the upright image
+    score: float
+    embedding: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,36 @@ class LibraryInference:
         ref = self.service.registry.resolve(ModelTask.OCR, ModelType.DETECTION, name)
         lines, _ = self.service.ocr(ref, data)
         return OcrText([t for t in lines.texts if t.strip()])
+
+    def faces(self, data: bytes) -> list[Face]:
+        name = self.settings.face_model
+        if not name:
+            raise InferenceUnavailableError("no face model configured (LIBRARY_FACE_MODEL)")
+        min_score = self.settings.face_min_score
+        if self.settings.inference_url:
+            entries = {
+                "facial-recognition": {
+                    "detection": {"modelName": name, "options": {"minScore": min_score}},
+                    "recognition": {"modelName": name},
+                }
+            }
+            found = self._predict(entries, image=data)["facial-recognition"]
+            return [
+                Face(
+                    box=tuple(float(f["boundingBox"][k]) for k in ("x1", "y1", "x2", "y2")),  # type: ignore[arg-type]
+                    score=float(f["score"]),
+                    embedding=np.asarray(json.loads(f["embedding"]), dtype=np.float32),
+                )
+                for f in found
+            ]
+        detector = self.service.registry.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION, name)
+        recognizer = self.service.registry.resolve(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION, name)
+        result, _ = self.service.faces(detector, recognizer, data, min_score)
+        assert result.embeddings is not None
+        return [
+            Face(box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])), score=float(s), embedding=e)
+            for b, s, e in zip(result.boxes, result.scores, result.embeddings, strict=True)
+        ]
 
     def _predict(self, entries: dict[str, Any], *, image: bytes | None = None, text: str | None = None) -> Any:
         """POST <inference_url>/predict as the Immich server does. A 4xx about the input becomes a

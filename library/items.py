@@ -15,12 +15,14 @@ STEP_STATES = ("pending", "running", "done", "failed")
 
 
 def enabled_steps(settings: LibrarySettings) -> list[str]:
-    """Pipeline steps every new item gets: PDQ always, CLIP and OCR when a model is configured."""
+    """Pipeline steps every new item gets: PDQ always, CLIP, OCR and faces when a model is configured."""
     steps = ["pdq"]
     if settings.clip_model:
         steps.append("clip")
     if settings.ocr_model:
         steps.append("ocr")
+    if settings.face_model:
+        steps.append("faces")
     return steps
 
 

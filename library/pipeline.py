@@ -92,6 +92,7 @@ class Pipeline:
             "pdq": self._run_pdq,
             "clip": self._run_clip,
             "ocr": self._run_ocr,
+            "faces": self._run_faces,
         }
 
     # ---- claiming ---------------------------------------------------------------------------------
@@ -210,6 +211,16 @@ class Pipeline:
     def _run_ocr(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         found = self.inference.ocr(data)
         text.store_ocr(conn, item.id, found.lines)
+
+    def _run_faces(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
+        found = self.inference.faces(data)
+        conn.execute("DELETE FROM face WHERE item_id = %s", [item.id])
+        for n, face in enumerate(found):
+            conn.execute(
+                """INSERT INTO face (item_id, n, model, x1, y1, x2, y2, score, embedding)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::vector)""",
+                [item.id, n, self.settings.face_model, *face.box, face.score, str(face.embedding.tolist())],
+            )
 
     # ---- driving ----------------------------------------------------------------------------------
 

@@ -159,6 +159,11 @@ class LibrarySettings(BaseSettings):
         default=None,
         description="OCR model (e.g. PP-OCRv6_small) for the 'ocr' step; unset: no OCR step.",
     )
+    face_model: str | None = Field(
+        default=None,
+        description="Face model (e.g. dlib, buffalo_l) for the 'faces' step (boxes + embeddings); unset: no step.",
+    )
+    face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
 
     # --- matching -------------------------------------------------------------------------------------
     pdq_threshold: int = Field(

@@ -61,7 +61,7 @@ def steps_of(library: Library, item_id: int) -> dict[str, dict[str, object]]:
 def test_migrations_are_idempotent_and_install_the_segmenter(env: dict[str, str]) -> None:
     db = Database(settings_from(env))
     try:
-        assert db.migrate() == [1]
+        assert db.migrate() == [1, 2]
         assert db.migrate() == []
         with db.conn() as conn:
             assert conn.execute("SELECT segmenter_name()").fetchone() in (("bigram-1",), ("zhparser-1",))
@@ -341,6 +341,26 @@ def test_clip_plumbing_with_a_tiny_random_model(
         lib.close()
 
 
+def test_faces_step_with_the_bundled_dlib_model(postgres_uri: str, tmp_path: Path) -> None:
+    env = library_env(postgres_uri, tmp_path / "data", LIBRARY_FACE_MODEL="dlib")
+    lib = Library(settings_from(env))
+    try:
+        person = lib.ingestor.add_bytes(encode(photo("astronaut")), source="upload", location="p")
+        coffee = lib.ingestor.add_bytes(encode(photo("coffee")), source="upload", location="c")
+        lib.pipeline.run_until_idle()
+        assert steps_of(lib, person.item_id)["faces"]["state"] == "done"
+        assert steps_of(lib, coffee.item_id)["faces"]["state"] == "done"
+        with lib.db.conn() as conn:
+            rows = conn.execute(
+                "SELECT item_id, x1, y1, x2, y2, score, vector_dims(embedding) FROM face ORDER BY item_id"
+            ).fetchall()
+        assert [r[0] for r in rows] == [person.item_id]
+        _, x1, y1, x2, y2, score, dims = rows[0]
+        assert 150 < x1 < x2 < 300 and 50 < y1 < y2 < 200 and score >= 0.7 and dims > 0  # her face, upper middle
+    finally:
+        lib.close()
+
+
 # ---- blocklist ----------------------------------------------------------------------------------------------
 
 
@@ -455,6 +475,7 @@ def test_inference_through_an_ai_service_url(
             LIBRARY_INFERENCE_URL=ai.base,
             LIBRARY_CLIP_MODEL="test-cn-clip-tiny",
             LIBRARY_OCR_MODEL="PP-OCRv6_small",
+            LIBRARY_FACE_MODEL="dlib",
         )
         lib = Library(settings_from(env))
         try:
@@ -468,7 +489,10 @@ def test_inference_through_an_ai_service_url(
                 "pdq": "done",
                 "clip": "done",
                 "ocr": "done",
+                "faces": "done",
             }
+            faces = lib.inference.faces(encode(photo("astronaut")))
+            assert len(faces) == 1 and faces[0].score >= 0.7 and 150 < faces[0].box[0] < 300
             assert [h.item.id for h in lib.search_text("发票", "ocr", None)] == [text_item.item_id]
             remote = lib.inference.clip_image(encode(image))
             monkeypatch.setenv("AI_SERVICE_MODEL_DIR", str(clip_model_dir))

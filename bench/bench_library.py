@@ -3,8 +3,9 @@
 Runs on a fresh embedded PostgreSQL (pgvector) in a temporary folder:
 
 * **ingest**: N generated photo-like JPEGs (crops of skimage's photos, 1024x768) added by path and
-  processed by the in-process pipeline (``LIBRARY_WORKERS`` threads), PDQ only, then PDQ + OCR (the
-  bundled RapidOCR model) when --ocr is given; images/min.
+  processed by the in-process pipeline (``LIBRARY_WORKERS`` threads), PDQ only, then with --full PDQ +
+  OCR (the bundled RapidOCR model) + faces (the bundled dlib model); with --celery the same on two Celery
+  worker processes over a Redis started here (Debian's redis-server); images/min.
 * **PDQ lookups at --hashes rows** (default 1 000 000): random 256-bit hashes bulk-loaded with COPY, the
   16 chunk indexes (multi-index hashing, library/search.py) built, then queries of 8 dihedral hashes (as
   a search sends) for planted near-duplicates (10-24 bits away): p50/p95, recall of the planted items,
@@ -13,20 +14,29 @@ Runs on a fresh embedded PostgreSQL (pgvector) in a temporary folder:
 * **image search at --items items** (default 100 000, the first rows of the same table): the full
   ``Library.search_image`` path (decode + PDQ of the query image + lookup), p50/p95.
 
-    .venv/bin/python bench/bench_library.py [--hashes 1000000] [--items 100000] [--ingest 120] [--ocr]
+    .venv/bin/python bench/bench_library.py [--hashes 1000000] [--items 100000] [--ingest 120] [--full]
+                                            [--celery] [--hnsw]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import random
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import skimage.data
@@ -61,7 +71,64 @@ def make_photos(folder: Path, n: int, seed: int = 7) -> list[Path]:
     return paths
 
 
-def bench_ingest(settings: LibrarySettings, n: int, ocr: bool) -> float:
+def _run_in_process(lib: Library) -> None:
+    threads = [threading.Thread(target=lib.pipeline.run_until_idle) for _ in range(lib.settings.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _run_on_celery(lib: Library, database_url: str, redis_url: str, folder: Path) -> None:
+    env = {
+        **os.environ,
+        "LIBRARY_DATABASE_URL": database_url,
+        "LIBRARY_BROKER_URL": redis_url,
+        "LIBRARY_SCHEMA_NAME": lib.settings.schema_name,
+        "LIBRARY_TEXT_SCHEMA_NAME": lib.settings.text_schema_name,
+        "LIBRARY_DATA_DIR": str(lib.settings.data_dir),
+        "LIBRARY_OCR_MODEL": lib.settings.ocr_model or "",
+        "LIBRARY_FACE_MODEL": lib.settings.face_model or "",
+    }
+    env = {k: v for k, v in env.items() if v != "" or not k.startswith("LIBRARY_")}
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "library.worker",
+                "worker",
+                "--concurrency",
+                "1",
+                "--hostname",
+                f"bench{n}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=env,
+            stdout=(folder / f"w{n}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for n in range(2)
+    ]
+    try:
+        while True:
+            with lib.db.conn() as conn:
+                left = conn.execute("SELECT count(*) FROM step WHERE state IN ('pending', 'running')").fetchone()[0]
+            if not left:
+                return
+            time.sleep(0.2)
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+
+
+def bench_ingest(settings: LibrarySettings, n: int, label: str, celery: tuple[str, str] | None = None) -> float:
     folder = Path(tempfile.mkdtemp(prefix="bench-lib-photos-"))
     try:
         paths = make_photos(folder, n)
@@ -70,26 +137,39 @@ def bench_ingest(settings: LibrarySettings, n: int, ocr: bool) -> float:
             started = time.perf_counter()
             for path in paths:
                 lib.ingestor.add_path(path)
-            import threading
-
-            threads = [threading.Thread(target=lib.pipeline.run_until_idle) for _ in range(settings.workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            if celery is None:
+                _run_in_process(lib)
+            else:
+                _run_on_celery(lib, celery[0], celery[1], folder)
             elapsed = time.perf_counter() - started
             with lib.db.conn() as conn:
                 states = dict(conn.execute("SELECT state, count(*) FROM step GROUP BY state").fetchall())
         finally:
             lib.close()
         rate = n / elapsed * 60
-        print(
-            f"ingest {'PDQ+OCR' if ocr else 'PDQ only'}: {n} images, {settings.workers} workers, "
-            f"{elapsed:.1f} s -> {rate:.0f} images/min; steps {states}"
-        )
+        where = "2 Celery workers" if celery else f"{settings.workers} in-process workers"
+        print(f"ingest {label}: {n} images, {where}, {elapsed:.1f} s -> {rate:.0f} images/min; steps {states}")
         return rate
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def random_bits(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -233,32 +313,44 @@ def main() -> int:
     parser.add_argument("--ingest", type=int, default=120)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--ocr", action="store_true", help="also measure ingest with the OCR step")
+    parser.add_argument("--full", action="store_true", help="also measure ingest with PDQ + OCR + faces")
+    parser.add_argument("--celery", action="store_true", help="also measure ingest on 2 Celery workers (Redis)")
     parser.add_argument("--hnsw", action="store_true", help="also build and query pgvector's HNSW index")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-library-"))
     try:
-        base = {"data_dir": data_dir, "workers": args.workers}
+        base: dict[str, Any] = {"data_dir": data_dir, "workers": args.workers}
+        full = {"ocr_model": "PP-OCRv6_small", "face_model": "dlib"}
+        runs: list[tuple[str, dict[str, Any], int]] = []
         if args.ingest:
+            runs.append(("PDQ only", {}, args.ingest))
+            if args.full:
+                runs.append(("PDQ+OCR+faces", full, max(args.ingest // 4, 10)))
+        for n, (label, extra, count) in enumerate(runs):
             bench_ingest(
-                LibrarySettings(**base, schema_name="ingest_pdq", text_schema_name="ingest_text"),
-                args.ingest,
-                ocr=False,
+                LibrarySettings(**base, **extra, schema_name=f"ingest{n}", text_schema_name="ingest_text"), count, label
             )
-            if args.ocr:
-                bench_ingest(
-                    LibrarySettings(
-                        **base, schema_name="ingest_ocr", text_schema_name="ingest_text", ocr_model="PP-OCRv6_small"
-                    ),
-                    max(args.ingest // 4, 10),
-                    ocr=True,
-                )
-        lib = Library(LibrarySettings(**base, schema_name="scale", text_schema_name="scale_text"))
-        try:
-            bench_lookups(lib, args.hashes, min(args.items, args.hashes), min(args.queries, args.items), args.hnsw)
-            bench_image_search(lib, min(args.items, args.hashes), args.queries)
-        finally:
-            lib.close()
+        if args.celery and runs:
+            probe = Library(LibrarySettings(**base, schema_name="probe", text_schema_name="ingest_text"))
+            database_url = probe.db.dsn
+            with redis_server() as redis_url:
+                for n, (label, extra, count) in enumerate(runs):
+                    settings = LibrarySettings(
+                        **base,
+                        **extra,
+                        schema_name=f"celery{n}",
+                        text_schema_name="ingest_text",
+                        database_url=database_url,
+                    )
+                    bench_ingest(settings, count, label, celery=(database_url, redis_url))
+            probe.close()
+        if args.hashes:
+            lib = Library(LibrarySettings(**base, schema_name="scale", text_schema_name="scale_text"))
+            try:
+                bench_lookups(lib, args.hashes, min(args.items, args.hashes), min(args.queries, args.items), args.hnsw)
+                bench_image_search(lib, min(args.items, args.hashes), args.queries)
+            finally:
+                lib.close()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     return 0

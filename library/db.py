@@ -61,6 +61,12 @@ class Database:
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
 
+    @property
+    def dsn(self) -> str:
+        """The connection string in use (the embedded server's when none is configured). A secret: it may
+        hold a password; never log it."""
+        return self._url
+
     def options(self) -> str:
         # Both names match ^[a-z_][a-z0-9_]*$ (settings), so they need no quoting here.
         return f"-c search_path={self.settings.schema_name},{self.settings.text_schema_name},public,pg_temp"

@@ -190,6 +190,14 @@ class LibrarySettings(BaseSettings):
         default=100 * 1024 * 1024, ge=1024, le=2**32, description="Largest blocklist file accepted by the import."
     )
 
+    @field_validator(
+        "database_url", "broker_url", "inference_url", "clip_model", "ocr_model", "face_model", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # VAR= in an .env file or compose means "not set", not "an empty URL / model name".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("fetch_allow_networks", "fetch_deny_networks", mode="before")
     @classmethod
     def _networks(cls, value: object) -> object:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -406,6 +406,12 @@ def create_app(library: Library | None = None, settings: LibrarySettings | None 
     from library import imgsmlr
 
     app.include_router(imgsmlr.router)
+
+    page = Path(__file__).with_name("static") / "library.html"
+
+    @app.get("/", include_in_schema=False)
+    def library_page() -> HTMLResponse:
+        return HTMLResponse(page.read_text(encoding="utf-8"))
 
     @app.get("/ping", include_in_schema=False)
     def ping() -> PlainTextResponse:

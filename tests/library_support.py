@@ -93,6 +93,7 @@ class ImageServer:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.hits: dict[str, int] = {}
+        self.hosts: list[str] = []  # Host header of every request
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -102,6 +103,7 @@ class ImageServer:
             def do_GET(self) -> None:
                 path, _, query = self.path.partition("?")
                 server.hits[path] = server.hits.get(path, 0) + 1
+                server.hosts.append(str(self.headers.get("Host")))
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     server.route(self, path, query)
 

@@ -51,6 +51,16 @@ def test_hostile_urls_fail_with_a_reason(server: ImageServer, path: str, error: 
     assert time.monotonic() - started < 10
 
 
+def test_the_checked_address_is_connected_to_and_the_name_kept_in_host(server: ImageServer) -> None:
+    """DNS is resolved once: the request goes to the address that was checked (127.0.0.1), while the
+    Host header (and TLS SNI) carry the name, so virtual hosts still work."""
+    port = server.base.rsplit(":", 1)[1]
+    server.hosts.clear()
+    fetched = fetch_image_bytes(f"http://localhost:{port}/cat.png", SETTINGS)
+    assert fetched.data == server.files["/cat.png"] and fetched.url == f"http://localhost:{port}/cat.png"
+    assert server.hosts == [f"localhost:{port}"]
+
+
 def test_a_dripping_body_hits_the_deadline(server: ImageServer) -> None:
     started = time.monotonic()
     with pytest.raises(FetchError, match="longer than 3s"):

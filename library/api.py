@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from ai_service.api.limits import BodySizeLimitMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
 from library import blocklist, items
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
+from library.filters import ItemFilters
 from library.ingest import IngestTooLargeError
 from library.pipeline import blob_path
 from library.service import Hit, Library, NotFoundError, UnavailableError
@@ -106,6 +108,24 @@ class ImportResponse(BaseModel):
     already_listed: int
     items_flagged: int
     errors: list[str]
+
+
+class FilterParams(BaseModel):
+    """Filters of every search endpoint, as query parameters."""
+
+    source: Literal["path", "url", "upload"] | None = Field(default=None, description="How items were added.")
+    added_after: datetime | None = Field(default=None, description="Items added at or after (ISO 8601).")
+    added_before: datetime | None = Field(default=None, description="Items added before (ISO 8601).")
+    data_id: str | None = Field(default=None, max_length=1000, description="Items with this dataId.")
+    location_prefix: str | None = Field(
+        default=None, max_length=4096, description="Items whose path or URL starts with this (a folder)."
+    )
+
+    def to_filters(self) -> ItemFilters:
+        return ItemFilters(**self.model_dump())
+
+
+Filters = Annotated[FilterParams, Query()]
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
@@ -248,6 +268,7 @@ def status(request: Request) -> dict[str, Any]:
 def search_image(
     request: Request,
     file: Annotated[UploadFile, File()],
+    filters: Filters,
     match_type: Annotated[MatchTypeParam | None, Form()] = None,
     threshold: Annotated[float | None, Form(ge=0, le=256)] = None,
     limit: Annotated[int | None, Form(ge=1, le=10000)] = None,
@@ -256,17 +277,17 @@ def search_image(
     data = read_upload(file, library.settings.max_image_bytes)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_image(data, kind, threshold, limit)
+        thr, hits = library.search_image(data, kind, threshold, limit, filters.to_filters())
     return _search_response(kind, thr, hits)
 
 
 @router.post("/search/url", response_model=SearchResponse, summary="Search by an image URL (not stored)")
-def search_url(request: Request, body: SearchUrlRequest) -> SearchResponse:
+def search_url(request: Request, body: SearchUrlRequest, filters: Filters) -> SearchResponse:
     library = lib(request)
     kind = body.match_type or library.default_match_type()
     with http_errors():
         fetched = fetch_image_bytes(body.url, library.settings)
-        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit)
+        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit, filters.to_filters())
     return _search_response(kind, thr, hits)
 
 
@@ -274,6 +295,7 @@ def search_url(request: Request, body: SearchUrlRequest) -> SearchResponse:
 def search_item(
     request: Request,
     item_id: int,
+    filters: Filters,
     match_type: MatchTypeParam | None = None,
     threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
@@ -281,7 +303,7 @@ def search_item(
     library = lib(request)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_item(item_id, kind, threshold, limit)
+        thr, hits = library.search_item(item_id, kind, threshold, limit, filters.to_filters())
     return _search_response(kind, thr, hits)
 
 
@@ -289,11 +311,12 @@ def search_item(
 def search_text(
     request: Request,
     q: Annotated[str, Query(min_length=1, max_length=1000)],
+    filters: Filters,
     mode: Literal["ocr", "clip", "hybrid"] = "ocr",
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
 ) -> SearchResponse:
     with http_errors():
-        hits = lib(request).search_text(q, mode, limit)
+        hits = lib(request).search_text(q, mode, limit, filters.to_filters())
     return _search_response(mode, None, hits)
 
 

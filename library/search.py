@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from library.filters import NO_FILTERS, ItemFilters
 from library.settings import LibrarySettings
 
 CHUNKS = 16
@@ -65,23 +66,34 @@ def pdq_matches(
     limit: int,
     exclude_item: int | None = None,
     include_blocked: bool = False,
+    filters: ItemFilters = NO_FILTERS,
 ) -> list[Match]:
     """Items within ``threshold`` bits of any of ``query_bits`` (best distance per item), nearest first."""
     where, params = candidate_filter("p", query_bits, threshold)
+    item_filter, filter_params = filters.clause(sql.Identifier("p", "item_id"))
     query = sql.SQL(
         """SELECT p.item_id, min(p.hash <~> q.h) AS distance
            FROM pdq AS p CROSS JOIN unnest(%s::bit(256)[]) AS q(h)
-           WHERE {where} AND p.quality >= %s
+           WHERE {where} AND {item_filter} AND p.quality >= %s
              AND p.item_id IS DISTINCT FROM %s
              AND (%s OR NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = p.item_id))
            GROUP BY p.item_id
            HAVING min(p.hash <~> q.h) <= %s
            ORDER BY distance, p.item_id
            LIMIT %s"""
-    ).format(where=where)
+    ).format(where=where, item_filter=item_filter)
     rows = conn.execute(
         query,
-        [query_bits, *params, settings.pdq_min_quality, exclude_item, include_blocked, threshold, limit],
+        [
+            query_bits,
+            *params,
+            *filter_params,
+            settings.pdq_min_quality,
+            exclude_item,
+            include_blocked,
+            threshold,
+            limit,
+        ],
     ).fetchall()
     return [Match(int(r[0]), float(r[1])) for r in rows]
 
@@ -120,18 +132,22 @@ def clip_matches(
     threshold: float,
     limit: int,
     exclude_item: int | None = None,
+    filters: ItemFilters = NO_FILTERS,
 ) -> list[Match]:
     """Items whose CLIP vector (same model) is within ``threshold`` cosine distance, nearest first
     (an exact scan of the model's vectors; no vector index yet)."""
+    item_filter, filter_params = filters.clause(sql.Identifier("c", "item_id"))
     rows = conn.execute(
-        """SELECT item_id, d FROM (
-             SELECT c.item_id, c.embedding <=> %s::vector AS d FROM clip AS c
-             WHERE c.model = %s AND vector_dims(c.embedding) = %s
-               AND c.item_id IS DISTINCT FROM %s
-               AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = c.item_id)
-             ORDER BY d LIMIT %s) AS n
-           WHERE d <= %s ORDER BY d, item_id""",
-        [str(vector), model, len(vector), exclude_item, limit, threshold],
+        sql.SQL(
+            """SELECT item_id, d FROM (
+                 SELECT c.item_id, c.embedding <=> %s::vector AS d FROM clip AS c
+                 WHERE c.model = %s AND vector_dims(c.embedding) = %s
+                   AND c.item_id IS DISTINCT FROM %s AND {item_filter}
+                   AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = c.item_id)
+                 ORDER BY d LIMIT %s) AS n
+               WHERE d <= %s ORDER BY d, item_id"""
+        ).format(item_filter=item_filter),
+        [str(vector), model, len(vector), exclude_item, *filter_params, limit, threshold],
     ).fetchall()
     return [Match(int(r[0]), float(r[1])) for r in rows]
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from library import blocklist, items, pdq, search, text
 from library.db import Database
+from library.filters import NO_FILTERS, ItemFilters
 from library.inference import LibraryInference
 from library.ingest import Ingestor, IngestTooLargeError
 from library.pipeline import Pipeline, WorkerPool
@@ -108,7 +109,12 @@ class Library:
         return [Hit(found[m.item_id], m.distance, match_type) for m in matches if m.item_id in found]
 
     def search_image(
-        self, data: bytes, match_type: MatchType, threshold: float | None, limit: int | None
+        self,
+        data: bytes,
+        match_type: MatchType,
+        threshold: float | None,
+        limit: int | None,
+        filters: ItemFilters = NO_FILTERS,
     ) -> tuple[float, list[Hit]]:
         """Search with an image that is not stored. Raises ImageError / IngestTooLargeError."""
         if len(data) > self.settings.max_image_bytes:
@@ -118,13 +124,23 @@ class Library:
             query = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
             with self.db.conn() as conn:
                 matches = search.pdq_matches(
-                    conn, self.settings, query.query_bits, threshold=int(thr), limit=self._limit(limit)
+                    conn,
+                    self.settings,
+                    query.query_bits,
+                    threshold=int(thr),
+                    limit=self._limit(limit),
+                    filters=filters,
                 )
         else:
             vector = self._clip_image(data)
             with self.db.conn() as conn:
                 matches = search.clip_matches(
-                    conn, vector, str(self.settings.clip_model), threshold=thr, limit=self._limit(limit)
+                    conn,
+                    vector,
+                    str(self.settings.clip_model),
+                    threshold=thr,
+                    limit=self._limit(limit),
+                    filters=filters,
                 )
         return thr, self._hits(matches, match_type)
 
@@ -134,7 +150,12 @@ class Library:
         return [float(v) for v in self.inference.clip_image(data)]
 
     def search_item(
-        self, item_id: int, match_type: MatchType, threshold: float | None, limit: int | None
+        self,
+        item_id: int,
+        match_type: MatchType,
+        threshold: float | None,
+        limit: int | None,
+        filters: ItemFilters = NO_FILTERS,
     ) -> tuple[float, list[Hit]]:
         thr = self.default_threshold(match_type) if threshold is None else threshold
         with self.db.conn() as conn:
@@ -145,7 +166,13 @@ class Library:
                 if hashes is None:
                     raise UnavailableError(f"item {item_id} has no PDQ hash yet (its pdq step is not done)")
                 matches = search.pdq_matches(
-                    conn, self.settings, hashes, threshold=int(thr), limit=self._limit(limit), exclude_item=item_id
+                    conn,
+                    self.settings,
+                    hashes,
+                    threshold=int(thr),
+                    limit=self._limit(limit),
+                    exclude_item=item_id,
+                    filters=filters,
                 )
             else:
                 if not self.inference.clip_enabled:
@@ -160,16 +187,23 @@ class Library:
                     threshold=thr,
                     limit=self._limit(limit),
                     exclude_item=item_id,
+                    filters=filters,
                 )
         return thr, self._hits(matches, match_type)
 
-    def search_text(self, query: str, mode: Literal["ocr", "clip", "hybrid"], limit: int | None) -> list[Hit]:
+    def search_text(
+        self,
+        query: str,
+        mode: Literal["ocr", "clip", "hybrid"],
+        limit: int | None,
+        filters: ItemFilters = NO_FILTERS,
+    ) -> list[Hit]:
         """OCR full-text (the db layer's segmentation), CLIP text-to-image, or both fused by reciprocal rank."""
         limit = self._limit(limit)
         ranked: dict[str, list[search.Match]] = {}
         with self.db.conn() as conn:
             if mode in ("ocr", "hybrid"):
-                ranked["ocr"] = [search.Match(i, -rank) for i, rank, _ in text.search_ocr(conn, query, limit)]
+                ranked["ocr"] = [search.Match(i, -rank) for i, rank, _ in text.search_ocr(conn, query, limit, filters)]
             if mode in ("clip", "hybrid"):
                 if not self.inference.clip_enabled:
                     if mode == "clip":
@@ -177,7 +211,7 @@ class Library:
                 else:
                     vector = [float(v) for v in self.inference.clip_text(query)]
                     ranked["clip"] = search.clip_matches(
-                        conn, vector, str(self.settings.clip_model), threshold=2.0, limit=limit
+                        conn, vector, str(self.settings.clip_model), threshold=2.0, limit=limit, filters=filters
                     )
         if mode != "hybrid":
             return self._hits(ranked[mode], mode)

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from db.search import sanitize_query_text
 from db.settings import DbSearchSettings
+from library.filters import NO_FILTERS, ItemFilters
 
 # The db layer's query-building limits (its defaults; they bound the tsquery's size).
 _QUERY = {
@@ -60,23 +62,29 @@ def store_ocr(conn: psycopg.Connection[Any], item_id: int, lines: list[str]) -> 
     )
 
 
-def search_ocr(conn: psycopg.Connection[Any], query: str, limit: int) -> list[tuple[int, float, bool]]:
+def search_ocr(
+    conn: psycopg.Connection[Any], query: str, limit: int, filters: ItemFilters = NO_FILTERS
+) -> list[tuple[int, float, bool]]:
     """(item_id, relevance, exact) of items whose OCR text matches ``query``, best first; blocked items
     excluded. ``exact``: the text holds every query term as written (else one segment is missing)."""
     cleaned = sanitize_query_text(query, int(_QUERY["max_query_chars"]))
+    item_filter, filter_params = filters.clause(sql.Identifier("o", "item_id"))
     rows = conn.execute(
-        """SELECT o.item_id, ts_rank(o.doc, q.match_query) AS rank, o.doc @@ q.strict_query AS exact
-           FROM build_queries(%s, %s, %s, %s, %s) AS q
-           JOIN ocr AS o ON o.doc @@ q.match_query
-           WHERE NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = o.item_id)
-           ORDER BY exact DESC, rank DESC, o.item_id
-           LIMIT %s""",
+        sql.SQL(
+            """SELECT o.item_id, ts_rank(o.doc, q.match_query) AS rank, o.doc @@ q.strict_query AS exact
+               FROM build_queries(%s, %s, %s, %s, %s) AS q
+               JOIN ocr AS o ON o.doc @@ q.match_query
+               WHERE NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = o.item_id) AND {item_filter}
+               ORDER BY exact DESC, rank DESC, o.item_id
+               LIMIT %s"""
+        ).format(item_filter=item_filter),
         [
             cleaned,
             _QUERY["max_query_tokens"],
             _QUERY["prefix_min_chars"],
             _QUERY["fuzzy_min_tokens"],
             _QUERY["fuzzy_max_tokens"],
+            *filter_params,
             limit,
         ],
     ).fetchall()

@@ -254,3 +254,38 @@ def test_serve_without_a_database_url_runs_embedded_postgres(tmp_path: Path, ima
     with library_server(env, tmp_path / "two.log", port):  # restarted: the data is still there
         again = httpx.post(f"http://127.0.0.1:{port}/imgsmlr/mgr/add", json={"url": images.url("/coffee.png")})
         assert again.json()["code"] == 400 and again.json()["data"] == first.json()["data"]
+
+
+def test_search_filters(api: httpx.Client, images: ImageServer) -> None:
+    """Every search takes the same filters as query parameters: source, added_after/before, data_id,
+    location_prefix (a folder or URL prefix)."""
+    cat = imgsmlr(api, "mgr/add", {"url": images.url("/cat.jpg"), "dataId": "cat-1"})["data"]["id"]
+    upload = api.post("/api/items", files={"file": ("c.jpg", encode(photo("chelsea"), "JPEG", quality=70))})
+    assert upload.status_code == 201
+    query = {"file": ("q.jpg", images.files["/cat-mirror-small.jpg"])}
+
+    def ids(**params: str) -> list[int]:
+        response = api.post("/api/search/image", files=query, params=params)
+        assert response.status_code == 200, response.text
+        return [h["id"] for h in response.json()["results"]]
+
+    both = ids()
+    assert cat in both and upload.json()["id"] in both
+    assert ids(source="url") == [cat]
+    assert ids(source="upload") == [upload.json()["id"]]
+    assert ids(location_prefix=images.base + "/") == [cat]
+    assert ids(location_prefix="http://elsewhere/") == []
+    assert ids(data_id="cat-1") == [cat]
+    assert ids(added_after="2999-01-01T00:00:00Z") == []
+    assert sorted(ids(added_before="2999-01-01T00:00:00Z")) == sorted(both)
+    by_item = api.get(f"/api/search/item/{cat}", params={"source": "upload"}).json()["results"]
+    assert [h["id"] for h in by_item] == [upload.json()["id"]]
+    assert (
+        api.post("/api/search/url", json={"url": images.url("/cat.jpg")}, params={"source": "url"}).json()["results"][
+            0
+        ]["id"]
+        == cat
+    )
+    assert api.post("/api/search/image", files=query, params={"source": "ftp"}).status_code == 422
+    assert api.post("/api/search/image", files=query, params={"added_after": "yesterday"}).status_code == 422
+    assert api.get("/api/search/text", params={"q": "x", "source": "path"}).status_code == 200

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from library import items, search
 from library.db import Database
+from library.filters import ItemFilters
 from library.service import Library
 from tests.library_support import PDQ_DATA, REPO, distinct_images, encode, library_env, photo, settings_from
 
@@ -315,6 +316,11 @@ def test_ocr_step_and_chinese_text_search(postgres_uri: str, tmp_path: Path) -> 
         assert [h.item.id for h in lib.search_text("增值税发票", "ocr", None)] == [invoice.item_id]  # fuzzy
         assert [h.item.id for h in lib.search_text("北京", "ocr", None)] == [welcome.item_id]
         assert lib.search_text("上海", "ocr", None) == []
+        assert [h.item.id for h in lib.search_text("发票", "ocr", None, ItemFilters(location_prefix="a"))] == [
+            invoice.item_id
+        ]
+        assert lib.search_text("发票", "ocr", None, ItemFilters(location_prefix="b")) == []
+        assert lib.search_text("发票", "ocr", None, ItemFilters(source="path")) == []
         assert lib.search_text("'\\\x00 & | !", "ocr", None) == []  # hostile query text is harmless
     finally:
         lib.close()

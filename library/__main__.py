@@ -115,7 +115,7 @@ def cmd_work(args: argparse.Namespace) -> int:
 def cmd_duplicates(args: argparse.Namespace) -> int:
     library = _open(args)
     try:
-        groups = library.duplicates(args.threshold)
+        groups = library.duplicates(args.threshold, args.kind)
     finally:
         library.close()
     if args.json:
@@ -124,7 +124,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     for n, group in enumerate(groups, start=1):
         print(f"group {n} ({len(group)} items)")
         for hit in group:
-            print(f"  {hit['id']:>8}  {int(hit['distance']):>3} bits  {hit['location']}")
+            print(f"  {hit['id']:>8}  {hit['distance']:>8g}  {hit['location']}")
     return 0
 
 
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     work.add_argument("--threads", type=int, default=None)
     work.set_defaults(func=cmd_work)
     dup = sub.add_parser("duplicates", help="list near-duplicate groups (PDQ)")
-    dup.add_argument("--threshold", type=int, default=None)
+    dup.add_argument("--threshold", type=float, default=None, help="bits (pdq) or cosine distance (clip)")
+    dup.add_argument("--kind", choices=["pdq", "clip"], default="pdq")
     dup.add_argument("--json", action="store_true")
     dup.set_defaults(func=cmd_duplicates)
     block = sub.add_parser("blocklist", help="import reference PDQ hashes (text file) or images (folder)")

@@ -322,10 +322,12 @@ def search_text(
 
 @router.get("/duplicates", summary="Groups of near-duplicate items (PDQ)")
 def duplicates(
-    request: Request, threshold: Annotated[int | None, Query(ge=0, le=256)] = None
+    request: Request,
+    threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
+    kind: MatchTypeParam = "pdq",
 ) -> dict[str, list[list[HitModel]]]:
     with http_errors():
-        groups = lib(request).duplicates(threshold)
+        groups = lib(request).duplicates(threshold, kind)
     return {"groups": [[HitModel(**h) for h in g] for g in groups]}
 
 

@@ -201,12 +201,14 @@ class Pipeline:
         search.record_pairs(conn, self.settings, item.id, hashes.query_bits)
 
     def _run_clip(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
-        vector = self.inference.clip_image(data)
+        vector = [float(v) for v in self.inference.clip_image(data)]
+        search.ensure_clip_index(conn, len(vector))
         conn.execute(
             """INSERT INTO clip (item_id, model, embedding) VALUES (%s, %s, %s::vector)
                ON CONFLICT (item_id) DO UPDATE SET model = excluded.model, embedding = excluded.embedding""",
-            [item.id, self.settings.clip_model, str(vector.tolist())],
+            [item.id, self.settings.clip_model, str(vector)],
         )
+        search.record_clip_pairs(conn, self.settings, item.id, vector)
 
     def _run_ocr(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         found = self.inference.ocr(data)

@@ -124,6 +124,27 @@ def record_pairs(conn: psycopg.Connection[Any], settings: LibrarySettings, item_
     return len(matches)
 
 
+_clip_indexes: set[tuple[str, int]] = set()
+
+
+def ensure_clip_index(conn: psycopg.Connection[Any], dims: int) -> None:
+    """An HNSW index (cosine) over the vectors of one dimension, created the first time such a vector is
+    stored: the ``clip`` column has no fixed dimension (any model), so the index is on a cast expression
+    with a matching partial predicate, which clip_matches repeats so the planner can use it."""
+    schema = conn.execute("SELECT current_schema()").fetchone()
+    key = (str(schema[0]) if schema else "", dims)
+    if key in _clip_indexes:
+        return
+    name = sql.Identifier(f"clip_hnsw_{dims}_idx")
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON clip USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+            "WHERE vector_dims(embedding) = {}"
+        ).format(name, sql.Literal(dims), sql.Literal(dims))
+    )
+    _clip_indexes.add(key)
+
+
 def clip_matches(
     conn: psycopg.Connection[Any],
     vector: list[float],
@@ -134,22 +155,45 @@ def clip_matches(
     exclude_item: int | None = None,
     filters: ItemFilters = NO_FILTERS,
 ) -> list[Match]:
-    """Items whose CLIP vector (same model) is within ``threshold`` cosine distance, nearest first
-    (an exact scan of the model's vectors; no vector index yet)."""
+    """Items whose CLIP vector (same model) is within ``threshold`` cosine distance, nearest first. Uses
+    the dimension's HNSW index (approximate, with pgvector's iterative scans so filters do not starve it)."""
     item_filter, filter_params = filters.clause(sql.Identifier("c", "item_id"))
-    rows = conn.execute(
-        sql.SQL(
-            """SELECT item_id, d FROM (
-                 SELECT c.item_id, c.embedding <=> %s::vector AS d FROM clip AS c
-                 WHERE c.model = %s AND vector_dims(c.embedding) = %s
-                   AND c.item_id IS DISTINCT FROM %s AND {item_filter}
-                   AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = c.item_id)
-                 ORDER BY d LIMIT %s) AS n
-               WHERE d <= %s ORDER BY d, item_id"""
-        ).format(item_filter=item_filter),
-        [str(vector), model, len(vector), exclude_item, *filter_params, limit, threshold],
-    ).fetchall()
+    dims = sql.Literal(len(vector))
+    with conn.transaction():
+        conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+        rows = conn.execute(
+            sql.SQL(
+                """SELECT item_id, d FROM (
+                     SELECT c.item_id, c.embedding::vector({dims}) <=> %s::vector({dims}) AS d FROM clip AS c
+                     WHERE vector_dims(c.embedding) = {dims} AND c.model = %s
+                       AND c.item_id IS DISTINCT FROM %s AND {item_filter}
+                       AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = c.item_id)
+                     ORDER BY c.embedding::vector({dims}) <=> %s::vector({dims}) LIMIT %s) AS n
+                   WHERE d <= %s ORDER BY d, item_id"""
+            ).format(dims=dims, item_filter=item_filter),
+            [str(vector), model, exclude_item, *filter_params, str(vector), limit, threshold],
+        ).fetchall()
     return [Match(int(r[0]), float(r[1])) for r in rows]
+
+
+def record_clip_pairs(
+    conn: psycopg.Connection[Any], settings: LibrarySettings, item_id: int, vector: list[float]
+) -> int:
+    matches = clip_matches(
+        conn,
+        vector,
+        str(settings.clip_model),
+        threshold=settings.clip_duplicate_threshold,
+        limit=1000,
+        exclude_item=item_id,
+    )
+    for m in matches:
+        conn.execute(
+            """INSERT INTO clip_pair (a, b, distance) VALUES (%s, %s, %s)
+               ON CONFLICT (a, b) DO UPDATE SET distance = least(clip_pair.distance, excluded.distance)""",
+            [min(item_id, m.item_id), max(item_id, m.item_id), m.distance],
+        )
+    return len(matches)
 
 
 def item_clip(conn: psycopg.Connection[Any], item_id: int, model: str) -> list[float] | None:
@@ -159,14 +203,19 @@ def item_clip(conn: psycopg.Connection[Any], item_id: int, model: str) -> list[f
     return [float(v) for v in row[0].strip("[]").split(",")] if row else None
 
 
-def duplicate_groups(conn: psycopg.Connection[Any], *, threshold: int) -> list[list[tuple[int, int]]]:
-    """Groups of items connected by recorded PDQ pairs within ``threshold`` (transitive). Each group:
-    [(item_id, distance to the group's first item, -1 when only connected through others)…], groups by
-    size, then first id. Blocked items are left out."""
+def duplicate_groups(
+    conn: psycopg.Connection[Any], *, threshold: float, kind: str = "pdq"
+) -> list[list[tuple[int, float]]]:
+    """Groups of items connected by recorded pairs (``kind`` 'pdq' or 'clip') within ``threshold``
+    (transitive). Each group: [(item_id, distance to the group's first item, -1 when only connected
+    through others)…], groups by size, then first id. Blocked items are left out."""
+    table = sql.Identifier("pdq_pair" if kind == "pdq" else "clip_pair")
     pairs = conn.execute(
-        """SELECT a, b, distance FROM pdq_pair
-           WHERE distance <= %s
-             AND NOT EXISTS (SELECT 1 FROM block_hit AS h WHERE h.item_id IN (pdq_pair.a, pdq_pair.b))""",
+        sql.SQL(
+            """SELECT a, b, distance FROM {table} AS p
+               WHERE distance <= %s
+                 AND NOT EXISTS (SELECT 1 FROM block_hit AS h WHERE h.item_id IN (p.a, p.b))"""
+        ).format(table=table),
         [threshold],
     ).fetchall()
     parent: dict[int, int] = {}
@@ -178,16 +227,16 @@ def duplicate_groups(conn: psycopg.Connection[Any], *, threshold: int) -> list[l
             x = parent[x]
         return x
 
-    distance: dict[tuple[int, int], int] = {}
+    distance: dict[tuple[int, int], float] = {}
     for a, b, d in pairs:
         ra, rb = find(int(a)), find(int(b))
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-        distance[(int(a), int(b))] = int(d)
+        distance[(int(a), int(b))] = float(d)
     members: dict[int, list[int]] = {}
     for x in list(parent):
         members.setdefault(find(x), []).append(x)
-    groups: list[list[tuple[int, int]]] = []
+    groups: list[list[tuple[int, float]]] = []
     for root, ids in members.items():
         ids.sort()
         groups.append([(i, 0 if i == root else distance.get((root, i), -1)) for i in ids])

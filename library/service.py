@@ -222,19 +222,24 @@ class Library:
         order = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
         return self._hits([search.Match(i, -score) for i, score in order], "hybrid")
 
-    def duplicates(self, threshold: int | None) -> list[list[dict[str, Any]]]:
-        """Near-duplicate groups from the pairs recorded at hashing time (within LIBRARY_PDQ_THRESHOLD);
-        a smaller ``threshold`` narrows them, a larger one is refused (ValueError)."""
-        thr = self.settings.pdq_threshold if threshold is None else threshold
-        if thr > self.settings.pdq_threshold:
+    def duplicates(self, threshold: float | None, kind: MatchType = "pdq") -> list[list[dict[str, Any]]]:
+        """Near-duplicate groups from the pairs recorded when items were hashed / embedded (within
+        LIBRARY_PDQ_THRESHOLD bits, or LIBRARY_CLIP_DUPLICATE_THRESHOLD cosine distance); a smaller
+        ``threshold`` narrows them, a larger one is refused (ValueError)."""
+        recorded = float(self.settings.pdq_threshold) if kind == "pdq" else self.settings.clip_duplicate_threshold
+        thr = recorded if threshold is None else threshold
+        if thr > recorded:
+            setting = "LIBRARY_PDQ_THRESHOLD" if kind == "pdq" else "LIBRARY_CLIP_DUPLICATE_THRESHOLD"
             raise ValueError(
-                f"duplicate pairs are recorded within LIBRARY_PDQ_THRESHOLD={self.settings.pdq_threshold} bits; "
-                f"a threshold of {thr} needs a larger setting (and re-hashing)"
+                f"{kind} duplicate pairs are recorded within {setting}={recorded:g}; a threshold of {thr:g} needs "
+                "a larger setting (and re-processing)"
             )
+        if kind == "clip" and not self.inference.clip_enabled:
+            raise UnavailableError("CLIP duplicates need a CLIP model (LIBRARY_CLIP_MODEL)")
         with self.db.conn() as conn:
-            groups = search.duplicate_groups(conn, threshold=thr)
+            groups = search.duplicate_groups(conn, threshold=thr, kind=kind)
             found = items.get_items(conn, [i for g in groups for i, _ in g])
-        return [[Hit(found[i], d, "pdq").as_dict() for i, d in g if i in found] for g in groups]
+        return [[Hit(found[i], d, kind).as_dict() for i, d in g if i in found] for g in groups]
 
     def check_blocklist(self, data: bytes) -> blocklist.BlockMatch | None:
         """Check an image against the blocklist; the image is not stored anywhere."""

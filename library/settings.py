@@ -182,6 +182,13 @@ class LibrarySettings(BaseSettings):
     clip_threshold: float = Field(
         default=0.25, ge=0, le=2, description="Default cosine-distance cut-off of CLIP image search (0 = identical)."
     )
+    clip_duplicate_threshold: float = Field(
+        default=0.05,
+        ge=0,
+        le=2,
+        description="Cosine distance within which two items' CLIP vectors make a duplicate pair (recorded when "
+        "the clip step runs; not validated on a real model here: tune it on your collection).",
+    )
     search_max_limit: int = Field(default=200, ge=1, le=10000, description="Most results one search returns.")
     blocklist_threshold: int = Field(
         default=31, ge=0, le=256, description="PDQ distance (bits) at which an image matches a blocklist entry."

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -62,7 +63,7 @@ def steps_of(library: Library, item_id: int) -> dict[str, dict[str, object]]:
 def test_migrations_are_idempotent_and_install_the_segmenter(env: dict[str, str]) -> None:
     db = Database(settings_from(env))
     try:
-        assert db.migrate() == [1, 2]
+        assert db.migrate() == [1, 2, 3]
         assert db.migrate() == []
         with db.conn() as conn:
             assert conn.execute("SELECT segmenter_name()").fetchone() in (("bigram-1",), ("zhparser-1",))
@@ -343,6 +344,28 @@ def test_clip_plumbing_with_a_tiny_random_model(
         _, similar = lib.search_item(added[0], "clip", 2.0, 5)
         assert added[0] not in [h.item.id for h in similar] and len(similar) == 2
         assert [h.item.id for h in lib.search_text("猫", "hybrid", 5)]  # CLIP text side answers
+        # Duplicate pairs by CLIP are recorded at the clip step; an exact copy is certainly one.
+        copy = lib.ingestor.add_bytes(
+            encode(Image.open(io.BytesIO(distinct_images(3)[2])), "BMP"), source="upload", location="copy"
+        ).item_id
+        lib.pipeline.run_until_idle()
+        groups = [sorted(h["id"] for h in g) for g in lib.duplicates(None, "clip")]
+        assert any({added[2], copy} <= set(g) for g in groups)
+        with pytest.raises(ValueError):
+            lib.duplicates(0.5, "clip")  # more than was recorded
+        with lib.db.conn() as conn:
+            dims = conn.execute("SELECT vector_dims(embedding) FROM clip LIMIT 1").fetchone()[0]
+            conn.execute("SET enable_seqscan = off")
+            plan = "\n".join(
+                r[0]
+                for r in conn.execute(
+                    f"EXPLAIN SELECT item_id FROM clip WHERE vector_dims(embedding) = {dims} "
+                    f"ORDER BY embedding::vector({dims}) <=> %s::vector({dims}) LIMIT 5",
+                    [str([0.1] * dims)],
+                )
+            )
+            conn.execute("RESET enable_seqscan")
+        assert f"clip_hnsw_{dims}_idx" in plan
     finally:
         lib.close()
 

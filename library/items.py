@@ -135,9 +135,12 @@ def store_pdq(conn: psycopg.Connection[Any], item_id: int, hashes: PdqHashes) ->
     conn.execute("DELETE FROM pdq WHERE item_id = %s", [item_id])
     for kind, result in hashes.variants:
         conn.execute(
-            """INSERT INTO pdq (item_id, kind, hash, quality, dihedral)
-               VALUES (%s, %s, %s::bit(256), %s, %s::bit(256)[])""",
-            [item_id, kind, result.bits, result.quality, result.dihedral_bits],
+            "INSERT INTO pdq (item_id, kind, hash, quality) VALUES (%s, %s, %s::bit(256), %s)",
+            [item_id, kind, result.bits, result.quality],
+        )
+        conn.execute(
+            "INSERT INTO pdq_variant (item_id, kind, dihedral) VALUES (%s, %s, %s::bit(256)[])",
+            [item_id, kind, result.dihedral_bits],
         )
 
 

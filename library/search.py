@@ -99,7 +99,9 @@ def pdq_matches(
 
 
 def item_dihedral(conn: psycopg.Connection[Any], item_id: int) -> list[str] | None:
-    rows = conn.execute("SELECT dihedral::text[] FROM pdq WHERE item_id = %s ORDER BY kind", [item_id]).fetchall()
+    rows = conn.execute(
+        "SELECT dihedral::text[] FROM pdq_variant WHERE item_id = %s ORDER BY kind", [item_id]
+    ).fetchall()
     return [bits for row in rows for bits in row[0]] or None
 
 

@@ -459,9 +459,8 @@ def test_pdq_lookup_uses_the_chunk_indexes_and_is_exact(library: Library) -> Non
             )
             item_id, _ = items.insert_item(conn, item, [])
             conn.execute(
-                "INSERT INTO pdq (item_id, kind, hash, quality, dihedral) VALUES (%s, 'plain', %s, 100, "
-                "ARRAY[%s]::bit(256)[])",
-                [item_id, bits, bits],
+                "INSERT INTO pdq (item_id, kind, hash, quality) VALUES (%s, 'plain', %s, 100)",
+                [item_id, bits],
             )
         conn.execute("ANALYZE pdq")
         for threshold in (0, 15, 31, 40, 47, 60):

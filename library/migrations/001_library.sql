@@ -38,7 +38,8 @@ CREATE INDEX step_todo_idx ON step (next_attempt_at) WHERE state IN ('pending', 
 -- PDQ: per item the hash of the image as stored (upright; 'plain', ThreatExchange's value) and, when the
 -- image has a uniform frame, the hash without it ('trimmed'). The query side tries its 8 dihedral variants,
 -- so a mirrored or rotated copy matches without indexing 8x the rows; the item's own 8 variants are kept
--- (unindexed) for item-to-item queries.
+-- in pdq_variant (unindexed, for item-to-item queries), out of this table so that its rows stay narrow:
+-- a lookup reads thousands of candidate rows at a million items.
 --
 -- Index: multi-index hashing. The 256 bits are cut into 16 chunks of 16 bits (c0..c15, btree each). Two
 -- hashes within 31 bits differ in at most 1 bit in at least one chunk (16 chunks x 2 bits > 31), so the
@@ -50,7 +51,6 @@ CREATE TABLE pdq (
   kind     text NOT NULL CHECK (kind IN ('plain', 'trimmed')),
   hash     bit(256) NOT NULL,
   quality  integer NOT NULL,
-  dihedral bit(256)[] NOT NULL,
   c0  integer GENERATED ALWAYS AS (substring(hash FROM 1 FOR 16)::bit(16)::integer) STORED,
   c1  integer GENERATED ALWAYS AS (substring(hash FROM 17 FOR 16)::bit(16)::integer) STORED,
   c2  integer GENERATED ALWAYS AS (substring(hash FROM 33 FOR 16)::bit(16)::integer) STORED,
@@ -85,6 +85,14 @@ CREATE INDEX pdq_c12_idx ON pdq (c12);
 CREATE INDEX pdq_c13_idx ON pdq (c13);
 CREATE INDEX pdq_c14_idx ON pdq (c14);
 CREATE INDEX pdq_c15_idx ON pdq (c15);
+
+CREATE TABLE pdq_variant (
+  item_id  bigint NOT NULL,
+  kind     text NOT NULL,
+  dihedral bit(256)[] NOT NULL,  -- the 8 rotations / mirrors, [1] = pdq.hash
+  PRIMARY KEY (item_id, kind),
+  FOREIGN KEY (item_id, kind) REFERENCES pdq (item_id, kind) ON DELETE CASCADE
+);
 
 -- Near-duplicate pairs, found when an item is hashed (its matches within LIBRARY_PDQ_THRESHOLD), so
 -- duplicate groups are a walk over this table rather than a search per item.

@@ -91,13 +91,19 @@ def start_worker(env: dict[str, str], name: str, log: Path) -> subprocess.Popen[
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """SIGTERM to the main process: Celery's warm shutdown lets the running task finish. SIGKILL to the
+    whole group: the worker and its pool child die at once, mid-task."""
     if proc.poll() is None:
-        os.killpg(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            raise AssertionError("the worker did not stop within 30 s of SIGTERM") from None
 
 
 def counts(dsn: str, schema: str) -> dict[str, int]:

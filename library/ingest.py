@@ -80,7 +80,11 @@ class Ingestor:
             width, height, fmt = probe_image(data, max_pixels=self.settings.max_image_pixels)
         except ImageTooLargeError as exc:
             raise IngestTooLargeError(str(exc)) from None
-        result = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels) if hash_now else None
+        result = (
+            pdq.hash_image(data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side)
+            if hash_now
+            else None
+        )
         digest = hashlib.sha256(data)
         blob = _store_blob(self.settings, digest.hexdigest(), data) if source != "path" else None
         new = items.NewItem(

@@ -119,11 +119,13 @@ def hash_pixels(rgb: np.ndarray) -> PdqHashes:
     return PdqHashes(plain=hash_rgb(rgb), trimmed=hash_rgb(trimmed) if trimmed is not None else None)
 
 
-def hash_image(data: bytes, *, max_pixels: int) -> PdqHashes:
+def hash_image(data: bytes, *, max_pixels: int, min_side: int = 0) -> PdqHashes:
     """PDQ of encoded image bytes. EXIF orientation is applied (the upright picture is what people see);
     the RGB conversion is Pillow's, as in python-threatexchange, so published hashes reproduce bit for bit.
+    ``min_side`` > 0 lets JPEGs decode at reduced size (faster, hashes a few bits off; see settings).
     Raises ``ImageError`` / ``ImageTooLargeError`` for bytes that are not a usable image."""
-    return hash_pixels(decode_image(data, max_pixels=max_pixels, pillow_rgb=True).rgb)
+    decoded = decode_image(data, max_pixels=max_pixels, pillow_rgb=True, min_side=min_side or None)
+    return hash_pixels(decoded.rgb)
 
 
 def hex_to_bits(value: str) -> str:

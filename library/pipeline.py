@@ -195,7 +195,9 @@ class Pipeline:
         return False
 
     def _run_pdq(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
-        hashes = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
+        hashes = pdq.hash_image(
+            data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side
+        )
         items.store_pdq(conn, item.id, hashes)
         blocklist.check_item(conn, self.settings, item.id, hashes)
         search.record_pairs(conn, self.settings, item.id, hashes.query_bits)

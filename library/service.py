@@ -121,7 +121,9 @@ class Library:
             raise IngestTooLargeError(f"the image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
         thr = self.default_threshold(match_type) if threshold is None else threshold
         if match_type == "pdq":
-            query = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
+            query = pdq.hash_image(
+                data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side
+            )
             with self.db.conn() as conn:
                 matches = search.pdq_matches(
                     conn,
@@ -245,7 +247,9 @@ class Library:
         """Check an image against the blocklist; the image is not stored anywhere."""
         if len(data) > self.settings.max_image_bytes:
             raise IngestTooLargeError(f"the image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
-        query = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
+        query = pdq.hash_image(
+            data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side
+        )
         with self.db.conn() as conn:
             return blocklist.match_hashes(conn, self.settings, query.query_bits)
 
@@ -262,6 +266,7 @@ class Library:
         errors: list[str] = []
         for name, data in images:
             try:
+                # Reference images are always decoded in full: their hashes must be ThreatExchange's.
                 result = pdq.hash_image(data, max_pixels=self.settings.max_image_pixels)
             except ValueError as exc:
                 errors.append(f"{name}: {exc}")

@@ -176,8 +176,13 @@ class LibrarySettings(BaseSettings):
         description="PDQ hashes of lower quality (featureless images) are stored but never matched "
         "(ThreatExchange: 50).",
     )
-    pdq_ef_search: int = Field(
-        default=200, ge=10, le=1000, description="HNSW candidate list size of PDQ lookups (pgvector hnsw.ef_search)."
+    pdq_decode_min_side: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="0: decode every image in full for PDQ (hashes equal ThreatExchange's). N > 0: decode JPEGs at "
+        "reduced size keeping at least N pixels per side (measured at 512: 5-30x faster on large photos, hashes "
+        "0-14 bits away from the full decode, which eats into the match threshold).",
     )
     clip_threshold: float = Field(
         default=0.25, ge=0, le=2, description="Default cosine-distance cut-off of CLIP image search (0 = identical)."

@@ -234,3 +234,28 @@ def test_transformed_copies_match_their_original(name: str, library_hashes: dict
 def test_unrelated_photos_never_match(library_hashes: dict[str, pdq.PdqHashes]) -> None:
     for a, b in itertools.combinations(PHOTOS + UNRELATED, 2):
         assert best_distance(library_hashes[a], library_hashes[b]) > THRESHOLD, (a, b)
+
+
+def test_reduced_size_jpeg_decoding_is_an_option_with_a_bounded_drift() -> None:
+    """LIBRARY_PDQ_DECODE_MIN_SIDE: JPEGs decoded at reduced size (>= N px a side). Off by default, because
+    the hash then leaves ThreatExchange's by a few bits; the drift stays small on a large photo."""
+    big = photo("coffee").resize((2400, 1600))
+    data = _jpeg_bytes(big)
+    full = pdq.hash_image(data, max_pixels=MAX_PIXELS)
+    fast = pdq.hash_image(data, max_pixels=MAX_PIXELS, min_side=512)
+    assert pdq.hamming(full.plain.hash_hex, fast.plain.hash_hex) <= 16
+    png = _png(big)  # not a JPEG: always decoded in full
+    assert (
+        pdq.hash_image(png, max_pixels=MAX_PIXELS, min_side=512).plain
+        == pdq.hash_image(png, max_pixels=MAX_PIXELS).plain
+    )
+    reference = (DATA / "bridge-mods/aaa-orig.jpg").read_bytes()  # default: exact
+    assert pdq.hash_image(reference, max_pixels=MAX_PIXELS).plain.hash_hex == next(
+        r["pdq_hex"] for r in expected_rows() if r["file"] == "bridge-mods/aaa-orig.jpg"
+    )
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from library.inference import LibraryInference
 from library.settings import LibrarySettings
 
 log = logging.getLogger(__name__)
+
+# Idle workers look for steps left behind by dead workers this often (a cheap query).
+_RELEASE_EVERY_S = 5.0
 
 
 class PermanentStepError(Exception):
@@ -49,7 +53,9 @@ def _alive(identity: str) -> bool:
     if host != socket.gethostname():
         return True  # another machine's worker: only its lease expiry can tell
     try:
-        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+        process = psutil.Process(int(pid))
+        # A killed worker whose parent did not reap it yet is a zombie: gone for our purposes.
+        return f"{process.create_time():.3f}" == started and process.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError):
         return False
 
@@ -88,6 +94,7 @@ class Pipeline:
         self.settings = settings
         self.inference = inference or LibraryInference(settings)
         self.identity = worker_identity()
+        self._last_release = 0.0
         self._runners: dict[str, Callable[[psycopg.Connection[Any], items.Item, bytes], None]] = {
             "pdq": self._run_pdq,
             "clip": self._run_clip,
@@ -229,9 +236,15 @@ class Pipeline:
     # ---- driving ----------------------------------------------------------------------------------
 
     def run_once(self, limit: int = 1) -> int:
-        """Claim and run up to ``limit`` steps; returns how many were claimed."""
+        """Claim and run up to ``limit`` steps; returns how many were claimed. When there is nothing to
+        claim, steps held by dead workers of this machine are released (at most every few seconds)."""
         with self.db.conn() as conn:
             claims = self.claim(conn, limit)
+        if not claims and time.monotonic() - self._last_release >= _RELEASE_EVERY_S:
+            self._last_release = time.monotonic()
+            if self.release_dead_claims():
+                with self.db.conn() as conn:
+                    claims = self.claim(conn, limit)
         for claim in claims:
             self.run_claim(claim)
         return len(claims)

@@ -71,8 +71,9 @@ def drain() -> int:
     else:
         wait = _next_due_s(lib)
         if wait is not None:
-            # Only retries (or a lease held by a busy or dead worker) are left: come back when one is due.
-            drain.apply_async(countdown=min(max(wait, 1.0), lib.settings.lease_s))
+            # Only retries or steps held by other (busy or dead) workers are left: come back when one is due,
+            # and at least every 30 s, when a dead worker's steps may be released (Pipeline.run_once).
+            drain.apply_async(countdown=min(max(wait, 1.0), 30.0))
     return ran
 
 

@@ -198,6 +198,33 @@ def test_a_claim_whose_worker_died_is_taken_over(library: Library) -> None:
     assert step["state"] == "done" and step["attempts"] == 2
 
 
+def test_a_killed_but_unreaped_worker_counts_as_dead(library: Library) -> None:
+    """A worker killed with SIGKILL stays a zombie until its parent reaps it (in containers, maybe never):
+    its claims must be released all the same, by the next idle worker, without an explicit call."""
+    import psutil
+
+    from library.pipeline import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = f"{os.uname().nodename}:{child.pid}:{psutil.Process(child.pid).create_time():.3f}"
+        assert _alive(identity)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not _alive(identity)
+        added = library.ingestor.add_bytes(distinct_images(1)[0], source="upload", location="upload")
+        with library.db.conn() as conn:
+            assert len(library.pipeline.claim(conn)) == 1
+            conn.execute("UPDATE step SET claimed_by = %s", [identity])
+        library.pipeline.run_until_idle()  # idle: releases the zombie's claim, then runs it
+        assert steps_of(library, added.item_id)["pdq"]["state"] == "done"
+    finally:
+        child.wait()
+
+
 def test_cli_add_is_recursive_and_resumes_after_a_kill(env: dict[str, str], tmp_path: Path) -> None:
     images = distinct_images(40, size=640)
     root = tmp_path / "photos"

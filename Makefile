@@ -1,5 +1,5 @@
 # The two commands of the README. Each one sets up what it needs first (idempotent).
-.PHONY: run test lint bench setup setup-test
+.PHONY: run run-library test lint bench setup setup-test
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -9,6 +9,12 @@ setup-test:
 
 run: setup
 	.venv/bin/python -m gateway
+
+# Library mode beside the gateway (its own port; embedded PostgreSQL in LIBRARY_DATA_DIR unless
+# LIBRARY_DATABASE_URL is set): make run-library LIBRARY_PORT=3005
+LIBRARY_PORT ?= 3005
+run-library: setup
+	.venv/bin/python -m library serve --host 127.0.0.1 --port $(LIBRARY_PORT)
 
 test: setup-test
 	.venv/bin/python -m ruff check .

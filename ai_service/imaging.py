@@ -5,6 +5,9 @@
 * JPEGs are decoded at reduced size with Pillow's draft mode when the caller only needs a small
   image (CLIP's 224 px input), which is several times faster than a full decode plus resize.
 * Only the first frame of animated formats is used.
+* HEIC/HEIF are read through pillow-heif when it is installed (library mode depends on it).
+* ``pillow_rgb=True`` converts to RGB exactly as Pillow's ``convert("RGB")`` does (alpha dropped, 16-bit
+  values clipped), which is what python-threatexchange hashes: PDQ hashes then match published ones.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
+
+try:  # optional: HEIC/HEIF (iPhone photos); Pillow itself reads AVIF
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:
+    pass
 
 # We enforce our own, configurable limit before decoding; Pillow's global guard would raise a
 # different exception type at a fixed size, so it is switched off in favour of ours.
@@ -67,23 +77,35 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, 
 
 def probe_size(data: bytes, *, max_pixels: int) -> tuple[int, int]:
     """Upright (width, height) from the header alone, without decoding pixels."""
+    width, height, _ = probe_image(data, max_pixels=max_pixels)
+    return width, height
+
+
+def probe_image(data: bytes, *, max_pixels: int) -> tuple[int, int, str]:
+    """Upright (width, height) and Pillow's format name (sniffed from the bytes, never from a file name or
+    a Content-Type) from the header alone, without decoding pixels."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img, width, height, _ = _open_checked(data, max_pixels)
+            fmt = str(img.format or "unknown")
             img.close()
-            return width, height
+            return width, height, fmt
     except (ImageError, ImageTooLargeError):
         raise
     except Exception as exc:
         raise _decode_error(exc) from None
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, *, max_pixels: int, min_side: int | None = None, pillow_rgb: bool = False
+) -> DecodedImage:
     """Decode ``data`` into an upright RGB array.
 
     ``min_side``: the caller needs at least this many pixels on the shorter side; a JPEG may then be
     decoded at 1/2, 1/4 or 1/8 scale (never below ``min_side``).
+    ``pillow_rgb``: plain ``convert("RGB")`` instead of compositing alpha on white and stretching 16-bit
+    images (perceptual hashes must see the pixels the reference implementations see).
     """
     try:
         with warnings.catch_warnings():
@@ -97,7 +119,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
             img.load()
             if orientation not in (None, 1):
                 img = ImageOps.exif_transpose(img)
-            rgb = _to_rgb(img)
+            rgb = img.convert("RGB") if pillow_rgb else _to_rgb(img)
     except (ImageError, ImageTooLargeError):
         raise
     except Exception as exc:

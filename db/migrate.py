@@ -374,11 +374,14 @@ def migrate(
     conn: psycopg.Connection[Any] | None = None,
     *,
     sync: bool = True,
+    attach_to_immich: bool = True,
 ) -> MigrationReport:
     """Bring our schema up to date; safe to call from several processes at once and repeatedly.
 
     ``conn`` must be in autocommit mode (each migration runs in its own transaction); when omitted a
     connection is opened from ``settings``. ``sync=False`` skips the document synchronisation step.
+    ``attach_to_immich=False`` installs only the schema and the segmenter (no triggers on Immich's
+    ``asset_ocr``, no document sync): library mode uses the segmentation in a database without Immich.
     """
     settings = settings or DbSearchSettings()
     own = conn is None
@@ -400,7 +403,8 @@ def migrate(
             report.applied = _apply_migrations(conn, settings)
             _store_config(conn, settings)
             report.segmenter, report.segmenter_changed = install_segmenter(conn, settings)
-            report.triggers_created = _install_triggers(conn, settings)
+            if attach_to_immich:
+                report.triggers_created = _install_triggers(conn, settings)
         except psycopg.errors.LockNotAvailable:
             raise MigrationError(
                 f"could not attach triggers to {settings.immich_schema}.asset_ocr within "
@@ -410,7 +414,7 @@ def migrate(
             raise MigrationError(f"migrating schema {settings.schema_name} failed: {_first_line(exc)}") from exc
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s, %s)", keys)
-        if sync:
+        if sync and attach_to_immich:
             from db.sync import sync_documents
 
             sync_keys = _lock_keys(conn, _SYNC_LOCK, settings)

@@ -9,9 +9,9 @@ WITH_TEST=0
 [[ "${1:-}" == "--test" ]] && WITH_TEST=1
 
 # Only the test suite needs system packages: a CJK font to render OCR test images, nginx for the search
-# front and Debian's Chromium for the web add-on. Running the services needs none.
+# front, Debian's Chromium for the web add-on, Redis for the library's Celery tests. Running the services needs none.
 APT_PACKAGES=()
-((WITH_TEST)) && APT_PACKAGES=(fonts-wqy-zenhei nginx-light chromium chromium-driver)
+((WITH_TEST)) && APT_PACKAGES=(fonts-wqy-zenhei nginx-light chromium chromium-driver redis-server)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do
@@ -46,8 +46,8 @@ if [[ ! -x .venv/bin/python ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 
-extras="cpu"
-((WITH_TEST)) && extras="cpu,test"
+extras="cpu,library"
+((WITH_TEST)) && extras="cpu,library,test"
 stamp=".venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)-$extras"
 if [[ ! -f "$stamp" ]]; then
   echo "bootstrap: installing the project with extras [$extras]"

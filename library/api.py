@@ -1,0 +1,453 @@
+"""The library's HTTP API: native typed endpoints under /api, the imgsmlr-server compatible endpoints
+under /imgsmlr, /metrics, and the web page.
+
+Statuses: 400 bad input or URL that cannot be fetched, 404 unknown item, 409 something not configured or
+not ready (CLIP without a model, an item not hashed yet), 413 too large, 415 not an image, 422 malformed
+request. Never a 500 for what a client sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from PIL import Image
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, Field
+
+from ai_service.api.limits import BodySizeLimitMiddleware
+from ai_service.imaging import ImageError, ImageTooLargeError
+from library import blocklist, items
+from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
+from library.filters import ItemFilters
+from library.ingest import IngestTooLargeError
+from library.pipeline import blob_path
+from library.service import Hit, Library, NotFoundError, UnavailableError
+from library.settings import LibrarySettings
+
+log = logging.getLogger(__name__)
+
+MatchTypeParam = Literal["pdq", "clip"]
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+
+
+class AddUrlRequest(BaseModel):
+    url: str = Field(min_length=1, max_length=8192, description="http(s) URL of the image.")
+    data_id: str | None = Field(default=None, max_length=1000)
+    remark: str | None = Field(default=None, max_length=10000)
+    meta: dict[str, Any] | None = None
+
+
+class AddResponse(BaseModel):
+    id: int
+    md5: str
+    sha256: str
+    created: bool = Field(description="False when the same bytes were already in the library.")
+
+
+class SearchUrlRequest(BaseModel):
+    url: str = Field(min_length=1, max_length=8192)
+    match_type: MatchTypeParam | None = None
+    threshold: float | None = Field(default=None, ge=0, le=256)
+    limit: int | None = Field(default=None, ge=1, le=10000)
+
+
+class HitModel(BaseModel):
+    id: int
+    md5: str
+    sha256: str
+    source: str
+    location: str
+    data_id: str | None
+    remark: str | None
+    meta: Any
+    width: int
+    height: int
+    format: str
+    distance: float
+    match_type: str
+
+
+class SearchResponse(BaseModel):
+    match_type: str
+    threshold: float | None
+    results: list[HitModel]
+
+
+class StepModel(BaseModel):
+    name: str
+    state: str
+    attempts: int
+    reason: str | None
+    next_attempt_at: str
+
+
+class ItemResponse(HitModel):
+    steps: list[StepModel]
+    blocked: bool
+
+
+class BlockCheckResponse(BaseModel):
+    match: bool
+    distance: int | None = None
+    entry_id: int | None = None
+    label: str | None = None
+
+
+class ImportResponse(BaseModel):
+    added: int
+    already_listed: int
+    items_flagged: int
+    errors: list[str]
+
+
+class FilterParams(BaseModel):
+    """Filters of every search endpoint, as query parameters."""
+
+    source: Literal["path", "url", "upload"] | None = Field(default=None, description="How items were added.")
+    added_after: datetime | None = Field(default=None, description="Items added at or after (ISO 8601).")
+    added_before: datetime | None = Field(default=None, description="Items added before (ISO 8601).")
+    data_id: str | None = Field(default=None, max_length=1000, description="Items with this dataId.")
+    location_prefix: str | None = Field(
+        default=None, max_length=4096, description="Items whose path or URL starts with this (a folder)."
+    )
+
+    def to_filters(self) -> ItemFilters:
+        return ItemFilters(**self.model_dump())
+
+
+Filters = Annotated[FilterParams, Query()]
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+def lib(request: Request) -> Library:
+    return request.app.state.library
+
+
+@contextlib.contextmanager
+def http_errors() -> Iterator[None]:
+    """Map the library's exceptions to HTTP statuses with their (safe) messages."""
+    try:
+        yield
+    except NotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except UnavailableError as exc:
+        raise HTTPException(409, str(exc)) from None
+    except (IngestTooLargeError, FetchTooLargeError) as exc:
+        raise HTTPException(413, str(exc)) from None
+    except FetchError as exc:
+        raise HTTPException(400, f"cannot fetch the URL: {exc}") from None
+    except ImageError as exc:
+        raise HTTPException(415, str(exc)) from None
+    except ImageTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ValueError as exc:  # other checks on client input (e.g. a duplicates threshold out of range)
+        raise HTTPException(400, str(exc)) from None
+
+
+def read_upload(upload: UploadFile, limit: int) -> bytes:
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"the upload is larger than {limit} bytes (LIBRARY_MAX_IMAGE_BYTES)")
+    if not data:
+        raise HTTPException(400, "the upload is empty")
+    return data
+
+
+def _search_response(match_type: str, threshold: float | None, hits: list[Any]) -> SearchResponse:
+    return SearchResponse(match_type=match_type, threshold=threshold, results=[HitModel(**h.as_dict()) for h in hits])
+
+
+# ---- native API -------------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/api", tags=["library"])
+
+
+@router.post("/items", response_model=AddResponse, status_code=201, summary="Add an image by upload")
+def add_upload(
+    request: Request,
+    response: Response,
+    file: Annotated[UploadFile, File()],
+    data_id: Annotated[str | None, Form(max_length=1000)] = None,
+    remark: Annotated[str | None, Form(max_length=10000)] = None,
+) -> AddResponse:
+    library = lib(request)
+    data = read_upload(file, library.settings.max_image_bytes)
+    with http_errors():
+        added = library.ingestor.add_bytes(
+            data, source="upload", location="upload", data_id=data_id, remark=remark, hash_now=True
+        )
+    library.wake_workers()
+    if not added.created:
+        response.status_code = 200
+    return AddResponse(id=added.item_id, md5=added.md5, sha256=added.sha256, created=added.created)
+
+
+@router.post("/items/url", response_model=AddResponse, status_code=201, summary="Add an image by URL")
+def add_url(request: Request, response: Response, body: AddUrlRequest) -> AddResponse:
+    library = lib(request)
+    with http_errors():
+        added = library.ingestor.add_url(body.url, data_id=body.data_id, remark=body.remark, meta=body.meta)
+    library.wake_workers()
+    if not added.created:
+        response.status_code = 200
+    return AddResponse(id=added.item_id, md5=added.md5, sha256=added.sha256, created=added.created)
+
+
+@router.get("/items/{item_id}", response_model=ItemResponse, summary="An item, its pipeline steps, block flag")
+def get_item(request: Request, item_id: int) -> ItemResponse:
+    with lib(request).db.conn() as conn:
+        item = items.get_item(conn, item_id)
+        if item is None:
+            raise HTTPException(404, f"no item {item_id}")
+        steps = items.step_states(conn, item_id)
+        blocked = conn.execute("SELECT 1 FROM block_hit WHERE item_id = %s", [item_id]).fetchone() is not None
+    return ItemResponse(**Hit(item, 0.0, "").as_dict(), steps=[StepModel(**s) for s in steps], blocked=blocked)
+
+
+@router.get("/items/{item_id}/image", summary="The item's bytes (blocked items are not served)")
+def get_image(request: Request, item_id: int) -> Response:
+    library = lib(request)
+    with library.db.conn() as conn:
+        item = items.get_item(conn, item_id)
+        blocked = conn.execute("SELECT 1 FROM block_hit WHERE item_id = %s", [item_id]).fetchone() is not None
+    if item is None:
+        raise HTTPException(404, f"no item {item_id}")
+    if blocked:
+        raise HTTPException(451, "this image matches the blocklist")
+    path = blob_path(library.settings, item.blob) if item.blob else Path(item.location)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise HTTPException(404, "the item's file is no longer available") from None
+    return Response(data, media_type=Image.MIME.get(item.format, "application/octet-stream"))
+
+
+class FaceModel(BaseModel):
+    n: int
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the upright image")
+    score: float
+
+
+@router.get("/items/{item_id}/faces", response_model=list[FaceModel], summary="Faces found in an item")
+def get_faces(request: Request, item_id: int) -> list[FaceModel]:
+    with lib(request).db.conn() as conn:
+        if items.get_item(conn, item_id) is None:
+            raise HTTPException(404, f"no item {item_id}")
+        rows = conn.execute(
+            "SELECT n, x1, y1, x2, y2, score FROM face WHERE item_id = %s ORDER BY n", [item_id]
+        ).fetchall()
+    return [FaceModel(n=r[0], box=[float(v) for v in r[1:5]], score=float(r[5])) for r in rows]
+
+
+@router.get("/status", summary="Item and pipeline-step counts")
+def status(request: Request) -> dict[str, Any]:
+    with lib(request).db.conn() as conn:
+        row = conn.execute("SELECT count(*) FROM item").fetchone()
+        entries, hits = blocklist.counts(conn)
+        return {
+            "items": int(row[0]) if row else 0,
+            "steps": items.step_counts(conn),
+            "blocklist_entries": entries,
+            "blocked_items": hits,
+        }
+
+
+@router.post("/search/image", response_model=SearchResponse, summary="Search by an uploaded image (not stored)")
+def search_image(
+    request: Request,
+    file: Annotated[UploadFile, File()],
+    filters: Filters,
+    match_type: Annotated[MatchTypeParam | None, Form()] = None,
+    threshold: Annotated[float | None, Form(ge=0, le=256)] = None,
+    limit: Annotated[int | None, Form(ge=1, le=10000)] = None,
+) -> SearchResponse:
+    library = lib(request)
+    data = read_upload(file, library.settings.max_image_bytes)
+    kind = match_type or library.default_match_type()
+    with http_errors():
+        thr, hits = library.search_image(data, kind, threshold, limit, filters.to_filters())
+    return _search_response(kind, thr, hits)
+
+
+@router.post("/search/url", response_model=SearchResponse, summary="Search by an image URL (not stored)")
+def search_url(request: Request, body: SearchUrlRequest, filters: Filters) -> SearchResponse:
+    library = lib(request)
+    kind = body.match_type or library.default_match_type()
+    with http_errors():
+        fetched = fetch_image_bytes(body.url, library.settings)
+        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit, filters.to_filters())
+    return _search_response(kind, thr, hits)
+
+
+@router.get("/search/item/{item_id}", response_model=SearchResponse, summary="Items similar to an item")
+def search_item(
+    request: Request,
+    item_id: int,
+    filters: Filters,
+    match_type: MatchTypeParam | None = None,
+    threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
+    limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
+) -> SearchResponse:
+    library = lib(request)
+    kind = match_type or library.default_match_type()
+    with http_errors():
+        thr, hits = library.search_item(item_id, kind, threshold, limit, filters.to_filters())
+    return _search_response(kind, thr, hits)
+
+
+@router.get("/search/text", response_model=SearchResponse, summary="Search by text: OCR, CLIP or both")
+def search_text(
+    request: Request,
+    q: Annotated[str, Query(min_length=1, max_length=1000)],
+    filters: Filters,
+    mode: Literal["ocr", "clip", "hybrid"] = "ocr",
+    limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
+) -> SearchResponse:
+    with http_errors():
+        hits = lib(request).search_text(q, mode, limit, filters.to_filters())
+    return _search_response(mode, None, hits)
+
+
+@router.get("/duplicates", summary="Groups of near-duplicate items (PDQ)")
+def duplicates(
+    request: Request,
+    threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
+    kind: MatchTypeParam = "pdq",
+) -> dict[str, list[list[HitModel]]]:
+    with http_errors():
+        groups = lib(request).duplicates(threshold, kind)
+    return {"groups": [[HitModel(**h) for h in g] for g in groups]}
+
+
+@router.post("/blocklist/hashes", response_model=ImportResponse, summary="Import PDQ hashes (ThreatExchange text)")
+def import_hashes(request: Request, file: Annotated[UploadFile, File()]) -> ImportResponse:
+    library = lib(request)
+    raw = read_upload(file, library.settings.max_blocklist_import_bytes)
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the hash list is not UTF-8 text") from None
+    report = library.import_blocklist_text(content, file.filename or "upload")
+    if report.added == 0 and report.already_listed == 0 and report.errors:
+        raise HTTPException(400, "no PDQ hash found; " + "; ".join(report.errors[:5]))
+    return ImportResponse(**report.__dict__)
+
+
+@router.post("/blocklist/images", response_model=ImportResponse, summary="Add reference images (hashed, not kept)")
+def import_images(request: Request, files: Annotated[list[UploadFile], File()]) -> ImportResponse:
+    library = lib(request)
+    images = [(f.filename or "upload", read_upload(f, library.settings.max_image_bytes)) for f in files]
+    return ImportResponse(**library.import_blocklist_images(images).__dict__)
+
+
+@router.get("/blocklist/hits", summary="Items that matched the blocklist")
+def blocklist_hits(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, list[dict[str, Any]]]:
+    with lib(request).db.conn() as conn:
+        return {"hits": blocklist.list_hits(conn, limit, offset)}
+
+
+@router.post("/blocklist/check", response_model=BlockCheckResponse, summary="Check an image; it is never stored")
+def blocklist_check(request: Request, file: Annotated[UploadFile, File()]) -> BlockCheckResponse:
+    library = lib(request)
+    data = read_upload(file, library.settings.max_image_bytes)
+    with http_errors():
+        found = library.check_blocklist(data)
+    if found is None:
+        return BlockCheckResponse(match=False)
+    return BlockCheckResponse(match=True, distance=found.distance, entry_id=found.entry_id, label=found.label)
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------
+
+
+class _LibraryCollector:
+    """Counts read from the database at scrape time, so they are right whatever process did the work."""
+
+    def __init__(self, library: Library) -> None:
+        self.library = library
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self.library.db.conn() as conn:
+            row = conn.execute("SELECT count(*) FROM item").fetchone()
+            entries, hits = blocklist.counts(conn)
+            steps = items.step_counts(conn)
+        yield GaugeMetricFamily("library_items", "Items in the library", value=int(row[0]) if row else 0)
+        yield GaugeMetricFamily("library_blocklist_entries", "Reference hashes in the blocklist", value=entries)
+        yield GaugeMetricFamily("library_blocked_items", "Items flagged by the blocklist", value=hits)
+        family = GaugeMetricFamily("library_steps", "Pipeline steps by step and state", labels=["step", "state"])
+        for step, states in sorted(steps.items()):
+            for state, n in sorted(states.items()):
+                family.add_metric([step, state], n)
+        yield family
+
+
+# ---- the app ----------------------------------------------------------------------------------------------
+
+
+def create_app(library: Library | None = None, settings: LibrarySettings | None = None) -> FastAPI:
+    """The app; with ``library=None`` its lifespan opens the library (embedded database, workers)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = library is None
+        app.state.library = library or Library(limits)
+        if own:
+            app.state.library.start_workers()
+        app.state.registry = CollectorRegistry(auto_describe=False)
+        app.state.registry.register(_LibraryCollector(app.state.library))
+        try:
+            yield
+        finally:
+            if own:
+                app.state.library.close()
+
+    app = FastAPI(title="immich-zh-ai library", lifespan=lifespan)
+    app.include_router(router)
+    limits = library.settings if library is not None else (settings or LibrarySettings())
+    # Bodies are refused while they stream in, before a multipart parser spools them to disk: the largest
+    # legitimate body is one image or one hash list, plus multipart framing.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=max(limits.max_image_bytes, limits.max_blocklist_import_bytes) + 1024 * 1024,
+        setting_name="LIBRARY_MAX_IMAGE_BYTES / LIBRARY_MAX_BLOCKLIST_IMPORT_BYTES",
+    )
+
+    from library import imgsmlr
+
+    app.include_router(imgsmlr.router)
+
+    page = Path(__file__).with_name("static") / "library.html"
+
+    @app.get("/", include_in_schema=False)
+    def library_page() -> HTMLResponse:
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    @app.get("/ping", include_in_schema=False)
+    def ping() -> PlainTextResponse:
+        return PlainTextResponse("pong")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.registry), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(UnicodeDecodeError)
+    async def _bad_text(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
+        return JSONResponse({"detail": "request is not valid UTF-8"}, status_code=400)
+
+    return app

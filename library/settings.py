@@ -1,0 +1,239 @@
+"""Configuration of library mode: one pydantic-settings class, env prefix ``LIBRARY_``.
+
+Every limit has a default that is safe on a small (2-core) self-hosted server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import psycopg.conninfo
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "LIBRARY_"
+
+# Refused by default: link-local (cloud metadata lives at 169.254.169.254 and fd00:ec2::254), "this host"
+# 0.0.0.0/8, multicast and reserved ranges, the Alibaba/Oracle metadata addresses. Loopback and private LAN
+# ranges are deliberately NOT here: self-hosted users keep their images on their own network.
+DEFAULT_DENY = [
+    "0.0.0.0/8",
+    "169.254.0.0/16",
+    "100.100.100.200/32",
+    "192.0.0.192/32",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "ff00::/8",
+]
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "immich-zh-ai" / "library"
+
+
+def _split_networks(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class LibrarySettings(BaseSettings):
+    """Configuration of the ``library`` package. The only secret is ``database_url``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- storage --------------------------------------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "libpq URL of a PostgreSQL database with the pgvector extension (>= 0.7 for bit vectors). When unset, "
+            "an embedded PostgreSQL is started in LIBRARY_DATA_DIR/postgres (needs the 'library' extra)."
+        ),
+    )
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the embedded database and the bytes of images added by URL or upload.",
+    )
+    schema_name: str = Field(
+        default="library", pattern=r"^[a-z_][a-z0-9_]{0,40}$", description="PostgreSQL schema of the library tables."
+    )
+    text_schema_name: str = Field(
+        default="library_text",
+        pattern=r"^[a-z_][a-z0-9_]{0,40}$",
+        description="Schema holding the db layer's Chinese segmentation functions used for OCR text search.",
+    )
+    pool_size: int = Field(default=8, ge=1, le=100, description="Most database connections the API process opens.")
+
+    # --- what is accepted -----------------------------------------------------------------------------
+    max_image_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1024, le=2**31, description="Largest image file accepted (path, URL or upload)."
+    )
+    max_image_pixels: int = Field(
+        default=100_000_000,
+        ge=1,
+        le=2**31,
+        description="Largest image (width x height, read from the header before decoding): decompression bombs.",
+    )
+    scan_extensions: Annotated[list[str], NoDecode] = Field(
+        default=[
+            ".jpg",
+            ".jpeg",
+            ".png",
+            ".webp",
+            ".gif",
+            ".bmp",
+            ".tif",
+            ".tiff",
+            ".heic",
+            ".heif",
+            ".avif",
+            ".jfif",
+        ],
+        description="File name endings 'python -m library add' looks at in folders (files named explicitly are "
+        "always tried; the content decides, never the name). Comma-separated.",
+    )
+
+    # --- URL fetching ---------------------------------------------------------------------------------
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Whole-download deadline for one URL, redirects included."
+    )
+    fetch_connect_timeout_s: float = Field(default=5.0, gt=0, le=120, description="TCP/TLS connect timeout per hop.")
+    fetch_max_redirects: int = Field(default=5, ge=0, le=20, description="Most redirects followed for one URL.")
+    fetch_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="When set, ONLY these networks (CIDR, comma-separated) may be fetched. Empty: any address "
+        "not in LIBRARY_FETCH_DENY_NETWORKS, loopback and private LAN included.",
+    )
+    fetch_deny_networks: Annotated[list[str], NoDecode] = Field(
+        default=DEFAULT_DENY,
+        description="Networks never fetched (CIDR, comma-separated), checked on the resolved address of every hop. "
+        "Default: link-local and cloud-metadata addresses, multicast, reserved.",
+    )
+    fetch_user_agent: str = Field(default="immich-zh-ai-library/0.1", description="User-Agent sent when fetching.")
+
+    # --- pipeline -------------------------------------------------------------------------------------
+    workers: int = Field(
+        default=2, ge=0, le=64, description="In-process pipeline threads of 'serve' (0: the API only enqueues)."
+    )
+    max_attempts: int = Field(
+        default=4, ge=1, le=100, description="Tries of a step that fails for a transient reason before it is 'failed'."
+    )
+    retry_base_s: float = Field(
+        default=5.0, ge=0, le=3600, description="Back-off before the 2nd try; doubled for each further try."
+    )
+    lease_s: float = Field(
+        default=600.0,
+        ge=5,
+        le=86400,
+        description="A claimed step not finished within this time (its worker died) is handed to another worker.",
+    )
+    poll_s: float = Field(default=1.0, gt=0, le=60, description="Idle workers look for new work this often.")
+    broker_url: SecretStr | None = Field(
+        default=None,
+        description="Redis URL (redis://host:6379/0) of a Celery broker. When set, pipeline steps run on Celery "
+        "workers ('celery -A library.worker worker', any number, on any machine sharing the database) instead of "
+        "in-process threads.",
+    )
+    celery_drain_batch: int = Field(
+        default=20, ge=1, le=10000, description="Steps one Celery task runs before it hands over to a new task."
+    )
+    inference_url: str | None = Field(
+        default=None,
+        description="Base URL of an AI service or gateway (Immich's /predict protocol) that runs CLIP and OCR for "
+        "the library; unset: models run in-process (AI_SERVICE_MODEL_DIR).",
+    )
+    inference_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="Timeout of one inference request to LIBRARY_INFERENCE_URL."
+    )
+    clip_model: str | None = Field(
+        default=None,
+        description="CLIP model (Immich name, e.g. ViT-B-16__cn-clip) for the 'clip' step and CLIP search; "
+        "unset: no CLIP step. Loaded in-process from AI_SERVICE_MODEL_DIR.",
+    )
+    ocr_model: str | None = Field(
+        default=None,
+        description="OCR model (e.g. PP-OCRv6_small) for the 'ocr' step; unset: no OCR step.",
+    )
+    face_model: str | None = Field(
+        default=None,
+        description="Face model (e.g. dlib, buffalo_l) for the 'faces' step (boxes + embeddings); unset: no step.",
+    )
+    face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
+
+    # --- matching -------------------------------------------------------------------------------------
+    pdq_threshold: int = Field(
+        default=31, ge=0, le=256, description="PDQ match threshold in bits (ThreatExchange's confident match: 31)."
+    )
+    pdq_min_quality: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="PDQ hashes of lower quality (featureless images) are stored but never matched "
+        "(ThreatExchange: 50).",
+    )
+    pdq_decode_min_side: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="0: decode every image in full for PDQ (hashes equal ThreatExchange's). N > 0: decode JPEGs at "
+        "reduced size keeping at least N pixels per side (measured at 512: 5-30x faster on large photos, hashes "
+        "0-14 bits away from the full decode, which eats into the match threshold).",
+    )
+    clip_threshold: float = Field(
+        default=0.25, ge=0, le=2, description="Default cosine-distance cut-off of CLIP image search (0 = identical)."
+    )
+    clip_duplicate_threshold: float = Field(
+        default=0.05,
+        ge=0,
+        le=2,
+        description="Cosine distance within which two items' CLIP vectors make a duplicate pair (recorded when "
+        "the clip step runs; not validated on a real model here: tune it on your collection).",
+    )
+    search_max_limit: int = Field(default=200, ge=1, le=10000, description="Most results one search returns.")
+    blocklist_threshold: int = Field(
+        default=31, ge=0, le=256, description="PDQ distance (bits) at which an image matches a blocklist entry."
+    )
+    max_blocklist_import_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1024, le=2**32, description="Largest blocklist file accepted by the import."
+    )
+
+    @field_validator(
+        "database_url", "broker_url", "inference_url", "clip_model", "ocr_model", "face_model", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # VAR= in an .env file or compose means "not set", not "an empty URL / model name".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("fetch_allow_networks", "fetch_deny_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        value = _split_networks(value)
+        if isinstance(value, list):
+            for item in value:
+                ipaddress.ip_network(str(item), strict=False)  # ValueError -> a clear settings error
+        return value
+
+    @field_validator("scan_extensions", mode="before")
+    @classmethod
+    def _extensions(cls, value: object) -> object:
+        value = _split_networks(value)
+        if isinstance(value, list):
+            return [v if str(v).startswith(".") else f".{v}" for v in (str(x).lower() for x in value)]
+        return value
+
+    def conninfo(self) -> str | None:
+        return self.database_url.get_secret_value() if self.database_url else None
+
+    def redacted(self) -> str:
+        """The database location without the password, for logs."""
+        if self.database_url is None:
+            return f"embedded PostgreSQL in {self.data_dir / 'postgres'}"
+        params = psycopg.conninfo.conninfo_to_dict(self.database_url.get_secret_value())
+        params.pop("password", None)
+        return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})

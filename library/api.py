@@ -73,6 +73,11 @@ class HitModel(BaseModel):
     format: str
     distance: float
     match_type: str
+    media: str = Field(default="image", description="'image' or 'video'.")
+    duration_s: float | None = Field(default=None, description="A video's duration (seconds) as declared.")
+    t: float | None = Field(default=None, description="Video hit of an image query: time of the matching frame (s).")
+    t_start: float | None = Field(default=None, description="Video hit of a clip/GIF query: start of the span (s).")
+    t_end: float | None = Field(default=None, description="Video hit of a clip/GIF query: end of the span (s).")
 
 
 class SearchResponse(BaseModel):

@@ -23,7 +23,7 @@ import psycopg
 
 from ai_service.imaging import ImageError, ImageTooLargeError
 from ai_service.inference import RequestError
-from library import blocklist, items, pdq, search, text
+from library import blocklist, items, pdq, search, text, video
 from library.db import Database
 from library.inference import LibraryInference
 from library.settings import LibrarySettings
@@ -82,6 +82,26 @@ def load_bytes(settings: LibrarySettings, item: items.Item) -> bytes:
     return data
 
 
+def video_source(settings: LibrarySettings, item: items.Item) -> video.Source:
+    """A video item's file (streamed, checked against its content address), or its bytes when Pillow
+    decodes it (animated GIF/WebP/PNG, which are under LIBRARY_MAX_IMAGE_BYTES)."""
+    if item.format in ("GIF", "WEBP", "PNG"):
+        return load_bytes(settings, item)
+    path = blob_path(settings, item.blob) if item.blob else Path(item.location)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise PermanentStepError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise PermanentStepError(f"not a file: {path}") from None
+    if digest.hexdigest() != item.sha256:
+        raise PermanentStepError(f"file changed since it was added: {path}")
+    return path
+
+
 class Pipeline:
     def __init__(self, db: Database, settings: LibrarySettings, inference: LibraryInference | None = None) -> None:
         self.db = db
@@ -93,6 +113,7 @@ class Pipeline:
             "clip": self._run_clip,
             "ocr": self._run_ocr,
             "faces": self._run_faces,
+            "video": self._run_video,
         }
 
     # ---- claiming ---------------------------------------------------------------------------------
@@ -173,13 +194,16 @@ class Pipeline:
                 try:
                     if runner is None:
                         raise PermanentStepError(f"unknown step {claim.step!r}")
-                    data = load_bytes(self.settings, item)
+                    # A video step streams its file itself (videos may exceed LIBRARY_MAX_IMAGE_BYTES).
+                    data = b"" if claim.step == "video" else load_bytes(self.settings, item)
                     with conn.transaction():
                         runner(conn, item, data)
                         items.mark_step_done(conn, item.id, claim.step)
                     return True
                 except PermanentStepError as exc:
                     self._fail(conn, claim, str(exc), permanent=True)
+                except video.VideoError as exc:
+                    self._fail(conn, claim, f"not a usable video: {exc}", permanent=True)
                 except (ImageError, ImageTooLargeError) as exc:
                     self._fail(conn, claim, f"not a usable image: {exc}", permanent=True)
                 except RequestError as exc:
@@ -199,6 +223,32 @@ class Pipeline:
         items.store_pdq(conn, item.id, hashes)
         blocklist.check_item(conn, self.settings, item.id, hashes)
         search.record_pairs(conn, self.settings, item.id, hashes.query_bits)
+
+    def _run_video(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
+        """Keyframes with their PDQ (every keyframe is checked against the blocklist) and, with a CLIP
+        model, their CLIP vectors. Decoding happens before any write, so a failure stores nothing."""
+        frames: list[video.Keyframe] = []
+        vectors = []
+        for frame in video.keyframes(video_source(self.settings, item), self.settings):
+            if self.inference.clip_enabled:
+                vectors.append(self.inference.clip_image(video.jpeg(frame.rgb)))
+            frames.append(video.Keyframe(frame.t, frame.rgb[:0], frame.hashes))  # pixels dropped: memory bound
+        conn.execute("DELETE FROM video_frame WHERE item_id = %s", [item.id])
+        conn.execute("DELETE FROM video_frame_clip WHERE item_id = %s", [item.id])
+        for n, frame in enumerate(frames):
+            for kind, result in frame.hashes.variants:
+                conn.execute(
+                    """INSERT INTO video_frame (item_id, n, t, kind, hash, quality)
+                       VALUES (%s, %s, %s, %s, %s::bit(256), %s)""",
+                    [item.id, n, frame.t, kind, result.bits, result.quality],
+                )
+            blocklist.check_item(conn, self.settings, item.id, frame.hashes)
+        for n, (frame, vector) in enumerate(zip(frames, vectors, strict=False)):
+            conn.execute(
+                """INSERT INTO video_frame_clip (item_id, n, t, model, embedding)
+                   VALUES (%s, %s, %s, %s, %s::vector)""",
+                [item.id, n, frame.t, self.settings.clip_model, str(vector.tolist())],
+            )
 
     def _run_clip(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         vector = self.inference.clip_image(data)

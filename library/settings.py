@@ -93,6 +93,12 @@ class LibrarySettings(BaseSettings):
             ".heif",
             ".avif",
             ".jfif",
+            ".mp4",
+            ".m4v",
+            ".mov",
+            ".mkv",
+            ".webm",
+            ".avi",
         ],
         description="File name endings 'python -m library add' looks at in folders (files named explicitly are "
         "always tried; the content decides, never the name). Comma-separated.",
@@ -164,6 +170,70 @@ class LibrarySettings(BaseSettings):
         description="Face model (e.g. dlib, buffalo_l) for the 'faces' step (boxes + embeddings); unset: no step.",
     )
     face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
+
+    # --- videos ---------------------------------------------------------------------------------------
+    video_enabled: bool = Field(
+        default=True,
+        description="Ingest videos (MP4/MOV, Matroska/WebM, AVI) and animated GIF/WebP/PNG as video items "
+        "(keyframes with timestamps, PDQ and CLIP per keyframe). Off: they are refused like other non-images.",
+    )
+    video_max_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        le=2**40,
+        description="Largest video file added by server path (uploads and URLs stay under LIBRARY_MAX_IMAGE_BYTES).",
+    )
+    video_max_duration_s: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="Longest video accepted: refused at ingest when the container says more, and the step fails "
+        "when decoding goes past it (an endless or lying stream).",
+    )
+    video_max_pixels: int = Field(
+        default=7680 * 4320,
+        ge=1,
+        le=2**31,
+        description="Largest video frame (width x height) accepted, checked on the header and on every frame.",
+    )
+    video_max_frames: int = Field(
+        default=2_000_000, ge=1, le=10**9, description="Most frames decoded from one video before its step fails."
+    )
+    video_decode_timeout_s: float = Field(
+        default=1800.0, gt=0, le=86400, description="Wall-clock limit of one video's decoding before its step fails."
+    )
+    video_sample_fps: float = Field(
+        default=4.0,
+        gt=0,
+        le=60,
+        description="Decoded frames looked at per second of video when choosing keyframes (the rest are skipped "
+        "after decoding, without colour conversion).",
+    )
+    video_keyframe_interval_s: float = Field(
+        default=2.0, gt=0, le=3600, description="A keyframe at least this often (seconds), even in a static shot."
+    )
+    video_scene_bits: int = Field(
+        default=24,
+        ge=1,
+        le=256,
+        description="A sampled frame whose PDQ differs by more than this many bits from the last keyframe "
+        "(a cut, a pan, a zoom) becomes a keyframe too.",
+    )
+    video_max_keyframes: int = Field(
+        default=20000, ge=1, le=10**7, description="Most keyframes stored per video (the step fails beyond)."
+    )
+    video_frame_side: int = Field(
+        default=512,
+        ge=64,
+        le=4096,
+        description="Frames are scaled so their longer side is at most this many pixels before hashing and CLIP.",
+    )
+    video_query_step_s: float = Field(
+        default=0.5, gt=0, le=60, description="A query clip or GIF is sampled every this many seconds."
+    )
+    video_query_max_frames: int = Field(
+        default=48, ge=1, le=1000, description="Most frames of a query clip or GIF that vote."
+    )
 
     # --- matching -------------------------------------------------------------------------------------
     pdq_threshold: int = Field(

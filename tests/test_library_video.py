@@ -254,3 +254,48 @@ def test_native_api_and_imgsmlr_return_video_times(
         assert truncated.status_code == 415, truncated.text
     log = (tmp_path / "server.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-4000:]
+
+
+def test_a_video_showing_a_blocklisted_image_is_flagged(library: Library, footage: dict[str, object]) -> None:
+    from PIL import Image
+
+    from tests.library_support import encode
+
+    still = Image.fromarray(footage["frames_a"][round(13.0 * FPS)])  # type: ignore[index]
+    library.import_blocklist_images([("known", encode(still))])
+    added = library.ingestor.add_bytes(footage["a.mp4"], source="upload", location="upload")  # type: ignore[arg-type]
+    library.pipeline.run_until_idle()
+    with library.db.conn() as conn:
+        assert conn.execute("SELECT item_id FROM block_hit").fetchall() == [(added.item_id,)]
+    _, hits = library.search_image(screenshot(footage["frames_a"][round(4.0 * FPS)]), "pdq", None, 5)  # type: ignore[index]
+    assert hits == []  # a blocked video is never a result
+
+
+def test_video_clip_plumbing_with_a_tiny_random_model(
+    postgres_uri: str,
+    tmp_path: Path,
+    clip_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    footage: dict[str, object],
+) -> None:
+    """Random weights: this checks the wiring (a CLIP vector per keyframe, CLIP search of videos with the
+    time of the frame), never search quality."""
+    monkeypatch.setenv("AI_SERVICE_MODEL_DIR", str(clip_model_dir))
+    env = library_env(postgres_uri, tmp_path / "data", LIBRARY_CLIP_MODEL="test-cn-clip-tiny")
+    lib = Library(settings_from(env))
+    try:
+        added = lib.ingestor.add_bytes(footage["b.mkv"], source="upload", location="upload")  # type: ignore[arg-type]
+        lib.pipeline.run_until_idle()
+        assert steps_of(lib, added.item_id)["video"]["state"] == "done"
+        with lib.db.conn() as conn:
+            frames = conn.execute(
+                "SELECT count(DISTINCT n) FROM video_frame WHERE item_id = %s", [added.item_id]
+            ).fetchone()
+            vectors = conn.execute(
+                "SELECT count(*), min(model) FROM video_frame_clip WHERE item_id = %s", [added.item_id]
+            ).fetchone()
+        assert frames and vectors and frames[0] > 3 and vectors == (frames[0], "test-cn-clip-tiny")
+        _, hits = lib.search_image(screenshot(footage["frames_a"][0]), "clip", 2.0, 5)  # type: ignore[index]
+        assert [h.item.id for h in hits] == [added.item_id] and hits[0].t is not None
+    finally:
+        lib.close()

@@ -53,11 +53,28 @@ class Keyframe:
 Source = bytes | Path
 
 _ANIMATED_FORMATS = {"GIF", "WEBP", "PNG"}
+# ISO-BMFF major brands of still images (HEIF, HEIC, AVIF and their sequences), not videos.
+_STILL_BRANDS = {
+    b"heic",
+    b"heix",
+    b"heim",
+    b"heis",
+    b"hevc",
+    b"hevx",
+    b"hevm",
+    b"hevs",
+    b"mif1",
+    b"msf1",
+    b"avif",
+    b"avis",
+}
 
 
 def _demuxer(head: bytes) -> str | None:
     """FFmpeg demuxer for the container these first bytes start, or None (not a video we read)."""
     if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        if head[4:8] == b"ftyp" and head[8:12] in _STILL_BRANDS:
+            return None  # HEIF/HEIC/AVIF photos share MP4's box format; Pillow (pillow-heif) reads them
         return "mp4"  # FFmpeg's mov demuxer: MP4, MOV, 3GP, M4V
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "matroska"  # also WebM

@@ -33,6 +33,7 @@ from library.settings import LibrarySettings
 log = logging.getLogger(__name__)
 
 MatchTypeParam = Literal["pdq", "clip"]
+NSFW_MAX_DOC = "Leave out items whose NSFW score (the 'nsfw' step) is above this; unscored items are kept."
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -57,6 +58,7 @@ class SearchUrlRequest(BaseModel):
     match_type: MatchTypeParam | None = None
     threshold: float | None = Field(default=None, ge=0, le=256)
     limit: int | None = Field(default=None, ge=1, le=10000)
+    nsfw_max: float | None = Field(default=None, ge=0, le=1, description=NSFW_MAX_DOC)
 
 
 class HitModel(BaseModel):
@@ -97,6 +99,7 @@ class StepModel(BaseModel):
 class ItemResponse(HitModel):
     steps: list[StepModel]
     blocked: bool
+    nsfw_score: float | None = Field(default=None, description="P(nsfw) from the 'nsfw' step, when it ran.")
 
 
 class BlockCheckResponse(BaseModel):
@@ -198,7 +201,13 @@ def get_item(request: Request, item_id: int) -> ItemResponse:
             raise HTTPException(404, f"no item {item_id}")
         steps = items.step_states(conn, item_id)
         blocked = conn.execute("SELECT 1 FROM block_hit WHERE item_id = %s", [item_id]).fetchone() is not None
-    return ItemResponse(**Hit(item, 0.0, "").as_dict(), steps=[StepModel(**s) for s in steps], blocked=blocked)
+        nsfw = conn.execute("SELECT score FROM nsfw WHERE item_id = %s", [item_id]).fetchone()
+    return ItemResponse(
+        **Hit(item, 0.0, "").as_dict(),
+        steps=[StepModel(**s) for s in steps],
+        blocked=blocked,
+        nsfw_score=float(nsfw[0]) if nsfw else None,
+    )
 
 
 @router.get("/items/{item_id}/image", summary="The item's bytes (blocked items are not served)")
@@ -256,12 +265,13 @@ def search_image(
     match_type: Annotated[MatchTypeParam | None, Form()] = None,
     threshold: Annotated[float | None, Form(ge=0, le=256)] = None,
     limit: Annotated[int | None, Form(ge=1, le=10000)] = None,
+    nsfw_max: Annotated[float | None, Form(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
 ) -> SearchResponse:
     library = lib(request)
     data = read_upload(file, library.settings.max_image_bytes)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_image(data, kind, threshold, limit)
+        thr, hits = library.search_image(data, kind, threshold, limit, nsfw_max)
     return _search_response(kind, thr, hits)
 
 
@@ -271,7 +281,7 @@ def search_url(request: Request, body: SearchUrlRequest) -> SearchResponse:
     kind = body.match_type or library.default_match_type()
     with http_errors():
         fetched = fetch_image_bytes(body.url, library.settings)
-        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit)
+        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit, body.nsfw_max)
     return _search_response(kind, thr, hits)
 
 
@@ -282,11 +292,12 @@ def search_item(
     match_type: MatchTypeParam | None = None,
     threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
+    nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
 ) -> SearchResponse:
     library = lib(request)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_item(item_id, kind, threshold, limit)
+        thr, hits = library.search_item(item_id, kind, threshold, limit, nsfw_max)
     return _search_response(kind, thr, hits)
 
 
@@ -296,9 +307,10 @@ def search_text(
     q: Annotated[str, Query(min_length=1, max_length=1000)],
     mode: Literal["ocr", "clip", "hybrid"] = "ocr",
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
+    nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
 ) -> SearchResponse:
     with http_errors():
-        hits = lib(request).search_text(q, mode, limit)
+        hits = lib(request).search_text(q, mode, limit, nsfw_max)
     return _search_response(mode, None, hits)
 
 

@@ -26,6 +26,8 @@ def enabled_steps(settings: LibrarySettings, media: str = "image") -> list[str]:
         steps.append("ocr")
     if settings.face_model:
         steps.append("faces")
+    if settings.nsfw_model:
+        steps.append("nsfw")
     return steps
 
 

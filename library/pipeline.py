@@ -23,7 +23,7 @@ import psycopg
 
 from ai_service.imaging import ImageError, ImageTooLargeError
 from ai_service.inference import RequestError
-from library import blocklist, items, pdq, search, text, video
+from library import blocklist, items, pdq, search, tags, text, video
 from library.db import Database
 from library.inference import LibraryInference
 from library.settings import LibrarySettings
@@ -108,6 +108,7 @@ class Pipeline:
         self.settings = settings
         self.inference = inference or LibraryInference(settings)
         self.identity = worker_identity()
+        self.tag_texts = tags.TextEmbeddings(settings, self.inference)
         self._runners: dict[str, Callable[[psycopg.Connection[Any], items.Item, bytes], None]] = {
             "pdq": self._run_pdq,
             "clip": self._run_clip,
@@ -267,6 +268,8 @@ class Pipeline:
                ON CONFLICT (item_id) DO UPDATE SET model = excluded.model, embedding = excluded.embedding""",
             [item.id, self.settings.clip_model, str(vector.tolist())],
         )
+        if self.settings.tags_enabled:
+            tags.assign(conn, self.settings, self.tag_texts, item.id, vector)
 
     def _run_ocr(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         found = self.inference.ocr(data)

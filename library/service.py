@@ -122,26 +122,30 @@ class Library:
         threshold: float | None,
         limit: int | None,
         nsfw_max: float | None = None,
+        tag: str | None = None,
     ) -> tuple[float, list[Hit]]:
         """Search with an image (or a video clip / GIF) that is not stored. Raises ImageError /
-        IngestTooLargeError. ``nsfw_max``: leave out items whose NSFW score is above it."""
+        IngestTooLargeError. ``nsfw_max``: leave out items whose NSFW score is above it; ``tag``: keep only
+        items with this tag."""
         thr, hits = self._search_image(data, match_type, threshold, limit)
-        return thr, self._drop_nsfw(hits, nsfw_max)
+        return thr, self._filter(hits, nsfw_max, tag)
 
-    def _drop_nsfw(self, hits: list[Hit], nsfw_max: float | None) -> list[Hit]:
-        """The NSFW filter, applied to the ranked hits (items without a score -- no 'nsfw' step, or not run
-        yet -- are kept; a filtered search may return fewer than ``limit``)."""
-        if nsfw_max is None or not hits:
+    def _filter(self, hits: list[Hit], nsfw_max: float | None, tag: str | None) -> list[Hit]:
+        """The NSFW and tag filters, applied to the ranked hits (items without an NSFW score -- no 'nsfw'
+        step, or not run yet -- are kept; a filtered search may return fewer than ``limit``)."""
+        if (nsfw_max is None and tag is None) or not hits:
             return hits
+        ids = [h.item.id for h in hits]
         with self.db.conn() as conn:
-            over = {
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT item_id FROM nsfw WHERE item_id = ANY(%s) AND score > %s",
-                    [[h.item.id for h in hits], nsfw_max],
-                )
-            }
-        return [h for h in hits if h.item.id not in over]
+            over: set[int] = set()
+            if nsfw_max is not None:
+                rows = conn.execute("SELECT item_id FROM nsfw WHERE item_id = ANY(%s) AND score > %s", [ids, nsfw_max])
+                over = {int(r[0]) for r in rows}
+            tagged: set[int] | None = None
+            if tag is not None:
+                rows = conn.execute("SELECT item_id FROM item_tag WHERE item_id = ANY(%s) AND tag = %s", [ids, tag])
+                tagged = {int(r[0]) for r in rows}
+        return [h for h in hits if h.item.id not in over and (tagged is None or h.item.id in tagged)]
 
     def _search_image(
         self, data: bytes, match_type: MatchType, threshold: float | None, limit: int | None
@@ -218,6 +222,7 @@ class Library:
         threshold: float | None,
         limit: int | None,
         nsfw_max: float | None = None,
+        tag: str | None = None,
     ) -> tuple[float, list[Hit]]:
         thr = self.default_threshold(match_type) if threshold is None else threshold
         with self.db.conn() as conn:
@@ -247,12 +252,17 @@ class Library:
                     limit=self._limit(limit),
                     exclude_item=item_id,
                 )
-        return thr, self._drop_nsfw(self._hits(matches, match_type), nsfw_max)
+        return thr, self._filter(self._hits(matches, match_type), nsfw_max, tag)
 
     def search_text(
-        self, query: str, mode: Literal["ocr", "clip", "hybrid"], limit: int | None, nsfw_max: float | None = None
+        self,
+        query: str,
+        mode: Literal["ocr", "clip", "hybrid"],
+        limit: int | None,
+        nsfw_max: float | None = None,
+        tag: str | None = None,
     ) -> list[Hit]:
-        return self._drop_nsfw(self._search_text(query, mode, limit), nsfw_max)
+        return self._filter(self._search_text(query, mode, limit), nsfw_max, tag)
 
     def _search_text(self, query: str, mode: Literal["ocr", "clip", "hybrid"], limit: int | None) -> list[Hit]:
         """OCR full-text (the db layer's segmentation), CLIP text-to-image, or both fused by reciprocal rank."""

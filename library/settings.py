@@ -182,6 +182,21 @@ class LibrarySettings(BaseSettings):
         description="Items whose NSFW score is at least this are flagged like blocklist matches (hidden from "
         "search, listed with rule 'nsfw'); unset: scores are only stored and filterable.",
     )
+    tags_enabled: bool = Field(
+        default=False,
+        description="Zero-shot tags from the 'clip' step's embedding (needs LIBRARY_CLIP_MODEL): the shipped "
+        "bilingual vocabulary (library/vocabulary), its text embeddings computed once per model and cached. "
+        "Thresholds are not calibrated per tag yet.",
+    )
+    tags_language: Literal["zh", "en"] = Field(
+        default="zh", description="Which name of each tag goes into the prompt (zh for Chinese CLIP models)."
+    )
+    tags_prompt_zh: str = Field(default="一张{}的照片。", description="Prompt template of Chinese tag names.")
+    tags_prompt_en: str = Field(default="a photo of a {}.", description="Prompt template of English tag names.")
+    tags_top_k: int = Field(default=5, ge=1, le=100, description="Most tags stored per item.")
+    tags_min_score: float = Field(
+        default=0.2, ge=-1, le=1, description="Least cosine similarity of image and tag prompt for a tag to be kept."
+    )
     face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
 
     # --- videos ---------------------------------------------------------------------------------------

@@ -88,11 +88,13 @@ def _flag_existing(conn: psycopg.Connection[Any], settings: LibrarySettings, ent
         matches = search.pdq_matches(
             conn, settings, [bits], threshold=settings.blocklist_threshold, limit=100000, include_blocked=True
         )
-        for m in matches:
+        # Videos: any keyframe within the threshold flags the video.
+        frames = search.video_frame_matches(conn, settings, [[bits]], threshold=settings.blocklist_threshold)
+        for item_id, distance in [(m.item_id, m.distance) for m in matches] + [(f.item_id, f.distance) for f in frames]:
             flagged += conn.execute(
                 """INSERT INTO block_hit (item_id, entry_id, distance) VALUES (%s, %s, %s)
                    ON CONFLICT (item_id) DO NOTHING""",
-                [m.item_id, entry_id, int(m.distance)],
+                [item_id, entry_id, int(distance)],
             ).rowcount
     return flagged
 

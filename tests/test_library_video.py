@@ -269,6 +269,13 @@ def test_a_video_showing_a_blocklisted_image_is_flagged(library: Library, footag
         assert conn.execute("SELECT item_id FROM block_hit").fetchall() == [(added.item_id,)]
     _, hits = library.search_image(screenshot(footage["frames_a"][round(4.0 * FPS)]), "pdq", None, 5)  # type: ignore[index]
     assert hits == []  # a blocked video is never a result
+    # A video already in the library is flagged when a matching entry is imported later.
+    other = library.ingestor.add_bytes(footage["b.mkv"], source="upload", location="upload")  # type: ignore[arg-type]
+    library.pipeline.run_until_idle()
+    later = Image.fromarray(_frames(SHOTS_B)[round(2.0 * FPS)])
+    assert library.import_blocklist_images([("later", encode(later))]).items_flagged == 1
+    with library.db.conn() as conn:
+        assert {r[0] for r in conn.execute("SELECT item_id FROM block_hit")} == {added.item_id, other.item_id}
 
 
 def test_video_clip_plumbing_with_a_tiny_random_model(

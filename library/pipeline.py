@@ -227,22 +227,29 @@ class Pipeline:
         search.record_pairs(conn, self.settings, item.id, hashes.query_bits)
 
     def _run_nsfw(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
-        score = min(max(self.inference.nsfw(data), 0.0), 1.0)
+        self._store_nsfw(conn, item.id, min(max(self.inference.nsfw(data), 0.0), 1.0))
+
+    def _store_nsfw(self, conn: psycopg.Connection[Any], item_id: int, score: float) -> None:
         conn.execute(
             """INSERT INTO nsfw (item_id, model, score) VALUES (%s, %s, %s)
                ON CONFLICT (item_id) DO UPDATE SET model = excluded.model, score = excluded.score""",
-            [item.id, self.settings.nsfw_model, score],
+            [item_id, self.settings.nsfw_model, score],
         )
-        blocklist.check_nsfw(conn, self.settings, item.id, score)
+        blocklist.check_nsfw(conn, self.settings, item_id, score)
 
     def _run_video(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         """Keyframes with their PDQ (every keyframe is checked against the blocklist) and, with a CLIP
         model, their CLIP vectors. Decoding happens before any write, so a failure stores nothing."""
         frames: list[video.Keyframe] = []
         vectors = []
+        nsfw: float | None = None
         for frame in video.keyframes(video_source(self.settings, item), self.settings):
-            if self.inference.clip_enabled:
-                vectors.append(self.inference.clip_image(video.jpeg(frame.rgb)))
+            if self.inference.clip_enabled or self.settings.nsfw_model:
+                encoded = video.jpeg(frame.rgb)
+                if self.inference.clip_enabled:
+                    vectors.append(self.inference.clip_image(encoded))
+                if self.settings.nsfw_model:  # the video's score: its highest-scoring keyframe
+                    nsfw = max(nsfw or 0.0, min(max(self.inference.nsfw(encoded), 0.0), 1.0))
             frames.append(video.Keyframe(frame.t, frame.rgb[:0], frame.hashes))  # pixels dropped: memory bound
         conn.execute("DELETE FROM video_frame WHERE item_id = %s", [item.id])
         conn.execute("DELETE FROM video_frame_clip WHERE item_id = %s", [item.id])
@@ -260,6 +267,8 @@ class Pipeline:
                    VALUES (%s, %s, %s, %s, %s::vector)""",
                 [item.id, n, frame.t, self.settings.clip_model, str(vector.tolist())],
             )
+        if nsfw is not None:
+            self._store_nsfw(conn, item.id, nsfw)
 
     def _run_clip(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         vector = self.inference.clip_image(data)

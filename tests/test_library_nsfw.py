@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from library import blocklist, items
@@ -58,6 +59,22 @@ def test_scores_filter_and_blocklist_rule(library: Library) -> None:
     _, dropped = library.search_image(encode(photo("astronaut")), "pdq", None, 5, nsfw_max=scores["astronaut"] / 2)
     assert [h.item.id for h in hits_all] == [h.item.id for h in kept] == [ids["astronaut"]]
     assert dropped == []
+
+
+def test_a_video_scores_as_its_highest_keyframe(library: Library) -> None:
+    from tests.video_support import Shot, encode_video, render
+
+    still = np.asarray(photo("astronaut"))
+    retina = np.asarray(photo("retina"))
+    clip = encode_video(render([Shot(still, 2, "still"), Shot(retina, 2, "still")], 10, (320, 320)), 10)
+    added = library.ingestor.add_bytes(clip, source="upload", location="upload").item_id
+    alone = library.ingestor.add_bytes(encode(photo("retina")), source="upload", location="r").item_id
+    library.pipeline.run_until_idle()
+    with library.db.conn() as conn:
+        scores = dict(conn.execute("SELECT item_id, score FROM nsfw").fetchall())
+        flagged = {h["item_id"]: h["rule"] for h in blocklist.list_hits(conn, 100, 0)}
+    assert scores[added] > 0.1 and abs(scores[added] - scores[alone]) < 0.1  # the retina shot decides
+    assert flagged == {added: "nsfw", alone: "nsfw"}
 
 
 def test_nsfw_filter_and_score_over_http(postgres_uri: str, tmp_path: Path) -> None:

@@ -23,10 +23,10 @@ from pydantic import BaseModel, Field
 
 from ai_service.api.limits import BodySizeLimitMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
-from library import blocklist, items, tags
+from library import blocklist, items, tags, video
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
 from library.ingest import IngestTooLargeError
-from library.pipeline import blob_path
+from library.pipeline import PermanentStepError, blob_path, video_source
 from library.service import Hit, Library, NotFoundError, UnavailableError
 from library.settings import LibrarySettings
 
@@ -212,8 +212,12 @@ def get_item(request: Request, item_id: int) -> ItemResponse:
     )
 
 
-@router.get("/items/{item_id}/image", summary="The item's bytes (blocked items are not served)")
-def get_image(request: Request, item_id: int) -> Response:
+@router.get("/items/{item_id}/image", summary="The item's bytes (a video: a JPEG of its frame at t; blocked: 451)")
+def get_image(
+    request: Request,
+    item_id: int,
+    t: Annotated[float, Query(ge=0, le=7 * 86400, description="A video's frame at this time (seconds).")] = 0.0,
+) -> Response:
     library = lib(request)
     with library.db.conn() as conn:
         item = items.get_item(conn, item_id)
@@ -222,12 +226,23 @@ def get_image(request: Request, item_id: int) -> Response:
         raise HTTPException(404, f"no item {item_id}")
     if blocked:
         raise HTTPException(451, "this image matches the blocklist")
+    if item.media == "video":
+        return _video_frame(library, item, t)
     path = blob_path(library.settings, item.blob) if item.blob else Path(item.location)
     try:
         data = path.read_bytes()
     except OSError:
         raise HTTPException(404, "the item's file is no longer available") from None
     return Response(data, media_type=Image.MIME.get(item.format, "application/octet-stream"))
+
+
+def _video_frame(library: Library, item: items.Item, t: float) -> Response:
+    """A video is shown as the JPEG of one frame (thumbnails in the pages, the frame a search matched)."""
+    try:
+        rgb = video.frame_at(video_source(library.settings, item), library.settings, t)
+    except (PermanentStepError, video.VideoError) as exc:
+        raise HTTPException(404, f"the video's frame is not available: {exc}") from None
+    return Response(video.jpeg(rgb), media_type="image/jpeg")
 
 
 class FaceModel(BaseModel):

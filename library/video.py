@@ -340,6 +340,50 @@ def image_query_bits(data: bytes, settings: LibrarySettings) -> list[str]:
     return list(dict.fromkeys(bits))
 
 
+def frame_at(source: Source, settings: LibrarySettings, t: float) -> np.ndarray:
+    """The frame shown at ``t`` seconds (the last one when ``t`` is past the end), scaled to
+    LIBRARY_VIDEO_FRAME_SIDE. PyAV seeks to the keyframe before ``t`` and decodes from there, under the
+    same limits as indexing."""
+    if isinstance(source, bytes) and is_animated_image(source):
+        chosen: np.ndarray | None = None
+        for frame in _sample_animated(source, settings, 0.0):
+            if chosen is not None and frame.t > t + 1e-6:
+                break
+            chosen = frame.rgb
+        if chosen is None:
+            raise VideoError("the animation has no frame")
+        return chosen
+    demuxer = _demuxer(_head(source))
+    if demuxer is None:
+        raise VideoError("not a video: unknown container")
+    import av
+
+    budget = _Budget(settings)
+    try:
+        with _open_file(source) as f, av.open(f, format=demuxer) as container:
+            if not container.streams.video:
+                raise VideoError("the file has no video stream")
+            stream = container.streams.video[0]
+            if t > 0 and stream.time_base:
+                container.seek(int(t / stream.time_base), stream=stream, backward=True)
+            last = None
+            for frame in container.decode(stream):
+                frame_t = float(frame.time) if frame.time is not None else 0.0
+                budget.tick(frame_t)
+                if last is not None and frame_t > t + 1e-6:
+                    break
+                last = frame
+            if last is None:
+                raise VideoError("the video has no decodable frame")
+            _check_size(settings, last.width, last.height)
+            w, h = _scaled(last.width, last.height, settings.video_frame_side)
+            return np.ascontiguousarray(last.reformat(width=w, height=h, format="rgb24").to_ndarray())
+    except VideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError) as exc:
+        raise VideoError(f"the video cannot be decoded: {exc}") from None
+
+
 def jpeg(rgb: np.ndarray) -> bytes:
     """A keyframe encoded for the CLIP model (which takes image bytes)."""
     out = io.BytesIO()

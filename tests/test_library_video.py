@@ -250,6 +250,14 @@ def test_native_api_and_imgsmlr_return_video_times(
         assert native.status_code == 200, native.text
         first = native.json()["results"][0]
         assert first["id"] == video_id and first["media"] == "video" and abs(first["t_start"] - 8.0) <= 2
+        # The video is shown as the JPEG of the frame at t (the page's thumbnails).
+        frame = api.get(f"/api/items/{video_id}/image", params={"t": 19.0})
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        from library import pdq
+
+        seen = pdq.hash_image(frame.content, max_pixels=10**8).plain.hash_hex
+        truth = pdq.hash_rgb(np.ascontiguousarray(frames_a[round(19.0 * FPS)])).hash_hex  # type: ignore[index]
+        assert pdq.hamming(seen, truth) <= 31
         truncated = api.post("/api/items", files={"file": ("x.mp4", footage["a.mp4"][:5000])})  # type: ignore[index]
         assert truncated.status_code == 415, truncated.text
     log = (tmp_path / "server.log").read_text(errors="replace")

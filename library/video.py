@@ -200,7 +200,11 @@ class _Budget:
         s = self.settings
         if self.frames > s.video_max_frames:
             raise VideoError(f"more than {s.video_max_frames} frames (LIBRARY_VIDEO_MAX_FRAMES)")
-        _check_duration(s, t)
+        if t > s.video_max_duration_s:
+            raise VideoError(
+                f"the video goes on past {s.video_max_duration_s:g} s (LIBRARY_VIDEO_MAX_DURATION_S), "
+                "whatever its header says"
+            )
         if self.frames % 64 == 0 and time.monotonic() > self.deadline:
             raise VideoError(
                 f"decoding took longer than {s.video_decode_timeout_s:.0f} s (LIBRARY_VIDEO_DECODE_TIMEOUT_S)"

@@ -208,6 +208,28 @@ def test_decode_limits_fail_the_step_with_the_reason(
         lib.close()
 
 
+def test_a_stream_without_a_declared_end_stops_at_the_duration_limit(
+    postgres_uri: str, footage: dict[str, object], tmp_path: Path
+) -> None:
+    """Matroska without its Duration element (overwritten by an EBML Void of the same size), as a live or
+    endless stream would be: accepted, then its step fails at LIBRARY_VIDEO_MAX_DURATION_S."""
+    mkv: bytes = footage["b.mkv"]  # type: ignore[assignment]
+    at = mkv.index(b"\x44\x89\x88")
+    endless = mkv[:at] + b"\xec\x89" + b"\x00" * 9 + mkv[at + 11 :]
+    env = library_env(postgres_uri, tmp_path / "data", LIBRARY_VIDEO_MAX_DURATION_S="4")
+    lib = Library(settings_from(env))
+    try:
+        added = lib.ingestor.add_bytes(endless, source="upload", location="upload")
+        with lib.db.conn() as conn:
+            item = items.get_item(conn, added.item_id)
+        assert item is not None and item.duration_s is None
+        lib.pipeline.run_until_idle()
+        step = steps_of(lib, added.item_id)["video"]
+        assert step["state"] == "failed" and "goes on past 4 s" in str(step["reason"]), step
+    finally:
+        lib.close()
+
+
 # ---- over HTTP ----------------------------------------------------------------------------------------------
 
 

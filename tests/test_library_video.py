@@ -131,22 +131,32 @@ def test_a_clip_at_another_resolution_votes_for_its_span(
     assert abs(hits[0].t_start - 16.0) <= 2 and abs(hits[0].t_end - 18.0) <= 2, hits[0]
 
 
-def test_a_gif_votes_for_its_span(library: Library, indexed: dict[str, int], footage: dict[str, object]) -> None:
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_a_gif_votes_for_its_span(
+    library: Library, indexed: dict[str, int], footage: dict[str, object], fmt: str
+) -> None:
     frames = clip_of(footage["frames_a"], 2.0, 3.0, (240, 160))  # type: ignore[arg-type]
-    _, hits = library.search_image(encode_gif(frames[::3], FPS // 3), "pdq", None, 5)
+    _, hits = library.search_image(encode_gif(frames[::3], FPS // 3, fmt), "pdq", None, 5)
     assert hits and hits[0].item.id == indexed["a"]
     assert abs(hits[0].t_start - 2.0) <= 2 and abs(hits[0].t_end - 5.0) <= 2, hits[0]  # type: ignore[operator]
 
 
 def test_an_animated_gif_is_a_video_item(library: Library, footage: dict[str, object]) -> None:
     frames = clip_of(footage["frames_a"], 14.0, 4.0, (240, 160))  # type: ignore[arg-type]
-    added = library.ingestor.add_bytes(encode_gif(frames[::3], FPS // 3), source="upload", location="upload")
+    gif = encode_gif(frames[::3], FPS // 3)
+    added = library.ingestor.add_bytes(gif, source="upload", location="upload")
     library.pipeline.run_until_idle()
     assert steps_of(library, added.item_id)["video"]["state"] == "done"
     shot = screenshot(footage["frames_a"][round(16.5 * FPS)])  # type: ignore[index]  (2.5 s into the GIF)
     _, hits = library.search_image(shot, "pdq", None, 5)
     assert hits[0].item.id == added.item_id and hits[0].item.format == "GIF"
     assert abs(hits[0].t - 2.5) <= 2  # type: ignore[operator]
+    # Its frame at a time (what the page shows): 2.5 s into the GIF is the video's 16.5 s.
+    from library import pdq, video
+
+    shown = pdq.hash_rgb(video.frame_at(gif, library.settings, 2.5)).hash_hex
+    truth = pdq.hash_rgb(np.ascontiguousarray(frames[round(2.5 * FPS)])).hash_hex
+    assert pdq.hamming(shown, truth) <= 31
 
 
 # ---- hostile videos ---------------------------------------------------------------------------------------

@@ -70,10 +70,11 @@ def encode_video(
     return out.getvalue()
 
 
-def encode_gif(frames: list[np.ndarray], fps: int) -> bytes:
+def encode_gif(frames: list[np.ndarray], fps: int, fmt: str = "GIF") -> bytes:
+    """An animated GIF (or WEBP / PNG, Pillow's other animated formats)."""
     images = [Image.fromarray(f) for f in frames]
     out = io.BytesIO()
-    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(out, format=fmt, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return out.getvalue()
 
 

@@ -24,17 +24,19 @@ from pydantic import BaseModel, Field
 
 from ai_service.api.limits import BodySizeLimitMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
-from library import blocklist, items
+from library import blocklist, items, tags, video
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
 from library.filters import ItemFilters
 from library.ingest import IngestTooLargeError
-from library.pipeline import blob_path
+from library.pipeline import PermanentStepError, blob_path, video_source
 from library.service import Hit, Library, NotFoundError, UnavailableError
 from library.settings import LibrarySettings
 
 log = logging.getLogger(__name__)
 
 MatchTypeParam = Literal["pdq", "clip"]
+TAG_DOC = "Keep only items with this tag (its English key, see /api/tags)."
+NSFW_MAX_DOC = "Leave out items whose NSFW score (the 'nsfw' step) is above this; unscored items are kept."
 
 
 # ---- models ---------------------------------------------------------------------------------------------
@@ -59,6 +61,8 @@ class SearchUrlRequest(BaseModel):
     match_type: MatchTypeParam | None = None
     threshold: float | None = Field(default=None, ge=0, le=256)
     limit: int | None = Field(default=None, ge=1, le=10000)
+    nsfw_max: float | None = Field(default=None, ge=0, le=1, description=NSFW_MAX_DOC)
+    tag: str | None = Field(default=None, max_length=200, description=TAG_DOC)
 
 
 class HitModel(BaseModel):
@@ -75,6 +79,11 @@ class HitModel(BaseModel):
     format: str
     distance: float
     match_type: str
+    media: str = Field(default="image", description="'image' or 'video'.")
+    duration_s: float | None = Field(default=None, description="A video's duration (seconds) as declared.")
+    t: float | None = Field(default=None, description="Video hit of an image query: time of the matching frame (s).")
+    t_start: float | None = Field(default=None, description="Video hit of a clip/GIF query: start of the span (s).")
+    t_end: float | None = Field(default=None, description="Video hit of a clip/GIF query: end of the span (s).")
 
 
 class SearchResponse(BaseModel):
@@ -94,6 +103,7 @@ class StepModel(BaseModel):
 class ItemResponse(HitModel):
     steps: list[StepModel]
     blocked: bool
+    nsfw_score: float | None = Field(default=None, description="P(nsfw) from the 'nsfw' step, when it ran.")
 
 
 class BlockCheckResponse(BaseModel):
@@ -121,8 +131,9 @@ class FilterParams(BaseModel):
         default=None, max_length=4096, description="Items whose path or URL starts with this (a folder)."
     )
 
-    def to_filters(self) -> ItemFilters:
-        return ItemFilters(**self.model_dump())
+    def to_filters(self, nsfw_max: float | None = None, tag: str | None = None) -> ItemFilters:
+        """With the NSFW and tag filters, which each endpoint takes where its other inputs are (form, body, query)."""
+        return ItemFilters(**self.model_dump(), nsfw_max=nsfw_max, tag=tag)
 
 
 Filters = Annotated[FilterParams, Query()]
@@ -213,11 +224,21 @@ def get_item(request: Request, item_id: int) -> ItemResponse:
             raise HTTPException(404, f"no item {item_id}")
         steps = items.step_states(conn, item_id)
         blocked = conn.execute("SELECT 1 FROM block_hit WHERE item_id = %s", [item_id]).fetchone() is not None
-    return ItemResponse(**Hit(item, 0.0, "").as_dict(), steps=[StepModel(**s) for s in steps], blocked=blocked)
+        nsfw = conn.execute("SELECT score FROM nsfw WHERE item_id = %s", [item_id]).fetchone()
+    return ItemResponse(
+        **Hit(item, 0.0, "").as_dict(),
+        steps=[StepModel(**s) for s in steps],
+        blocked=blocked,
+        nsfw_score=float(nsfw[0]) if nsfw else None,
+    )
 
 
-@router.get("/items/{item_id}/image", summary="The item's bytes (blocked items are not served)")
-def get_image(request: Request, item_id: int) -> Response:
+@router.get("/items/{item_id}/image", summary="The item's bytes (a video: a JPEG of its frame at t; blocked: 451)")
+def get_image(
+    request: Request,
+    item_id: int,
+    t: Annotated[float, Query(ge=0, le=7 * 86400, description="A video's frame at this time (seconds).")] = 0.0,
+) -> Response:
     library = lib(request)
     with library.db.conn() as conn:
         item = items.get_item(conn, item_id)
@@ -226,12 +247,23 @@ def get_image(request: Request, item_id: int) -> Response:
         raise HTTPException(404, f"no item {item_id}")
     if blocked:
         raise HTTPException(451, "this image matches the blocklist")
+    if item.media == "video":
+        return _video_frame(library, item, t)
     path = blob_path(library.settings, item.blob) if item.blob else Path(item.location)
     try:
         data = path.read_bytes()
     except OSError:
         raise HTTPException(404, "the item's file is no longer available") from None
     return Response(data, media_type=Image.MIME.get(item.format, "application/octet-stream"))
+
+
+def _video_frame(library: Library, item: items.Item, t: float) -> Response:
+    """A video is shown as the JPEG of one frame (thumbnails in the pages, the frame a search matched)."""
+    try:
+        rgb = video.frame_at(video_source(library.settings, item), library.settings, t)
+    except (PermanentStepError, video.VideoError) as exc:
+        raise HTTPException(404, f"the video's frame is not available: {exc}") from None
+    return Response(video.jpeg(rgb), media_type="image/jpeg")
 
 
 class FaceModel(BaseModel):
@@ -249,6 +281,20 @@ def get_faces(request: Request, item_id: int) -> list[FaceModel]:
             "SELECT n, x1, y1, x2, y2, score FROM face WHERE item_id = %s ORDER BY n", [item_id]
         ).fetchall()
     return [FaceModel(n=r[0], box=[float(v) for v in r[1:5]], score=float(r[5])) for r in rows]
+
+
+@router.get("/items/{item_id}/tags", summary="An item's zero-shot tags (English and Chinese names, score)")
+def get_tags(request: Request, item_id: int) -> list[dict[str, Any]]:
+    with lib(request).db.conn() as conn:
+        if items.get_item(conn, item_id) is None:
+            raise HTTPException(404, f"no item {item_id}")
+        return tags.item_tags(conn, item_id)
+
+
+@router.get("/tags", summary="Tags in use with their item counts (facets)")
+def tag_facets(request: Request, limit: Annotated[int, Query(ge=1, le=5000)] = 100) -> dict[str, Any]:
+    with lib(request).db.conn() as conn:
+        return {"tags": tags.facets(conn, limit)}
 
 
 @router.get("/status", summary="Item and pipeline-step counts")
@@ -272,12 +318,14 @@ def search_image(
     match_type: Annotated[MatchTypeParam | None, Form()] = None,
     threshold: Annotated[float | None, Form(ge=0, le=256)] = None,
     limit: Annotated[int | None, Form(ge=1, le=10000)] = None,
+    nsfw_max: Annotated[float | None, Form(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Form(max_length=200, description=TAG_DOC)] = None,
 ) -> SearchResponse:
     library = lib(request)
     data = read_upload(file, library.settings.max_image_bytes)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_image(data, kind, threshold, limit, filters.to_filters())
+        thr, hits = library.search_image(data, kind, threshold, limit, filters.to_filters(nsfw_max, tag))
     return _search_response(kind, thr, hits)
 
 
@@ -287,7 +335,9 @@ def search_url(request: Request, body: SearchUrlRequest, filters: Filters) -> Se
     kind = body.match_type or library.default_match_type()
     with http_errors():
         fetched = fetch_image_bytes(body.url, library.settings)
-        thr, hits = library.search_image(fetched.data, kind, body.threshold, body.limit, filters.to_filters())
+        thr, hits = library.search_image(
+            fetched.data, kind, body.threshold, body.limit, filters.to_filters(body.nsfw_max, body.tag)
+        )
     return _search_response(kind, thr, hits)
 
 
@@ -299,11 +349,13 @@ def search_item(
     match_type: MatchTypeParam | None = None,
     threshold: Annotated[float | None, Query(ge=0, le=256)] = None,
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
+    nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Query(max_length=200, description=TAG_DOC)] = None,
 ) -> SearchResponse:
     library = lib(request)
     kind = match_type or library.default_match_type()
     with http_errors():
-        thr, hits = library.search_item(item_id, kind, threshold, limit, filters.to_filters())
+        thr, hits = library.search_item(item_id, kind, threshold, limit, filters.to_filters(nsfw_max, tag))
     return _search_response(kind, thr, hits)
 
 
@@ -314,9 +366,11 @@ def search_text(
     filters: Filters,
     mode: Literal["ocr", "clip", "hybrid"] = "ocr",
     limit: Annotated[int | None, Query(ge=1, le=10000)] = None,
+    nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Query(max_length=200, description=TAG_DOC)] = None,
 ) -> SearchResponse:
     with http_errors():
-        hits = lib(request).search_text(q, mode, limit, filters.to_filters())
+        hits = lib(request).search_text(q, mode, limit, filters.to_filters(nsfw_max, tag))
     return _search_response(mode, None, hits)
 
 

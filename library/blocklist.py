@@ -88,19 +88,32 @@ def _flag_existing(conn: psycopg.Connection[Any], settings: LibrarySettings, ent
         matches = search.pdq_matches(
             conn, settings, [bits], threshold=settings.blocklist_threshold, limit=100000, include_blocked=True
         )
-        for m in matches:
+        # Videos: any keyframe within the threshold flags the video.
+        frames = search.video_frame_matches(conn, settings, [[bits]], threshold=settings.blocklist_threshold)
+        for item_id, distance in [(m.item_id, m.distance) for m in matches] + [(f.item_id, f.distance) for f in frames]:
             flagged += conn.execute(
                 """INSERT INTO block_hit (item_id, entry_id, distance) VALUES (%s, %s, %s)
                    ON CONFLICT (item_id) DO NOTHING""",
-                [m.item_id, entry_id, int(m.distance)],
+                [item_id, entry_id, int(distance)],
             ).rowcount
     return flagged
 
 
+def check_nsfw(conn: psycopg.Connection[Any], settings: LibrarySettings, item_id: int, score: float) -> None:
+    """The NSFW rule: an item scoring at least LIBRARY_NSFW_BLOCK_SCORE is flagged like a blocklist match
+    (a hash match already recorded for it is kept)."""
+    if settings.nsfw_block_score is not None and score >= settings.nsfw_block_score:
+        conn.execute(
+            """INSERT INTO block_hit (item_id, entry_id, distance, rule, nsfw_score) VALUES (%s, NULL, 0, 'nsfw', %s)
+               ON CONFLICT (item_id) DO NOTHING""",
+            [item_id, score],
+        )
+
+
 def list_hits(conn: psycopg.Connection[Any], limit: int, offset: int) -> list[dict[str, Any]]:
     rows = conn.execute(
-        """SELECT h.item_id, h.entry_id, h.distance, e.label, e.source, h.found_at
-           FROM block_hit AS h JOIN blocklist_entry AS e ON e.id = h.entry_id
+        """SELECT h.item_id, h.entry_id, h.distance, e.label, e.source, h.found_at, h.rule, h.nsfw_score
+           FROM block_hit AS h LEFT JOIN blocklist_entry AS e ON e.id = h.entry_id
            ORDER BY h.found_at DESC, h.item_id LIMIT %s OFFSET %s""",
         [limit, offset],
     ).fetchall()
@@ -112,6 +125,8 @@ def list_hits(conn: psycopg.Connection[Any], limit: int, offset: int) -> list[di
             "label": r[3],
             "source": r[4],
             "found_at": r[5].isoformat(),
+            "rule": r[6],  # 'pdq': matched a reference hash; 'nsfw': scored at least LIBRARY_NSFW_BLOCK_SCORE
+            "nsfw_score": r[7],
         }
         for r in rows
     ]

@@ -1,5 +1,5 @@
-"""Filters on items, shared by every search (PDQ, CLIP, OCR text): where an item came from, when it was
-added, its dataId, the folder it lives in."""
+"""Filters on items, shared by every search (PDQ, CLIP, OCR text, video frames): where an item came from,
+when it was added, its dataId, the folder it lives in, its NSFW score and its tags."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ class ItemFilters:
     added_before: datetime | None = None
     data_id: str | None = None
     location_prefix: str | None = None  # a folder (path items) or URL prefix
+    nsfw_max: float | None = None  # leave out items scored above; items without a score (no nsfw step) stay
+    tag: str | None = None  # only items with this tag (its English key)
 
     def clause(self, item_id: sql.Composable) -> tuple[sql.Composable, list[Any]]:
         """``TRUE`` or ``EXISTS (…item… )`` for the item whose id is ``item_id``; parameters in order."""
@@ -38,6 +40,12 @@ class ItemFilters:
             # starts_with, not LIKE: a '%' or '_' in a folder name is literal.
             conditions.append(sql.SQL("starts_with(i.location, %s)"))
             params.append(self.location_prefix)
+        if self.nsfw_max is not None:
+            conditions.append(sql.SQL("NOT EXISTS (SELECT 1 FROM nsfw AS n WHERE n.item_id = i.id AND n.score > %s)"))
+            params.append(self.nsfw_max)
+        if self.tag is not None:
+            conditions.append(sql.SQL("EXISTS (SELECT 1 FROM item_tag AS t WHERE t.item_id = i.id AND t.tag = %s)"))
+            params.append(self.tag)
         if not conditions:
             return sql.SQL("TRUE"), []
         where = sql.SQL(" AND ").join(conditions)

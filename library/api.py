@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
 
-from ai_service.api.limits import BodySizeLimitMiddleware
+from ai_service.api.limits import RequestBodyMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
 from library import blocklist, items, tags, video
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
@@ -477,7 +477,7 @@ def create_app(library: Library | None = None, settings: LibrarySettings | None 
     # Bodies are refused while they stream in, before a multipart parser spools them to disk: the largest
     # legitimate body is one image or one hash list, plus multipart framing.
     app.add_middleware(
-        BodySizeLimitMiddleware,
+        RequestBodyMiddleware,
         max_bytes=max(limits.max_image_bytes, limits.max_blocklist_import_bytes) + 1024 * 1024,
         setting_name="LIBRARY_MAX_IMAGE_BYTES / LIBRARY_MAX_BLOCKLIST_IMPORT_BYTES",
     )

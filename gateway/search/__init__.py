@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
-from gateway.health import Dispatcher
+from gateway.dispatch import Dispatcher
 from gateway.routing import ConfigError, Router
 from gateway.search.caller import Callers
 from gateway.search.config_source import ConfigFileError, ImmichConfigSource

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from ai_service.runtime.batching import DEFAULT_MAX_SIZE, DEFAULT_WAIT_MS, BatchOptions
 from ai_service.runtime.http_limits import HttpLimits
 from ai_service.runtime.onnx import SessionOptions
-from ai_service.runtime.workers import worker_slot
+from ai_service.runtime.slots import worker_slot
 
 # Where `models pull` converts Chinese-CLIP from (ai_service.models.clip.transformers_js): the ONNX
 # exports published for transformers.js. Kept here, not in the CLIP catalog, because that package

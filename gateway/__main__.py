@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from gateway.backends.http import redact_url
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, describe_errors
 
 
 def _print_settings() -> int:
@@ -48,15 +48,6 @@ def _masked(value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return value
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """Where and what, never the offending value: a backend's input holds its API key."""
-    lines = []
-    for error in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "settings"
-        lines.append(f"  GATEWAY_{where.upper().replace('.', '__', 1)}: {error['msg']}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ai_service.protocol.immich import ModelTask
@@ -127,7 +127,7 @@ class ModelMapSettings(BaseModel):
         default_factory=dict,
         description=(
             "Face model map (default: none, so buffalo_l is answered by buffalo_l). Answering Immich's names "
-            "with another model, e.g. '{\"buffalo_l\": \"dlib\"}', is the admin's choice: its vectors differ, "
+            'with another model, e.g. \'{"buffalo_l": "dlib"}\', is the admin\'s choice: its vectors differ, '
             "so the library's faces must be detected again."
         ),
     )
@@ -427,3 +427,12 @@ class GatewaySettings(BaseSettings):
 @lru_cache
 def get_settings() -> GatewaySettings:
     return GatewaySettings()
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """Where and what, never the offending value: a backend's input holds its API key."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"  GATEWAY_{where.upper().replace('.', '__', 1)}: {error['msg']}")
+    return "\n".join(lines)

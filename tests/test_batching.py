@@ -635,8 +635,8 @@ def test_device_ids_setting() -> None:
 
 def test_worker_slots_are_claimed_once_and_freed_with_the_process(tmp_path: Path) -> None:
     claim = (
-        "import sys, time; from pathlib import Path; from ai_service.runtime import workers; "
-        "print(workers.claim_slot(Path(sys.argv[1]), 3), flush=True); time.sleep(float(sys.argv[2]))"
+        "import sys, time; from pathlib import Path; from ai_service.runtime import slots; "
+        "print(slots.claim_slot(Path(sys.argv[1]), 3), flush=True); time.sleep(float(sys.argv[2]))"
     )
 
     def start(hold_s: float) -> subprocess.Popen[str]:

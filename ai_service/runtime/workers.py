@@ -1,12 +1,6 @@
 """Several ``python -m ai_service`` worker processes on one port, each with its own GPU.
 
-uvicorn starts the processes (``workers=N``), shares the listening socket between them and restarts
-one that dies; it has no notion of a worker's index, so each process claims one itself: the first of
-N lock files, in a folder the parent created, that it can ``flock``. The lock is held for the life of
-the process and released by the kernel when it exits, so a restarted worker takes over the slot (and
-the GPU) of the one that died. Worker ``i`` uses ``AI_SERVICE_DEVICE_IDS[i % len]``.
-
-A process that never claimed a slot (one worker, the gateway's in-process models, tests) is slot 0.
+Each process claims a worker slot (:mod:`ai_service.runtime.slots`) and uses ``AI_SERVICE_DEVICE_IDS[i % len]``.
 """
 
 from __future__ import annotations
@@ -15,48 +9,17 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+from fastapi import FastAPI
 
-    from ai_service.settings import AIServiceSettings
+from ai_service.app import create_app
+from ai_service.runtime.slots import claim_slot, worker_slot
+from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
 
 # Set by the parent for its workers only; an implementation detail, not a user setting.
 SLOT_DIR_ENV = "IMMICH_ZH_AI_WORKER_SLOT_DIR"
-
-_slot = 0
-_lock_fd: int | None = None
-
-
-def worker_slot() -> int:
-    """This process's worker index (0 unless it claimed another)."""
-    return _slot
-
-
-def claim_slot(directory: Path, count: int) -> int:
-    """Take the lowest free slot in ``directory`` (0 .. count-1) for the rest of this process's life."""
-    import fcntl  # POSIX only; imported here so that merely importing this module works everywhere
-
-    global _slot, _lock_fd
-    for index in range(count):
-        fd = os.open(directory / f"worker-{index}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        if _lock_fd is not None:
-            os.close(_lock_fd)
-        _slot, _lock_fd = index, fd
-        return index
-    # Every slot is held: a restarted worker can start before its predecessor has fully exited. Sharing a
-    # slot (and a GPU) for a while is better than not serving at all.
-    _slot = os.getpid() % count
-    log.warning("all %d worker slots are taken; this worker (pid %d) shares slot %d", count, os.getpid(), _slot)
-    return _slot
 
 
 def configure_logging(settings: AIServiceSettings) -> None:
@@ -65,9 +28,6 @@ def configure_logging(settings: AIServiceSettings) -> None:
 
 def create_worker_app() -> FastAPI:
     """uvicorn's app factory in each worker process: claim a slot, pick the GPU, build the app."""
-    from ai_service.app import create_app
-    from ai_service.settings import AIServiceSettings
-
     settings = AIServiceSettings()
     configure_logging(settings)  # worker processes are spawned fresh: nothing of the parent's logging is left
     directory = os.environ.get(SLOT_DIR_ENV)

@@ -1,7 +1,8 @@
 """The gateway's search half: ``POST /api/search/smart`` in front of Immich, and per-asset regenerate.
 
 Switched on by ``GATEWAY_IMMICH__URL`` (Immich's server as the gateway reaches it). :class:`SearchFeature`
-wires the parts together; ``gateway/app.py`` mounts its router and runs its start/close in the lifespan.
+wires the parts together; ``gateway/wiring.py`` builds it (once, for the app and the CLI) and runs its
+start/close, and ``gateway/app.py`` mounts its router.
 
 | module | what |
 |---|---|
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 
 from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
-from gateway.health import Dispatcher
+from gateway.dispatch import Dispatcher
 from gateway.routing import ConfigError, Router
 from gateway.search.caller import Callers
 from gateway.search.config_source import ConfigFileError, ImmichConfigSource

@@ -17,6 +17,14 @@ import sys
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
+
+from gateway.logs import configure_logging, go_direct
+from gateway.routing import ConfigError
+from gateway.search.credentials import Credential, CredentialKind
+from gateway.search.regenerate import RegenerateError, RegenerateKind, parse_asset_id
+from gateway.settings import GatewaySettings, describe_errors
+from gateway.wiring import Gateway
 
 API_KEY_ENV = "IMMICH_API_KEY"
 
@@ -36,46 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(settings: Any, kind: str, asset_id: str, api_key: str) -> tuple[int, dict[str, Any]]:
-    from gateway.backends import build_backends
-    from gateway.health import Dispatcher
-    from gateway.metrics import Metrics
-    from gateway.routing import Router
-    from gateway.search import SearchFeature
-    from gateway.search.credentials import Credential, CredentialKind
-    from gateway.search.regenerate import RegenerateError, RegenerateKind, parse_asset_id
-
-    router = Router(settings)
-    backends = build_backends(settings)
-    dispatcher = Dispatcher(settings, router, backends, Metrics())
-    feature = SearchFeature(settings, router, dispatcher)
-    started = []
+async def _run(settings: GatewaySettings, kind: str, asset_id: str, api_key: str) -> tuple[int, dict[str, Any]]:
+    # The same parts as the running gateway (gateway/wiring.py); no health checks and no migration from a
+    # one-off command: the writes need only Immich's own tables.
+    gateway = Gateway.build(settings)
+    assert gateway.search is not None  # main() checked GATEWAY_IMMICH__URL
     try:
-        for backend in backends.values():
-            await backend.start()
-            started.append(backend)
-        # No migration from a one-off command: the writes need only Immich's own tables.
-        await feature.start(bootstrap_database=False)
-        body = await feature.regenerator.run(
+        await gateway.start(serving=False)
+        body = await gateway.search.regenerator.run(
             RegenerateKind(kind), Credential(CredentialKind.API_KEY, api_key), parse_asset_id(asset_id)
         )
         return 0, body
     except RegenerateError as exc:
         return 1, {"status": exc.status, "detail": exc.detail}
     finally:
-        await feature.close()
-        for backend in reversed(started):
-            await backend.close()
+        await gateway.close()
 
 
 def main(argv: list[str]) -> int:
-    from pydantic import ValidationError
-
-    from gateway.__main__ import describe_errors
-    from gateway.logs import configure_logging, go_direct
-    from gateway.routing import ConfigError
-    from gateway.settings import GatewaySettings
-
     args = build_parser().parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
     if not api_key:

@@ -2,7 +2,7 @@
 
 Requests are built exactly as Immich builds them (same ``entries``, the model names from Immich's settings)
 and go through the same :class:`~gateway.routing.Router` (model map, CLIP dimension checks) and
-:class:`~gateway.health.Dispatcher` (route order, failover, breakers, reply validation) as Immich's own
+:class:`~gateway.dispatch.Dispatcher` (route order, failover, breakers, reply validation) as Immich's own
 ``/predict`` calls. So a regenerated row holds exactly what Immich's job would have stored, and a search
 query is encoded by the same model as the library.
 """
@@ -20,7 +20,7 @@ from ai_service.protocol.immich import EntriesError, ModelTask, validate_entries
 from db.immich_writer import OcrLine
 from gateway.backends.base import ClientInputError
 from gateway.backends.http import snippet
-from gateway.health import Dispatcher, NoBackendAvailable
+from gateway.dispatch import Dispatcher, NoBackendAvailable
 from gateway.logs import REQUEST_ID
 from gateway.routing import MappingError, Router
 from gateway.search.immich_config import OcrConfig

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import hashlib
 import html
-import inspect
 import logging
 import re
 import string
@@ -30,13 +29,13 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, SecretStr
 
 from gateway.backends.local import LocalBackend
 from gateway.search.credentials import Credential, SharedLinkRefused, credential_from
 from gateway.search.immich import Caller, ImmichClient, ImmichError
 from gateway.settings import ImmichSettings
+from gateway.wiring import gateway_of
 
 log = logging.getLogger("gateway.web")
 
@@ -185,16 +184,11 @@ DENIED_MESSAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def _running_immich_client(app: Any) -> ImmichClient | None:
-    """The search front's Immich client (``app.state.search.immich``): its identity cache spares Immich a call."""
-    client = getattr(getattr(app.state, "search", None), "immich", None)
-    return client if isinstance(client, ImmichClient) else None
-
-
 async def _who(request: Request, credential: Credential, settings: ImmichSettings) -> Caller:
-    client = _running_immich_client(request.app)
-    if client is not None:
-        return await client.me(credential)
+    search = gateway_of(request).search
+    if search is not None:
+        # The search front's Immich client: its identity cache spares Immich a call.
+        return await search.immich.me(credential)
     # Without a running search front a short-lived client does: this page is rarely opened.
     client = ImmichClient(settings)
     await client.start()
@@ -216,7 +210,7 @@ async def require_admin(request: Request) -> None:
         raise AccessDenied(403, "a shared link cannot open the AI status", "shared") from None
     if credential is None:
         raise AccessDenied(401, "sign in to Immich first: this page is for Immich administrators", "signin")
-    settings: ImmichSettings = request.app.state.dispatcher.settings.immich
+    settings = gateway_of(request).settings.immich
     if settings.url is None:
         raise AccessDenied(
             503, "GATEWAY_IMMICH__URL is not set, so the gateway cannot ask Immich who is signed in", "no_immich"
@@ -274,20 +268,10 @@ def scrub(value: Any, secrets: list[str]) -> Any:
     return value
 
 
-async def gateway_status(request: Request) -> dict[str, Any]:
-    """Exactly what ``GET /status`` answers: its own handler is called, so the two can never drift apart."""
-    for route in request.app.router.routes:
-        if isinstance(route, APIRoute) and route.path == "/status" and "GET" in route.methods:
-            result = route.endpoint()
-            data = await result if inspect.isawaitable(result) else result
-            return dict(data)
-    raise RuntimeError("the gateway has no GET /status route")
-
-
 async def installed_models(request: Request) -> dict[str, dict[str, list[str]]]:
     """Per in-process backend, the models on disk by task. Remote backends cannot be asked (no such API)."""
     out: dict[str, dict[str, list[str]]] = {}
-    for name, backend in request.app.state.dispatcher.backends.items():
+    for name, backend in gateway_of(request).backends.items():
         if not isinstance(backend, LocalBackend) or backend.service is None:
             continue
         # Listing walks the model folder: off the event loop, so /ping never waits on a slow disk.
@@ -296,16 +280,16 @@ async def installed_models(request: Request) -> dict[str, dict[str, list[str]]]:
 
 
 async def status_data(request: Request) -> dict[str, Any]:
-    data = await gateway_status(request)
+    gateway = gateway_of(request)
+    data = await gateway.status()  # exactly what GET /status answers: the same function makes both
     data["installed_models"] = await installed_models(request)
-    search = getattr(request.app.state, "search", None)
     # Why regenerates failed on the server's side: the add-on tells people only that the AI service is
     # unavailable, and links admins here.
-    data["regenerate_failures"] = list(getattr(search, "recent_failures", []))
+    data["regenerate_failures"] = list(gateway.search.recent_failures) if gateway.search is not None else []
     secrets: set[str] = set()
-    _secret_strings(request.app.state.dispatcher.settings, secrets)
+    _secret_strings(gateway.settings, secrets)
     # The search front's database settings (DB_SEARCH_URL / DB_PASSWORD) live outside GatewaySettings.
-    _secret_strings(getattr(getattr(request.app.state, "search", None), "db_settings", None), secrets)
+    _secret_strings(gateway.search.db_settings if gateway.search is not None else None, secrets)
     # Longest first, so a secret containing another is masked whole; very short ones would mangle the text.
     return scrub(data, sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True))
 

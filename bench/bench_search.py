@@ -28,13 +28,14 @@ Bounded: about 1.5 minutes on a 2-core machine (about 7 with --ef-construction 3
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -352,14 +353,16 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def latency(label: str, fn: Callable[[int], Any], n: int, rows: list[tuple[str, float, float, float, float]]) -> None:
+async def latency(
+    label: str, fn: Callable[[int], Awaitable[Any]], n: int, rows: list[tuple[str, float, float, float, float]]
+) -> None:
     for i in range(min(5, n)):  # warm-up (plans, caches)
-        fn(i)
+        await fn(i)
     samples = []
     counts = []
     for i in range(n):
         start = time.perf_counter()
-        result = fn(i)
+        result = await fn(i)
         samples.append((time.perf_counter() - start) * 1000)
         counts.append(len(result.items))
     rows.append((label, percentile(samples, 50), percentile(samples, 95), max(samples), statistics.mean(counts)))
@@ -368,6 +371,180 @@ def latency(label: str, fn: Callable[[int], Any], n: int, rows: list[tuple[str, 
         f"  (avg {rows[-1][4]:.0f} hits)",
         flush=True,
     )
+
+
+async def run_queries(
+    uri: str,
+    settings: DbSearchSettings,
+    scope: list[uuid.UUID],
+    typical: SearchFilters,
+    all_filters: SearchFilters,
+    query_vectors: list[list[float]],
+    qrng: np.random.Generator,
+    n: int,
+) -> dict[str, Any]:
+    """Latency, recall and plans of the searches, on the async driver the gateway uses (``aconn``); the exact
+    reference answers are plain SQL on a second, sync connection (``conn``)."""
+    rows: list[tuple[str, float, float, float, float]] = []
+    async with await psycopg.AsyncConnection.connect(uri, autocommit=True) as aconn:
+        with psycopg.connect(uri, autocommit=True) as conn:
+            ctx = await SearchContext.load(aconn, settings)
+            print(
+                f"\nqueries (page size {PAGE_SIZE}, {n} timed per scenario, scope = searcher + partner):",
+                flush=True,
+            )
+
+            def q(i: int) -> str:
+                return QUERIES[i % len(QUERIES)]
+
+            def v(i: int) -> list[float]:
+                return query_vectors[i % len(query_vectors)]
+
+            await latency(
+                "ocr: no filters", lambda i: search_ocr(aconn, context=ctx, user_ids=scope, query_text=q(i)), n, rows
+            )
+            await latency(
+                "ocr: typical filters",
+                lambda i: search_ocr(aconn, context=ctx, user_ids=scope, query_text=q(i), filters=typical),
+                n,
+                rows,
+            )
+            await latency(
+                "ocr: all filters",
+                lambda i: search_ocr(aconn, context=ctx, user_ids=scope, query_text=q(i), filters=all_filters),
+                n,
+                rows,
+            )
+            await latency(
+                "ocr: all filters, page 3",
+                lambda i: search_ocr(aconn, context=ctx, user_ids=scope, query_text=q(i), filters=all_filters, page=3),
+                n,
+                rows,
+            )
+            await latency(
+                "hybrid: no filters",
+                lambda i: search_hybrid(aconn, context=ctx, user_ids=scope, query_text=q(i), query_embedding=v(i)),
+                n,
+                rows,
+            )
+            await latency(
+                "hybrid: typical filters",
+                lambda i: search_hybrid(
+                    aconn, context=ctx, user_ids=scope, query_text=q(i), query_embedding=v(i), filters=typical
+                ),
+                n,
+                rows,
+            )
+            await latency(
+                "hybrid: all filters",
+                lambda i: search_hybrid(
+                    aconn, context=ctx, user_ids=scope, query_text=q(i), query_embedding=v(i), filters=all_filters
+                ),
+                n,
+                rows,
+            )
+            await latency(
+                "hybrid: all filters, page 3",
+                lambda i: search_hybrid(
+                    aconn,
+                    context=ctx,
+                    user_ids=scope,
+                    query_text=q(i),
+                    query_embedding=v(i),
+                    filters=all_filters,
+                    page=3,
+                ),
+                n,
+                rows,
+            )
+            await latency(
+                "clip only (hybrid, no text): typical filters",
+                lambda i: search_hybrid(
+                    aconn, context=ctx, user_ids=scope, query_text=None, query_embedding=v(i), filters=typical
+                ),
+                n,
+                rows,
+            )
+
+            # Recall of the filtered CLIP candidates (HNSW iterative scan) against an exact scan, next to the
+            # recall plain pgvector HNSW reaches on this data without any filter at the same ef_search:
+            # uniform random 512-d vectors are nearly equidistant, so graph ANN recall is inherently low on
+            # them; what matters is that the filtered path does not lose recall on top of that. Known-item
+            # search (a query near one asset's own vector) shows the neighbourhoods that do exist are found.
+            recalls, plain = [], []
+            exact_sql = """
+                SELECT s."assetId" FROM smart_search s JOIN asset a ON a.id = s."assetId"
+                WHERE a."ownerId" = ANY(%s) AND a."deletedAt" IS NULL AND a.visibility = 'timeline'
+                  AND a."fileCreatedAt" >= %s AND a."fileCreatedAt" <= %s AND a.type = 'IMAGE'
+                ORDER BY s.embedding <=> %s::real[]::vector LIMIT 100"""
+            plain_sql = 'SELECT "assetId" FROM smart_search ORDER BY embedding <=> %s::real[]::vector LIMIT 100'
+            for i in range(10):
+                got = await search_hybrid(
+                    aconn, context=ctx, user_ids=scope, query_text=None, query_embedding=v(i), filters=typical, size=100
+                )
+                with conn.transaction():
+                    conn.execute("SET LOCAL enable_indexscan = off")  # force the exact answers
+                    exact = [
+                        r[0] for r in conn.execute(exact_sql, [scope, typical.taken_after, typical.taken_before, v(i)])
+                    ]
+                    exact_plain = {r[0] for r in conn.execute(plain_sql, [v(i)])}
+                recalls.append(len({h.asset_id for h in got.items} & set(exact)) / max(len(exact), 1))
+                with conn.transaction():
+                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(settings.hnsw_ef_search)])
+                    hnsw_plain = {r[0] for r in conn.execute(plain_sql, [v(i)])}
+                plain.append(len(hnsw_plain & exact_plain) / 100)
+            eligible = conn.execute(
+                """SELECT a.id, s.embedding::real[] FROM asset a JOIN smart_search s ON s."assetId" = a.id
+                   WHERE a."ownerId" = ANY(%s) AND a."deletedAt" IS NULL AND a.visibility = 'timeline'
+                     AND a."fileCreatedAt" >= %s AND a."fileCreatedAt" <= %s AND a.type = 'IMAGE' LIMIT 20""",
+                [scope, typical.taken_after, typical.taken_before],
+            ).fetchall()
+            known = 0
+            for aid, emb in eligible:
+                noisy = np.asarray(emb, dtype=np.float32) + qrng.standard_normal(DIM).astype(np.float32) * 0.04
+                got = await search_hybrid(
+                    aconn,
+                    context=ctx,
+                    user_ids=scope,
+                    query_text=None,
+                    query_embedding=(noisy / np.linalg.norm(noisy)).tolist(),
+                    filters=typical,
+                    size=10,
+                )
+                known += bool(got.items) and got.items[0].asset_id == aid
+
+            plan = await explain_search(
+                aconn,
+                context=ctx,
+                user_ids=scope,
+                query_text="发票",
+                query_embedding=v(0),
+                filters=typical,
+                analyze=True,
+            )
+            plan_all = await explain_search(
+                aconn,
+                context=ctx,
+                user_ids=scope,
+                query_text="发票",
+                query_embedding=v(0),
+                filters=all_filters,
+                analyze=True,
+            )
+            plan_ocr = await explain_search(
+                aconn, context=ctx, user_ids=scope, query_text="发票", filters=all_filters, analyze=True
+            )
+
+    return {
+        "rows": rows,
+        "recalls": recalls,
+        "plain": plain,
+        "known": known,
+        "eligible": eligible,
+        "plan": plan,
+        "plan_all": plan_all,
+        "plan_ocr": plan_ocr,
+    }
 
 
 def main() -> int:
@@ -478,155 +655,12 @@ def main() -> int:
             make="Samsung",
         )
 
-        rows: list[tuple[str, float, float, float, float]] = []
-        with psycopg.connect(uri, autocommit=True) as conn:
-            ctx = SearchContext.load(conn, settings)
-            print(
-                f"\nqueries (page size {PAGE_SIZE}, {args.queries} timed per scenario, scope = searcher + partner):",
-                flush=True,
-            )
-
-            def q(i: int) -> str:
-                return QUERIES[i % len(QUERIES)]
-
-            def v(i: int) -> list[float]:
-                return query_vectors[i % len(query_vectors)]
-
-            n = args.queries
-            latency(
-                "ocr: no filters", lambda i: search_ocr(conn, context=ctx, user_ids=scope, query_text=q(i)), n, rows
-            )
-            latency(
-                "ocr: typical filters",
-                lambda i: search_ocr(conn, context=ctx, user_ids=scope, query_text=q(i), filters=typical),
-                n,
-                rows,
-            )
-            latency(
-                "ocr: all filters",
-                lambda i: search_ocr(conn, context=ctx, user_ids=scope, query_text=q(i), filters=all_filters),
-                n,
-                rows,
-            )
-            latency(
-                "ocr: all filters, page 3",
-                lambda i: search_ocr(conn, context=ctx, user_ids=scope, query_text=q(i), filters=all_filters, page=3),
-                n,
-                rows,
-            )
-            latency(
-                "hybrid: no filters",
-                lambda i: search_hybrid(conn, context=ctx, user_ids=scope, query_text=q(i), query_embedding=v(i)),
-                n,
-                rows,
-            )
-            latency(
-                "hybrid: typical filters",
-                lambda i: search_hybrid(
-                    conn, context=ctx, user_ids=scope, query_text=q(i), query_embedding=v(i), filters=typical
-                ),
-                n,
-                rows,
-            )
-            latency(
-                "hybrid: all filters",
-                lambda i: search_hybrid(
-                    conn, context=ctx, user_ids=scope, query_text=q(i), query_embedding=v(i), filters=all_filters
-                ),
-                n,
-                rows,
-            )
-            latency(
-                "hybrid: all filters, page 3",
-                lambda i: search_hybrid(
-                    conn,
-                    context=ctx,
-                    user_ids=scope,
-                    query_text=q(i),
-                    query_embedding=v(i),
-                    filters=all_filters,
-                    page=3,
-                ),
-                n,
-                rows,
-            )
-            latency(
-                "clip only (hybrid, no text): typical filters",
-                lambda i: search_hybrid(
-                    conn, context=ctx, user_ids=scope, query_text=None, query_embedding=v(i), filters=typical
-                ),
-                n,
-                rows,
-            )
-
-            # Recall of the filtered CLIP candidates (HNSW iterative scan) against an exact scan, next to the
-            # recall plain pgvector HNSW reaches on this data without any filter at the same ef_search:
-            # uniform random 512-d vectors are nearly equidistant, so graph ANN recall is inherently low on
-            # them; what matters is that the filtered path does not lose recall on top of that. Known-item
-            # search (a query near one asset's own vector) shows the neighbourhoods that do exist are found.
-            recalls, plain = [], []
-            exact_sql = """
-                SELECT s."assetId" FROM smart_search s JOIN asset a ON a.id = s."assetId"
-                WHERE a."ownerId" = ANY(%s) AND a."deletedAt" IS NULL AND a.visibility = 'timeline'
-                  AND a."fileCreatedAt" >= %s AND a."fileCreatedAt" <= %s AND a.type = 'IMAGE'
-                ORDER BY s.embedding <=> %s::real[]::vector LIMIT 100"""
-            plain_sql = 'SELECT "assetId" FROM smart_search ORDER BY embedding <=> %s::real[]::vector LIMIT 100'
-            for i in range(10):
-                got = search_hybrid(
-                    conn, context=ctx, user_ids=scope, query_text=None, query_embedding=v(i), filters=typical, size=100
-                )
-                with conn.transaction():
-                    conn.execute("SET LOCAL enable_indexscan = off")  # force the exact answers
-                    exact = [
-                        r[0] for r in conn.execute(exact_sql, [scope, typical.taken_after, typical.taken_before, v(i)])
-                    ]
-                    exact_plain = {r[0] for r in conn.execute(plain_sql, [v(i)])}
-                recalls.append(len({h.asset_id for h in got.items} & set(exact)) / max(len(exact), 1))
-                with conn.transaction():
-                    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(settings.hnsw_ef_search)])
-                    hnsw_plain = {r[0] for r in conn.execute(plain_sql, [v(i)])}
-                plain.append(len(hnsw_plain & exact_plain) / 100)
-            eligible = conn.execute(
-                """SELECT a.id, s.embedding::real[] FROM asset a JOIN smart_search s ON s."assetId" = a.id
-                   WHERE a."ownerId" = ANY(%s) AND a."deletedAt" IS NULL AND a.visibility = 'timeline'
-                     AND a."fileCreatedAt" >= %s AND a."fileCreatedAt" <= %s AND a.type = 'IMAGE' LIMIT 20""",
-                [scope, typical.taken_after, typical.taken_before],
-            ).fetchall()
-            known = 0
-            for aid, emb in eligible:
-                noisy = np.asarray(emb, dtype=np.float32) + qrng.standard_normal(DIM).astype(np.float32) * 0.04
-                got = search_hybrid(
-                    conn,
-                    context=ctx,
-                    user_ids=scope,
-                    query_text=None,
-                    query_embedding=(noisy / np.linalg.norm(noisy)).tolist(),
-                    filters=typical,
-                    size=10,
-                )
-                known += bool(got.items) and got.items[0].asset_id == aid
-
-            plan = explain_search(
-                conn,
-                context=ctx,
-                user_ids=scope,
-                query_text="发票",
-                query_embedding=v(0),
-                filters=typical,
-                analyze=True,
-            )
-            plan_all = explain_search(
-                conn,
-                context=ctx,
-                user_ids=scope,
-                query_text="发票",
-                query_embedding=v(0),
-                filters=all_filters,
-                analyze=True,
-            )
-            plan_ocr = explain_search(
-                conn, context=ctx, user_ids=scope, query_text="发票", filters=all_filters, analyze=True
-            )
+        measured = asyncio.run(
+            run_queries(uri, settings, scope, typical, all_filters, query_vectors, qrng, args.queries)
+        )
+        rows, recalls, plain = measured["rows"], measured["recalls"], measured["plain"]
+        known, eligible = measured["known"], measured["eligible"]
+        plan, plan_all, plan_ocr = measured["plan"], measured["plan_all"], measured["plan_ocr"]
 
         print("\nsummary")
         print(f"  assets {args.assets}, OCR documents {n_docs}, OCR lines {data['lines']}")

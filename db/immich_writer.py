@@ -18,7 +18,7 @@ from uuid import UUID
 
 import psycopg
 
-from db.migrate import set_local_search_path
+from db.connection import set_local_search_path
 from db.settings import DbSearchSettings
 
 

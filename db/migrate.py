@@ -31,7 +31,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from db.connection import ConnectError, connect, first_line, set_local_search_path
 from db.settings import DbSearchSettings
+from db.sync import sync_documents
 
 log = logging.getLogger(__name__)
 
@@ -136,33 +138,6 @@ def discover_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def search_path_value(settings: DbSearchSettings) -> str:
-    """search_path for our sessions: our schema first (CREATEs land there), then Immich's, then public (where
-    Immich installs vector / pg_trgm), pg_temp last so temporary objects can never shadow ours."""
-    schemas: list[str] = []
-    for name in (settings.schema_name, settings.immich_schema, "public"):
-        if name not in schemas:
-            schemas.append(name)
-    return ", ".join(f'"{name}"' for name in schemas) + ", pg_temp"
-
-
-def set_local_search_path(conn: psycopg.Connection[Any], settings: DbSearchSettings) -> None:
-    conn.execute("SELECT set_config('search_path', %s, true)", [search_path_value(settings)])
-
-
-def connect(settings: DbSearchSettings, *, autocommit: bool = True) -> psycopg.Connection[Any]:
-    """A new connection to Immich's database. Errors never carry the password (psycopg's messages are
-    re-raised with the redacted connection string)."""
-    try:
-        return psycopg.connect(settings.conninfo(), autocommit=autocommit)
-    except psycopg.OperationalError as exc:
-        raise MigrationError(f"cannot connect to {settings.redacted_conninfo()}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 # --- segmenter detection ---------------------------------------------------------------------------------
 
 
@@ -216,7 +191,7 @@ def _try_create_zhparser(conn: psycopg.Connection[Any], settings: DbSearchSettin
                 )
             )
     except psycopg.Error as exc:
-        log.warning("zhparser is available but could not be created (%s); using the bigram segmenter", _first_line(exc))
+        log.warning("zhparser is available but could not be created (%s); using the bigram segmenter", first_line(exc))
         return None
     return probe_zhparser(conn).parser_schema
 
@@ -342,7 +317,7 @@ def _apply_migrations(conn: psycopg.Connection[Any], settings: DbSearchSettings)
                 )
         except psycopg.Error as exc:
             raise MigrationError(
-                f"migration {migration.version:03d}_{migration.name} failed: {_first_line(exc)}"
+                f"migration {migration.version:03d}_{migration.name} failed: {first_line(exc)}"
             ) from exc
         applied.append(migration.version)
     return applied
@@ -411,12 +386,10 @@ def migrate(
                 f"{settings.ddl_lock_timeout_ms} ms (a long transaction holds it); retry later"
             ) from None
         except psycopg.Error as exc:
-            raise MigrationError(f"migrating schema {settings.schema_name} failed: {_first_line(exc)}") from exc
+            raise MigrationError(f"migrating schema {settings.schema_name} failed: {first_line(exc)}") from exc
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s, %s)", keys)
         if sync and attach_to_immich:
-            from db.sync import sync_documents
-
             sync_keys = _lock_keys(conn, _SYNC_LOCK, settings)
             got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", sync_keys).fetchone()
             if got and got[0]:
@@ -482,13 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = migrate(settings, sync=not (args.no_sync or args.rebuild))
         if args.rebuild:
-            from db.sync import sync_documents
-
             with connect(settings) as conn:
                 report.sync = sync_documents(conn, settings, rebuild_all=True)
         if report.sync is not None:
             log.info("documents: %s", report.sync)
-    except MigrationError as exc:
+    except (MigrationError, ConnectError) as exc:
         log.error("%s", exc)
         return 1
     return 0

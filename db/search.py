@@ -29,7 +29,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from db.migrate import search_path_value
+from db.connection import search_path_value
 from db.settings import DbSearchSettings
 
 Visibility = Literal["archive", "timeline", "hidden", "locked"]
@@ -122,17 +122,17 @@ class SearchContext:
     search_path: str = field(repr=False, default="")
 
     @classmethod
-    def load(cls, conn: psycopg.Connection[Any], settings: DbSearchSettings | None = None) -> SearchContext:
+    async def load(cls, conn: psycopg.AsyncConnection[Any], settings: DbSearchSettings | None = None) -> SearchContext:
         settings = settings or DbSearchSettings()
-        with conn.transaction():
-            found = conn.execute("SELECT to_regprocedure(%s)", [f"{settings.schema_name}.segmenter_name()"]).fetchone()
+        table = f"{settings.immich_schema}.smart_search"
+        async with conn.transaction():
+            found = await _one(conn, "SELECT to_regprocedure(%s)", [f"{settings.schema_name}.segmenter_name()"])
             if not found or found[0] is None:
                 raise SchemaNotReadyError(f"schema {settings.schema_name} is not migrated (run db.migrate)")
-            segmenter = conn.execute(
-                sql.SQL("SELECT {}.segmenter_name()").format(sql.Identifier(settings.schema_name))
-            ).fetchone()
-            table = f"{settings.immich_schema}.smart_search"
-            indexes = conn.execute(
+            segmenter = await _one(
+                conn, sql.SQL("SELECT {}.segmenter_name()").format(sql.Identifier(settings.schema_name))
+            )
+            cur = await conn.execute(
                 """
                 SELECT am.amname, array_to_string(c.reloptions, ' ')
                 FROM pg_index AS i
@@ -141,12 +141,14 @@ class SearchContext:
                 WHERE i.indrelid = to_regclass(%s) AND am.amname IN ('hnsw', 'vchordrq', 'ivfflat') AND i.indisvalid
                 """,
                 [table],
-            ).fetchall()
-            dim = conn.execute(
+            )
+            indexes = await cur.fetchall()
+            dim = await _one(
+                conn,
                 """SELECT atttypmod FROM pg_attribute
                    WHERE attrelid = to_regclass(%s) AND attname = 'embedding' AND NOT attisdropped""",
                 [table],
-            ).fetchone()
+            )
         kinds = {str(name): str(opts or "") for name, opts in indexes}
         kind: VectorIndexKind | None = next((k for k in ("hnsw", "vchordrq", "ivfflat") if k in kinds), None)
         probes = settings.vchordrq_probes
@@ -160,6 +162,11 @@ class SearchContext:
             embedding_dim=int(dim[0]) if dim and dim[0] and int(dim[0]) > 0 else None,
             search_path=search_path_value(settings),
         )
+
+
+async def _one(conn: psycopg.AsyncConnection[Any], query: Any, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+    cur = await conn.execute(query, params)
+    return await cur.fetchone()
 
 
 def _immich_probes(reloptions: str) -> str:
@@ -484,7 +491,7 @@ def _page(rows: list[tuple[Any, ...]], page: int, size: int, tsquery: str | None
     return SearchPage(items=items, next_page=page + 1 if len(rows) > size else None, tsquery=tsquery)
 
 
-# --- the two searches as step generators (shared by the sync and async drivers) ------------------------------
+# --- the two searches as step generators (the statements; _drive runs them) ------------------------------
 
 Steps = Generator[Statement, list[tuple[Any, ...]], SearchPage]
 
@@ -556,19 +563,8 @@ LIMIT %(limit)s OFFSET %(offset)s"""
     return _page(rows, page, size, match_q)
 
 
-def _drive(conn: psycopg.Connection[Any], steps: Steps) -> SearchPage:
+async def _drive(conn: psycopg.AsyncConnection[Any], steps: Steps) -> SearchPage:
     # One transaction: the set_config(..., true) settings of the first statement apply to the second.
-    with conn.transaction():
-        try:
-            statement = next(steps)
-            while True:
-                rows = conn.execute(statement[0], statement[1]).fetchall()
-                statement = steps.send(rows)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-
-
-async def _drive_async(conn: psycopg.AsyncConnection[Any], steps: Steps) -> SearchPage:
     async with conn.transaction():
         try:
             statement = next(steps)
@@ -583,8 +579,8 @@ async def _drive_async(conn: psycopg.AsyncConnection[Any], steps: Steps) -> Sear
 # --- public interface -------------------------------------------------------------------------------------------
 
 
-def search_hybrid(
-    conn: psycopg.Connection[Any],
+async def search_hybrid(
+    conn: psycopg.AsyncConnection[Any],
     *,
     context: SearchContext,
     user_ids: Sequence[UUID],
@@ -602,11 +598,11 @@ def search_hybrid(
     the candidate pools (``clip_candidates`` + ``ocr_candidates``); ``next_page`` is None past them.
     Raises ValueError for invalid paging or a wrong-sized embedding, never for any query text.
     """
-    return _drive(conn, _hybrid_steps(context, user_ids, query_text, query_embedding, filters, page, size))
+    return await _drive(conn, _hybrid_steps(context, user_ids, query_text, query_embedding, filters, page, size))
 
 
-def search_ocr(
-    conn: psycopg.Connection[Any],
+async def search_ocr(
+    conn: psycopg.AsyncConnection[Any],
     *,
     context: SearchContext,
     user_ids: Sequence[UUID],
@@ -617,40 +613,11 @@ def search_ocr(
 ) -> SearchPage:
     """OCR text search (the ``ocr:`` search): every matching asset, most relevant first (exact matches,
     then fuzzy ones; ts_rank within each), paged through all matches (at most ``ocr_max_matches``)."""
-    return _drive(conn, _ocr_steps(context, user_ids, query_text, filters, page, size))
+    return await _drive(conn, _ocr_steps(context, user_ids, query_text, filters, page, size))
 
 
-async def search_hybrid_async(
+async def explain_search(
     conn: psycopg.AsyncConnection[Any],
-    *,
-    context: SearchContext,
-    user_ids: Sequence[UUID],
-    query_text: str | None,
-    query_embedding: Sequence[float] | Any | None,
-    filters: SearchFilters | None = None,
-    page: int = 1,
-    size: int = 100,
-) -> SearchPage:
-    """:func:`search_hybrid` on an async connection."""
-    return await _drive_async(conn, _hybrid_steps(context, user_ids, query_text, query_embedding, filters, page, size))
-
-
-async def search_ocr_async(
-    conn: psycopg.AsyncConnection[Any],
-    *,
-    context: SearchContext,
-    user_ids: Sequence[UUID],
-    query_text: str | None,
-    filters: SearchFilters | None = None,
-    page: int = 1,
-    size: int = 100,
-) -> SearchPage:
-    """:func:`search_ocr` on an async connection."""
-    return await _drive_async(conn, _ocr_steps(context, user_ids, query_text, filters, page, size))
-
-
-def explain_search(
-    conn: psycopg.Connection[Any],
     *,
     context: SearchContext,
     user_ids: Sequence[UUID],
@@ -670,12 +637,13 @@ def explain_search(
         else _ocr_steps(context, user_ids, query_text, filters, page, size)
     )
     prefix = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) " if analyze else "EXPLAIN ")
-    with conn.transaction():
+    async with conn.transaction():
         try:
             statement = next(steps)
-            rows = conn.execute(statement[0], statement[1]).fetchall()
-            statement = steps.send(rows)
-            plan = conn.execute(prefix + statement[0], statement[1]).fetchall()
+            cur = await conn.execute(statement[0], statement[1])
+            statement = steps.send(await cur.fetchall())
+            cur = await conn.execute(prefix + statement[0], statement[1])
+            plan = await cur.fetchall()
         except StopIteration:
             return ""  # nothing to search for: no statement would run
         finally:
@@ -683,15 +651,15 @@ def explain_search(
     return "\n".join(str(r[0]) for r in plan)
 
 
-def build_queries(
-    conn: psycopg.Connection[Any], context: SearchContext, query_text: str
+async def build_queries(
+    conn: psycopg.AsyncConnection[Any], context: SearchContext, query_text: str
 ) -> tuple[str | None, str | None]:
     """(strict, match) tsqueries for a query text, as the searches build them (diagnostics and tests)."""
     statement = _config_statement(
         context, sanitize_query_text(query_text, context.settings.max_query_chars), with_clip=False
     )
-    with conn.transaction():
-        row = conn.execute(statement[0], statement[1]).fetchone()
+    async with conn.transaction():
+        row = await _one(conn, statement[0], statement[1])
     assert row is not None
     return row[-2], row[-1]
 
@@ -707,7 +675,5 @@ __all__ = [
     "explain_search",
     "sanitize_query_text",
     "search_hybrid",
-    "search_hybrid_async",
     "search_ocr",
-    "search_ocr_async",
 ]

@@ -1,7 +1,10 @@
-"""Settings of the database layer (OCR documents, hybrid search, regenerate writes).
+"""Settings of search: the database layer (OCR documents, hybrid search, regenerate writes) and the gateway's
+search front that serves it (``POST /api/search/smart``, its connection pool and start-up).
 
 Every field is read from the environment with the prefix ``DB_SEARCH_`` (e.g. ``DB_SEARCH_URL``,
-``DB_SEARCH_CLIP_CANDIDATES``). Every limit has a default that is safe on a small (2-core) server.
+``DB_SEARCH_CLIP_CANDIDATES``, ``DB_SEARCH_HYBRID``). The search front's fields were ``GATEWAY_SEARCH__*`` before
+(``GATEWAY_SEARCH__DB_POOL_SIZE`` is now ``DB_SEARCH_POOL_SIZE``); those old names are still read. Every limit has
+a default that is safe on a small (2-core) server.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import psycopg.conninfo
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DB_SEARCH_"
@@ -19,10 +22,16 @@ Fusion = Literal["rrf", "weighted"]
 IterativeScan = Literal["relaxed_order", "strict_order", "off"]
 
 
-class DbSearchSettings(BaseSettings):
-    """Configuration of the ``db`` package. Credentials live only in ``url``/``password`` (secrets)."""
+def _renamed(name: str, old: str) -> AliasChoices:
+    """``DB_SEARCH_<NAME>``, and the name the setting had under the gateway (still read)."""
+    return AliasChoices(ENV_PREFIX + name.upper(), old)
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+class DbSearchSettings(BaseSettings):
+    """The one configuration of search (the ``db`` package and the gateway's search front). Credentials live
+    only in ``url`` (a secret)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
 
     # --- connection --------------------------------------------------------------------------------
     url: SecretStr | None = Field(
@@ -184,6 +193,100 @@ class DbSearchSettings(BaseSettings):
         ge=100,
         le=3_600_000,
         description="lock_timeout while attaching triggers to Immich's asset_ocr (never block Immich for long).",
+    )
+
+    # --- the gateway's search front (were GATEWAY_SEARCH__*) ----------------------------------------------
+    hybrid: bool = Field(
+        default=True,
+        validation_alias=_renamed("hybrid", "GATEWAY_SEARCH__HYBRID"),
+        description=(
+            "Queries without the 'ocr:' prefix are ranked by CLIP and OCR together. false: they go to Immich "
+            "unchanged (only 'ocr:' queries are answered by the gateway)."
+        ),
+    )
+    hydrate_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        validation_alias=_renamed("hydrate_concurrency", "GATEWAY_SEARCH__HYDRATE_CONCURRENCY"),
+        description="Most concurrent GET /api/assets/{id} calls to Immich while building one page of results.",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        validation_alias=_renamed("max_body_bytes", "GATEWAY_SEARCH__MAX_BODY_BYTES"),
+        description="Largest accepted search request body, in bytes.",
+    )
+    max_filter_ids: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        validation_alias=_renamed("max_filter_ids", "GATEWAY_SEARCH__MAX_FILTER_IDS"),
+        description="Most ids accepted in one personIds / albumIds filter.",
+    )
+    clip_query_max_chars: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        validation_alias=_renamed("clip_query_max_chars", "GATEWAY_SEARCH__CLIP_QUERY_MAX_CHARS"),
+        description="Characters of a query sent to the CLIP text model (CLIP reads only the first ~77 tokens anyway).",
+    )
+    text_embedding_cache_size: int = Field(
+        default=100,
+        ge=0,
+        le=100_000,
+        validation_alias=_renamed("text_embedding_cache_size", "GATEWAY_SEARCH__TEXT_EMBEDDING_CACHE_SIZE"),
+        description="CLIP text embeddings kept (by model, query and language), as Immich's own 100-entry cache.",
+    )
+    migrate: bool = Field(
+        default=True,
+        validation_alias=_renamed("migrate", "GATEWAY_SEARCH__MIGRATE"),
+        description=(
+            "The gateway runs the search schema's migrations (db.migrate) at start-up. false: another process "
+            "migrates; the gateway only waits for the schema."
+        ),
+    )
+    pool_size: int = Field(
+        default=8,
+        ge=1,
+        le=200,
+        validation_alias=_renamed("pool_size", "GATEWAY_SEARCH__DB_POOL_SIZE"),
+        description="Most database connections the gateway's search front holds (psycopg_pool).",
+    )
+    pool_acquire_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        validation_alias=_renamed("pool_acquire_timeout_s", "GATEWAY_SEARCH__DB_ACQUIRE_TIMEOUT_S"),
+        description=(
+            "Seconds a search waits for a database connection (a free one, or a new one while the database is "
+            "down) before it is handed to Immich ('ocr:' searches: 503)."
+        ),
+    )
+    pool_idle_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        validation_alias=_renamed("pool_idle_s", "GATEWAY_SEARCH__DB_IDLE_S"),
+        description="Seconds an idle pooled database connection is kept before it is closed (at least 1).",
+    )
+    retry_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias=_renamed("retry_s", "GATEWAY_SEARCH__DB_RETRY_S"),
+        description=(
+            "Seconds between the gateway's attempts to reach and migrate the database while it is down (the ML "
+            "endpoints work meanwhile; searches fall back to Immich, 'ocr:' searches get a 503)."
+        ),
+    )
+    context_ttl_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        validation_alias=_renamed("context_ttl_s", "GATEWAY_SEARCH__CONTEXT_TTL_S"),
+        description="Seconds before the detected search context (vector index, CLIP dimension) is re-read.",
     )
 
     @model_validator(mode="after")

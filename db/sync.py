@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from db.migrate import set_local_search_path
+from db.connection import set_local_search_path
 from db.settings import DbSearchSettings
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from db.settings import ENV_PREFIX as DB_ENV_PREFIX
+from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
 from gateway.settings import GatewaySettings, describe_errors
 
@@ -24,6 +26,10 @@ def _print_settings() -> int:
         else:
             text = str(value)
         print(f"GATEWAY_{name.upper()}={text}\n    {field.description}")
+    # Search (the front's settings included) is configured in db/settings.py; the URL prints as a masked secret.
+    search = DbSearchSettings()
+    for name, field in DbSearchSettings.model_fields.items():
+        print(f"{DB_ENV_PREFIX}{name.upper()}={getattr(search, name)}\n    {field.description}")
     return 0
 
 

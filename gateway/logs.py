@@ -112,8 +112,9 @@ def configure_logging(level: str, fmt: str, queue_size: int = 10_000) -> logging
     root = logging.getLogger()
     root.handlers[:] = [front]
     root.setLevel(level.upper())
-    # httpx logs every request at INFO with its full URL; the gateway logs its own attempts instead.
-    for noisy in ("httpx", "httpcore"):
+    # httpx logs every request at INFO with its full URL, psycopg_pool every connection it lends and takes
+    # back; the gateway logs its own attempts and search lines instead (their warnings still show).
+    for noisy in ("httpx", "httpcore", "psycopg.pool"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []

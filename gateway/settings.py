@@ -11,6 +11,9 @@ Examples::
     GATEWAY_MODEL_MAP__CLIP='{"cn-clip/":"ViT-B-16__cn-clip"}'
     GATEWAY_TIMEOUTS__OCR=45
     GATEWAY_IMMICH__URL=http://immich-server:2283   # search front + regenerate (gateway/search/README.md)
+
+Search itself (ranking, limits, the front's pool and start-up) is configured in one place, ``db/settings.py``
+(``DB_SEARCH_*``; the former ``GATEWAY_SEARCH__*`` names are still read there).
 """
 
 from __future__ import annotations
@@ -256,71 +259,6 @@ class ImmichSettings(BaseModel):
         return value.rstrip("/")
 
 
-class SearchSettings(BaseModel):
-    """The search front (``POST /api/search/smart``) and the regenerate endpoints (``/ai/assets/...``)."""
-
-    hybrid: bool = Field(
-        True,
-        description=(
-            "Queries without the 'ocr:' prefix are ranked by CLIP and OCR together. false: they go to Immich "
-            "unchanged (only 'ocr:' queries are answered by the gateway)."
-        ),
-    )
-    hydrate_concurrency: int = Field(
-        16,
-        ge=1,
-        le=256,
-        description="Most concurrent GET /api/assets/{id} calls to Immich while building one page of results.",
-    )
-    max_body_bytes: int = Field(
-        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest accepted search request body, in bytes."
-    )
-    max_filter_ids: int = Field(
-        100, ge=1, le=10_000, description="Most ids accepted in one personIds / albumIds filter."
-    )
-    clip_query_max_chars: int = Field(
-        1000,
-        ge=1,
-        le=100_000,
-        description="Characters of a query sent to the CLIP text model (CLIP reads only the first ~77 tokens anyway).",
-    )
-    text_embedding_cache_size: int = Field(
-        100,
-        ge=0,
-        le=100_000,
-        description="CLIP text embeddings kept (by model, query and language), as Immich's own 100-entry cache.",
-    )
-    migrate: bool = Field(
-        True,
-        description=(
-            "Run the search schema's migrations (db.migrate) at start-up. false: another process migrates; the "
-            "gateway only waits for the schema."
-        ),
-    )
-    db_pool_size: int = Field(8, ge=1, le=200, description="Most database connections the search front holds.")
-    db_acquire_timeout_s: float = Field(
-        5.0, gt=0, le=300, description="Seconds a request waits for a free database connection before a 503."
-    )
-    db_idle_s: float = Field(
-        60.0, ge=0, le=3600, description="Seconds an idle pooled database connection is kept before it is closed."
-    )
-    db_retry_s: float = Field(
-        30.0,
-        gt=0,
-        le=3600,
-        description=(
-            "Seconds between attempts to reach and migrate the database while it is down (the ML endpoints work "
-            "meanwhile; searches fall back to Immich, 'ocr:' searches get a 503)."
-        ),
-    )
-    context_ttl_s: float = Field(
-        300.0,
-        gt=0,
-        le=86_400,
-        description="Seconds before the detected search context (vector index, CLIP dimension) is re-read.",
-    )
-
-
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_",
@@ -382,7 +320,6 @@ class GatewaySettings(BaseSettings):
     immich: ImmichSettings = Field(
         default_factory=ImmichSettings, description="The Immich server behind the search front and regenerate."
     )
-    search: SearchSettings = Field(default_factory=SearchSettings, description="Search front and regenerate endpoints.")
     http: HttpLimits = Field(
         default_factory=HttpLimits,
         description="Limits per HTTP connection: header size and count, slow-client timeouts (GATEWAY_HTTP__*).",

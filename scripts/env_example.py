@@ -1,6 +1,6 @@
 """Write ``.env.example`` from the settings classes themselves, so it cannot drift from the code.
 
-Every ``GATEWAY_*`` and ``AI_SERVICE_*`` variable the settings classes read is listed (nested settings
+Every ``GATEWAY_*``, ``AI_SERVICE_*`` and ``DB_SEARCH_*`` variable the settings classes read is listed (nested settings
 as ``PREFIX_FIELD__SUB``), commented out at its default with its description above it: a copy of the
 file changes nothing until a line is uncommented. Before them come the variables ``docker compose``
 itself reads (image tags, published ports, the database service), declared in :data:`COMPOSE_VARIABLES`.
@@ -169,6 +169,8 @@ def setting_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, st
 
 def sections() -> list[tuple[str, list[tuple[str, str, str]]]]:
     from ai_service.settings import AIServiceSettings
+    from db.settings import ENV_PREFIX as DB_PREFIX
+    from db.settings import DbSearchSettings
     from gateway.settings import GatewaySettings
 
     return [
@@ -177,6 +179,10 @@ def sections() -> list[tuple[str, list[tuple[str, str, str]]]]:
         (
             "AI service: python -m ai_service (and the gateway's in-process models)",
             setting_rows(AIServiceSettings, "AI_SERVICE_"),
+        ),
+        (
+            "Search: the gateway's search front and the db layer (python -m db.migrate)",
+            setting_rows(DbSearchSettings, DB_PREFIX),
         ),
     ]
 

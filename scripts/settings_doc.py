@@ -77,7 +77,7 @@ def render() -> str:
     sections = [
         ("Gateway (`python -m gateway`)", GatewaySettings, "GATEWAY_"),
         ("AI service (`python -m ai_service`, and the gateway's in-process models)", AIServiceSettings, "AI_SERVICE_"),
-        ("Search database layer", DbSearchSettings, DB_PREFIX),
+        ("Search (database layer and the gateway's search front)", DbSearchSettings, DB_PREFIX),
         ("Library mode (`python -m library`)", LibrarySettings, LIBRARY_PREFIX),
     ]
     out = [BEGIN]

@@ -584,7 +584,7 @@ def search_gateway_env(immich_url: str | None, db_uri: str, model_dir: Path, **e
         "AI_SERVICE_MODEL_DIR": str(model_dir),
         "GATEWAY_MODEL_MAP__CLIP": TEST_CLIP_MAP,
         "GATEWAY_CLIP_DIMENSIONS": TEST_CLIP_DIMENSIONS,
-        "GATEWAY_SEARCH__DB_RETRY_S": "1",
+        "DB_SEARCH_RETRY_S": "1",
         "GATEWAY_IMMICH__CONFIG_TTL_S": "0",
         "GATEWAY_LOG_LEVEL": "debug",
         **extra,

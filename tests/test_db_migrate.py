@@ -3,6 +3,7 @@ detection (zhparser is absent here, so the fallback), and that nothing of ours l
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections.abc import Iterator
@@ -234,6 +235,7 @@ def test_segmenter_switch_rebuilds_documents(immich_db: str) -> None:
     """The zhparser path without zhparser: segmenter_zhparser.sql is installed over a stand-in text-search
     configuration of the same name (a copy of 'simple', which splits at spaces and punctuation only), so
     the mode switch, the generic document / query builders and the rebuild are exercised for real."""
+    from db.connection import connect_async
     from db.search import SearchContext, build_queries, search_ocr
 
     settings = _settings(immich_db)
@@ -257,12 +259,17 @@ def test_segmenter_switch_rebuilds_documents(immich_db: str) -> None:
         row = conn.execute("SELECT segmenter, doc::text FROM zh_search.ocr_document").fetchone()
         assert row is not None and row[0] == "zhparser-1"
         assert "'starbucks'" in row[1] and "'北京'" in row[1]
-        ctx = SearchContext.load(conn, settings)
-        assert ctx.segmenter == "zhparser-1"
-        # zhparser mode joins the words of a term with & (segmentation of a short query may differ)
-        assert build_queries(conn, ctx, "coffee starbucks")[0] == "'coffee':* & 'starbucks':*"
-        hits = search_ocr(conn, context=ctx, user_ids=[owner], query_text="Starbucks 北京")
-        assert [h.asset_id for h in hits.items] == [asset]
+
+    async def search_with_stand_in() -> None:
+        async with await connect_async(settings) as aconn:
+            ctx = await SearchContext.load(aconn, settings)
+            assert ctx.segmenter == "zhparser-1"
+            # zhparser mode joins the words of a term with & (segmentation of a short query may differ)
+            assert (await build_queries(aconn, ctx, "coffee starbucks"))[0] == "'coffee':* & 'starbucks':*"
+            hits = await search_ocr(aconn, context=ctx, user_ids=[owner], query_text="Starbucks 北京")
+            assert [h.asset_id for h in hits.items] == [asset]
+
+    asyncio.run(search_with_stand_in())
 
     # auto on a server without zhparser goes back to the fallback and rebuilds
     report = migrate(settings)

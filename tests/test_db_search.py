@@ -3,9 +3,8 @@ ranking on corpora whose right answer is known, Immich's scope and filters, pagi
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import UUID
@@ -13,6 +12,7 @@ from uuid import UUID
 import psycopg
 import pytest
 
+from db.connection import connect_async
 from db.immich_writer import write_clip_embedding
 from db.migrate import migrate
 from db.search import (
@@ -23,9 +23,7 @@ from db.search import (
     build_queries,
     explain_search,
     search_hybrid,
-    search_hybrid_async,
     search_ocr,
-    search_ocr_async,
 )
 from db.settings import DbSearchSettings
 from db.testing import (
@@ -37,6 +35,8 @@ from db.testing import (
     insert_user,
     load_immich_schema,
 )
+
+pytestmark = pytest.mark.anyio
 
 DIM = 512
 
@@ -141,24 +141,37 @@ def corpus(postgres_uri: str) -> Iterator[Corpus]:
 
 
 @pytest.fixture()
-def conn(corpus: Corpus) -> Iterator[psycopg.Connection]:
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture()
+async def conn(corpus: Corpus) -> AsyncIterator[psycopg.AsyncConnection]:
+    # db.search has one driver, psycopg's async one (the gateway's); the tests use it too.
+    async with await psycopg.AsyncConnection.connect(corpus.uri, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture()
+def setup(corpus: Corpus) -> Iterator[psycopg.Connection]:
+    """A plain connection for test data (db.testing and db.immich_writer write synchronously)."""
     with psycopg.connect(corpus.uri, autocommit=True) as c:
         yield c
 
 
 @pytest.fixture()
-def ctx(conn: psycopg.Connection, corpus: Corpus) -> SearchContext:
-    return SearchContext.load(conn, DbSearchSettings(url=corpus.uri))
+async def ctx(conn: psycopg.AsyncConnection, corpus: Corpus) -> SearchContext:
+    return await SearchContext.load(conn, DbSearchSettings(url=corpus.uri))
 
 
-def ocr(conn: psycopg.Connection, ctx: SearchContext, users: list[UUID], q: str, **kw: object) -> SearchPage:
-    return search_ocr(conn, context=ctx, user_ids=users, query_text=q, **kw)  # type: ignore[arg-type]
+async def ocr(conn: psycopg.AsyncConnection, ctx: SearchContext, users: list[UUID], q: str, **kw: object) -> SearchPage:
+    return await search_ocr(conn, context=ctx, user_ids=users, query_text=q, **kw)  # type: ignore[arg-type]
 
 
 # --- detection ----------------------------------------------------------------------------------------------
 
 
-def test_context_detects_fallback_and_hnsw(ctx: SearchContext) -> None:
+async def test_context_detects_fallback_and_hnsw(ctx: SearchContext) -> None:
     assert ctx.segmenter == "bigram-1"
     assert ctx.vector_index == "hnsw"
     assert ctx.embedding_dim == DIM
@@ -190,55 +203,61 @@ def test_context_detects_fallback_and_hnsw(ctx: SearchContext) -> None:
         ("receipt 收据", {"fav", "apple", "nocity"}),
     ],
 )
-def test_text_queries(
-    conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus, query: str, expected: set[str]
+async def test_text_queries(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus, query: str, expected: set[str]
 ) -> None:
-    assert set(corpus.names(ocr(conn, ctx, [corpus.a], query))) == expected
+    assert set(corpus.names(await ocr(conn, ctx, [corpus.a], query))) == expected
 
 
-def test_exact_matches_rank_above_fuzzy(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
-    with psycopg.connect(corpus.uri, autocommit=True) as setup:
-        exact = insert_asset(setup, corpus.a)
-        insert_ocr_rows(setup, exact, ["增值税发票"])
+async def test_exact_matches_rank_above_fuzzy(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
+) -> None:
+    with psycopg.connect(corpus.uri, autocommit=True) as data:
+        exact = insert_asset(data, corpus.a)
+        insert_ocr_rows(data, exact, ["增值税发票"])
     try:
-        page = ocr(conn, ctx, [corpus.a], "增值税发票")
+        page = await ocr(conn, ctx, [corpus.a], "增值税发票")
         assert [h.asset_id for h in page.items] == [exact, corpus.ids["invoice"]]
         assert page.items[0].ocr_exact is True and page.items[1].ocr_exact is False
         assert page.items[0].score >= 0.5 > page.items[1].score
     finally:
-        conn.execute("DELETE FROM asset WHERE id = %s", [exact])
+        await conn.execute("DELETE FROM asset WHERE id = %s", [exact])
 
 
 # --- scope and filters --------------------------------------------------------------------------------------
 
 
-def test_scope_owner_trash_visibility(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_scope_owner_trash_visibility(conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus) -> None:
     a, c = corpus.a, corpus.c
-    assert set(corpus.names(ocr(conn, ctx, [a], "发票"))) == {"invoice", "live", "video"}
-    assert "stranger" not in corpus.names(ocr(conn, ctx, [a, c], "发票"))
-    assert set(corpus.names(ocr(conn, ctx, [a, c], "发票"))) == {"invoice", "live", "video", "partner"}
-    assert corpus.names(ocr(conn, ctx, [corpus.b], "发票")) == ["stranger"]
-    assert set(corpus.names(ocr(conn, ctx, [a], "发票", filters=SearchFilters(with_deleted=True)))) == {
+    assert set(corpus.names(await ocr(conn, ctx, [a], "发票"))) == {"invoice", "live", "video"}
+    assert "stranger" not in corpus.names(await ocr(conn, ctx, [a, c], "发票"))
+    assert set(corpus.names(await ocr(conn, ctx, [a, c], "发票"))) == {"invoice", "live", "video", "partner"}
+    assert corpus.names(await ocr(conn, ctx, [corpus.b], "发票")) == ["stranger"]
+    assert set(corpus.names(await ocr(conn, ctx, [a], "发票", filters=SearchFilters(with_deleted=True)))) == {
         "invoice",
         "live",
         "video",
         "trashed",
     }
-    assert corpus.names(ocr(conn, ctx, [a], "发票", filters=SearchFilters(visibility="archive"))) == ["archived"]
-    assert corpus.names(ocr(conn, ctx, [a], "发票", filters=SearchFilters(visibility="locked"))) == ["locked"]
-    assert set(corpus.names(ocr(conn, ctx, [a], "发票", filters=SearchFilters(visibility=None)))) == {
+    assert corpus.names(await ocr(conn, ctx, [a], "发票", filters=SearchFilters(visibility="archive"))) == ["archived"]
+    assert corpus.names(await ocr(conn, ctx, [a], "发票", filters=SearchFilters(visibility="locked"))) == ["locked"]
+    assert set(corpus.names(await ocr(conn, ctx, [a], "发票", filters=SearchFilters(visibility=None)))) == {
         "invoice",
         "live",
         "video",
         "archived",
         "hidden",
     }
-    assert ocr(conn, ctx, [], "发票").items == []
+    assert (await ocr(conn, ctx, [], "发票")).items == []
 
 
-def test_scope_applies_to_clip_candidates(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_scope_applies_to_clip_candidates(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
+) -> None:
     # the highest similarities belong to other users / trashed / archived / locked / hidden assets
-    page = search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text=None, query_embedding=QUERY_VEC, size=50)
+    page = await search_hybrid(
+        conn, context=ctx, user_ids=[corpus.a], query_text=None, query_embedding=QUERY_VEC, size=50
+    )
     names = corpus.names(page)
     assert names[0] == "invoice"  # 0.30 is the best of a's visible timeline assets
     assert not {"trashed", "archived", "locked", "hidden", "stranger", "partner"} & set(names)
@@ -270,12 +289,17 @@ def test_scope_applies_to_clip_candidates(conn: psycopg.Connection, ctx: SearchC
         ("收据", SearchFilters(city=UNSET, country=UNSET), {"fav", "apple", "nocity"}),
     ],
 )
-def test_filters(
-    conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus, query: str, filters: SearchFilters, expected: set[str]
+async def test_filters(
+    conn: psycopg.AsyncConnection,
+    ctx: SearchContext,
+    corpus: Corpus,
+    query: str,
+    filters: SearchFilters,
+    expected: set[str],
 ) -> None:
-    assert set(corpus.names(ocr(conn, ctx, [corpus.a], query, filters=filters))) == expected
+    assert set(corpus.names(await ocr(conn, ctx, [corpus.a], query, filters=filters))) == expected
     # the same filters hold on the CLIP side of a hybrid search
-    page = search_hybrid(
+    page = await search_hybrid(
         conn, context=ctx, user_ids=[corpus.a], query_text=None, query_embedding=QUERY_VEC, filters=filters, size=100
     )
     clip_names = set(corpus.names(page))
@@ -283,17 +307,17 @@ def test_filters(
     assert all(n not in clip_names for n in ("trashed", "stranger"))
 
 
-def test_album_and_person_filters(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_album_and_person_filters(conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus) -> None:
     assert corpus.album and corpus.person
-    assert corpus.names(ocr(conn, ctx, [corpus.a], "收据", filters=SearchFilters(album_ids=[corpus.album]))) == [
+    assert corpus.names(await ocr(conn, ctx, [corpus.a], "收据", filters=SearchFilters(album_ids=[corpus.album]))) == [
         "apple"
     ]
-    assert corpus.names(ocr(conn, ctx, [corpus.a], "收据", filters=SearchFilters(person_ids=[corpus.person]))) == [
-        "apple"
-    ]
+    assert corpus.names(
+        await ocr(conn, ctx, [corpus.a], "收据", filters=SearchFilters(person_ids=[corpus.person]))
+    ) == ["apple"]
 
 
-def test_filters_combined_with_hybrid(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_filters_combined_with_hybrid(conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus) -> None:
     filters = SearchFilters(
         taken_after=datetime(2023, 1, 1, tzinfo=UTC),
         taken_before=datetime(2023, 12, 31, tzinfo=UTC),
@@ -302,7 +326,7 @@ def test_filters_combined_with_hybrid(conn: psycopg.Connection, ctx: SearchConte
         city="Beijing",
         make="Canon",
     )
-    page = search_hybrid(
+    page = await search_hybrid(
         conn, context=ctx, user_ids=[corpus.a], query_text="收据", query_embedding=QUERY_VEC, filters=filters
     )
     assert corpus.names(page) == ["fav"]
@@ -312,9 +336,11 @@ def test_filters_combined_with_hybrid(conn: psycopg.Connection, ctx: SearchConte
 # --- ranking ------------------------------------------------------------------------------------------------
 
 
-def _e_search(conn: psycopg.Connection, corpus: Corpus, settings: DbSearchSettings, **kw: object) -> list[str]:
-    ctx = SearchContext.load(conn, settings)
-    page = search_hybrid(
+async def _e_search(
+    conn: psycopg.AsyncConnection, corpus: Corpus, settings: DbSearchSettings, **kw: object
+) -> list[str]:
+    ctx = await SearchContext.load(conn, settings)
+    page = await search_hybrid(
         conn,
         context=ctx,
         user_ids=[corpus.ids["user_e"]],
@@ -329,30 +355,30 @@ def _tie(corpus: Corpus, *names: str) -> list[str]:
     return sorted(names, key=lambda n: str(corpus.ids[n]))
 
 
-def test_ocr_ranking(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
-    page = ocr(conn, ctx, [corpus.ids["user_e"]], "发票")
+async def test_ocr_ranking(conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus) -> None:
+    page = await ocr(conn, ctx, [corpus.ids["user_e"]], "发票")
     # ts_rank normalised by document length: the sign that reads just 发票 first, the long text last
     assert corpus.names(page) == ["e_both", "e_ocr3", "e_ocr_long"]
     scores = [h.score for h in page.items]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == 3
 
 
-def test_hybrid_rrf_ranking(conn: psycopg.Connection, corpus: Corpus) -> None:
+async def test_hybrid_rrf_ranking(conn: psycopg.AsyncConnection, corpus: Corpus) -> None:
     # RRF with k=60. CLIP ranks: e_clip 1, e_both 2, e_weak 3; OCR ranks: e_both 1, e_ocr3 2, e_ocr_long 3.
     # e_both: 1/62 + 1/61; e_clip 1/61; e_ocr3 1/62; e_weak = e_ocr_long = 1/63 (a tie: asset id decides).
-    names = _e_search(conn, corpus, DbSearchSettings(url=corpus.uri))
+    names = await _e_search(conn, corpus, DbSearchSettings(url=corpus.uri))
     assert names == ["e_both", "e_clip", "e_ocr3", *_tie(corpus, "e_weak", "e_ocr_long")]
 
 
-def test_hybrid_weights_are_configurable(conn: psycopg.Connection, corpus: Corpus) -> None:
+async def test_hybrid_weights_are_configurable(conn: psycopg.AsyncConnection, corpus: Corpus) -> None:
     # clip 2 : ocr 1 -> e_both 2/62 + 1/61, e_clip 2/61, e_weak 2/63, e_ocr3 1/62, e_ocr_long 1/63
-    names = _e_search(conn, corpus, DbSearchSettings(url=corpus.uri, clip_weight=2.0, ocr_weight=1.0))
+    names = await _e_search(conn, corpus, DbSearchSettings(url=corpus.uri, clip_weight=2.0, ocr_weight=1.0))
     assert names == ["e_both", "e_clip", "e_weak", "e_ocr3", "e_ocr_long"]
 
 
-def test_hybrid_weighted_fusion(conn: psycopg.Connection, corpus: Corpus) -> None:
-    ctx = SearchContext.load(conn, DbSearchSettings(url=corpus.uri, fusion="weighted"))
-    page = search_hybrid(
+async def test_hybrid_weighted_fusion(conn: psycopg.AsyncConnection, corpus: Corpus) -> None:
+    ctx = await SearchContext.load(conn, DbSearchSettings(url=corpus.uri, fusion="weighted"))
+    page = await search_hybrid(
         conn, context=ctx, user_ids=[corpus.ids["user_e"]], query_text="发票", query_embedding=QUERY_VEC
     )
     names = corpus.names(page)
@@ -361,9 +387,9 @@ def test_hybrid_weighted_fusion(conn: psycopg.Connection, corpus: Corpus) -> Non
     assert all(0.0 <= h.score <= 1.0 for h in page.items)
 
 
-def test_single_signal_assets_rank(conn: psycopg.Connection, corpus: Corpus) -> None:
-    ctx = SearchContext.load(conn, DbSearchSettings(url=corpus.uri))
-    page = search_hybrid(
+async def test_single_signal_assets_rank(conn: psycopg.AsyncConnection, corpus: Corpus) -> None:
+    ctx = await SearchContext.load(conn, DbSearchSettings(url=corpus.uri))
+    page = await search_hybrid(
         conn, context=ctx, user_ids=[corpus.ids["user_e"]], query_text="发票", query_embedding=QUERY_VEC
     )
     by_name = dict(zip(corpus.names(page), page.items, strict=True))
@@ -371,25 +397,30 @@ def test_single_signal_assets_rank(conn: psycopg.Connection, corpus: Corpus) -> 
     assert by_name["e_ocr3"].clip_similarity is None and by_name["e_ocr3"].ocr_exact is True
     assert by_name["e_both"].score == pytest.approx(1.0, abs=0.02)  # first in both lists ~ 1
     # text that matches nothing: CLIP alone still answers; no embedding: OCR alone answers
-    assert _e_search(conn, corpus, DbSearchSettings(url=corpus.uri), q="!!!")[:3] == ["e_clip", "e_both", "e_weak"]
-    assert _e_search(conn, corpus, DbSearchSettings(url=corpus.uri), emb=None) == [
+    assert (await _e_search(conn, corpus, DbSearchSettings(url=corpus.uri), q="!!!"))[:3] == [
+        "e_clip",
+        "e_both",
+        "e_weak",
+    ]
+    assert await _e_search(conn, corpus, DbSearchSettings(url=corpus.uri), emb=None) == [
         "e_both",
         "e_ocr3",
         "e_ocr_long",
     ]
 
 
-def test_clip_only_matches_exact_nearest_neighbours(
-    conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus
+async def test_clip_only_matches_exact_nearest_neighbours(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
 ) -> None:
-    page = search_hybrid(
+    page = await search_hybrid(
         conn, context=ctx, user_ids=[corpus.ids["user_p"]], query_text=None, query_embedding=QUERY_VEC, size=25
     )
-    exact = conn.execute(
+    cur = await conn.execute(
         """SELECT s."assetId" FROM smart_search s JOIN asset a ON a.id = s."assetId"
            WHERE a."ownerId" = %s ORDER BY s.embedding <=> %s::real[]::vector, s."assetId" """,
         [corpus.ids["user_p"], QUERY_VEC],
-    ).fetchall()
+    )
+    exact = await cur.fetchall()
     assert [h.asset_id for h in page.items] == [r[0] for r in exact]
 
 
@@ -397,43 +428,45 @@ def test_clip_only_matches_exact_nearest_neighbours(
 
 
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_paging_is_complete_and_stable(
-    conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus, hybrid: bool
+async def test_paging_is_complete_and_stable(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus, hybrid: bool
 ) -> None:
     user = [corpus.ids["user_p"]]
 
-    def run(page: int, size: int) -> SearchPage:
+    async def run(page: int, size: int) -> SearchPage:
         if hybrid:
-            return search_hybrid(
+            return await search_hybrid(
                 conn, context=ctx, user_ids=user, query_text="页码", query_embedding=QUERY_VEC, page=page, size=size
             )
-        return ocr(conn, ctx, user, "页码", page=page, size=size)
+        return await ocr(conn, ctx, user, "页码", page=page, size=size)
 
-    everything = run(1, 100)
+    everything = await run(1, 100)
     assert len(everything.items) == 25 and everything.next_page is None
-    pages = [run(1, 10), run(2, 10), run(3, 10)]
+    pages = [await run(1, 10), await run(2, 10), await run(3, 10)]
     assert [p.next_page for p in pages] == [2, 3, None]
     assert [len(p.items) for p in pages] == [10, 10, 5]
     assert [h.asset_id for p in pages for h in p.items] == [h.asset_id for h in everything.items]
-    assert run(4, 10).items == []
-    assert run(2, 10) == pages[1]  # same answer twice
+    assert (await run(4, 10)).items == []
+    assert await run(2, 10) == pages[1]  # same answer twice
     keys = [(-h.score, str(h.asset_id)) for h in everything.items]
     assert keys == sorted(keys)  # score DESC, asset id ASC
 
 
-def test_exactly_full_page_has_no_next(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
-    page = ocr(conn, ctx, [corpus.ids["user_p"]], "页码", size=25)
+async def test_exactly_full_page_has_no_next(conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus) -> None:
+    page = await ocr(conn, ctx, [corpus.ids["user_p"]], "页码", size=25)
     assert len(page.items) == 25 and page.next_page is None
 
 
-def test_paging_arguments_are_validated(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_paging_arguments_are_validated(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
+) -> None:
     for bad in ({"size": 0}, {"size": 1001}, {"page": 0}):
         with pytest.raises(ValueError):
-            ocr(conn, ctx, [corpus.a], "发票", **bad)
+            await ocr(conn, ctx, [corpus.a], "发票", **bad)
     with pytest.raises(ValueError, match="dimensions"):
-        search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text="x", query_embedding=[0.1] * 3)
+        await search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text="x", query_embedding=[0.1] * 3)
     with pytest.raises(ValueError, match="finite"):
-        search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text="x", query_embedding=[math.nan] * DIM)
+        await search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text="x", query_embedding=[math.nan] * DIM)
 
 
 # --- hostile input ------------------------------------------------------------------------------------------
@@ -480,39 +513,44 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("query", HOSTILE)
-def test_hostile_queries_return_normally(
-    conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus, query: str
+async def test_hostile_queries_return_normally(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus, query: str
 ) -> None:
-    page = ocr(conn, ctx, [corpus.a], query)
+    page = await ocr(conn, ctx, [corpus.a], query)
     assert isinstance(page, SearchPage)
-    page = search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text=query, query_embedding=QUERY_VEC)
+    page = await search_hybrid(conn, context=ctx, user_ids=[corpus.a], query_text=query, query_embedding=QUERY_VEC)
     assert isinstance(page, SearchPage) and page.items  # CLIP still answers
-    strict, match = build_queries(conn, ctx, query)
+    strict, match = await build_queries(conn, ctx, query)
     assert (strict is None) == (match is None)
     assert match is None or match.count("'") <= 2 * (ctx.settings.max_query_tokens * 13)  # bounded size
     # nothing happened to the tables
-    assert conn.execute("SELECT count(*) FROM asset").fetchone()[0] > 0  # type: ignore[index]
+    cur = await conn.execute("SELECT count(*) FROM asset")
+    assert (await cur.fetchone())[0] > 0  # type: ignore[index]
 
 
-def test_operators_in_text_are_plain_characters(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
-    assert set(corpus.names(ocr(conn, ctx, [corpus.a], "发票' & | !"))) == {"invoice", "live", "video"}
-    assert set(corpus.names(ocr(conn, ctx, [corpus.a], "(北京)"))) == {"beijing"}
-    assert set(corpus.names(ocr(conn, ctx, [corpus.a], "\x00北京\x00"))) == {"beijing"}
+async def test_operators_in_text_are_plain_characters(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
+) -> None:
+    assert set(corpus.names(await ocr(conn, ctx, [corpus.a], "发票' & | !"))) == {"invoice", "live", "video"}
+    assert set(corpus.names(await ocr(conn, ctx, [corpus.a], "(北京)"))) == {"beijing"}
+    assert set(corpus.names(await ocr(conn, ctx, [corpus.a], "\x00北京\x00"))) == {"beijing"}
 
 
-def test_long_query_is_truncated(conn: psycopg.Connection, corpus: Corpus) -> None:
+async def test_long_query_is_truncated(conn: psycopg.AsyncConnection, corpus: Corpus) -> None:
     settings = DbSearchSettings(url=corpus.uri, max_query_chars=4)
-    ctx = SearchContext.load(conn, settings)
-    strict, match = build_queries(conn, ctx, "北京天安门广场")  # only 北京天安 is used
+    ctx = await SearchContext.load(conn, settings)
+    strict, match = await build_queries(conn, ctx, "北京天安门广场")  # only 北京天安 is used
     assert strict == "'北京' <-> '京天' <-> '天安'"
     assert match is not None and match.startswith(strict + " | ")  # plus the one-missing (fuzzy) branches
-    assert corpus.names(ocr(conn, ctx, [corpus.a], "北京天安门广场" + "x" * 10_000)) == ["beijing"]
+    assert corpus.names(await ocr(conn, ctx, [corpus.a], "北京天安门广场" + "x" * 10_000)) == ["beijing"]
 
 
-# --- plans, async -------------------------------------------------------------------------------------------
+# --- plans, connections -------------------------------------------------------------------------------------------
 
 
-def test_candidates_come_from_the_indexes(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_candidates_come_from_the_indexes(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
+) -> None:
     # On tables this small the planner rightly prefers scanning the owner's few rows; switching the
     # alternatives off shows that the statements are index-shaped: the CLIP candidates can be read in
     # distance order from clip_index (HNSW), the OCR candidates from the GIN index on our documents. The
@@ -527,44 +565,45 @@ def test_candidates_come_from_the_indexes(conn: psycopg.Connection, ctx: SearchC
     plans = []
     for switches in (("enable_seqscan", "enable_sort"), ("enable_seqscan", "enable_nestloop")):
         for name in switches:
-            conn.execute(f"SET {name} = off")
+            await conn.execute(f"SET {name} = off")
         try:
-            plans.append(explain_search(conn, **kw))  # type: ignore[arg-type]
+            plans.append(await explain_search(conn, **kw))  # type: ignore[arg-type]
         finally:
-            conn.execute("RESET ALL")
+            await conn.execute("RESET ALL")
     assert "Index Scan using clip_index on smart_search" in plans[0]
     assert "Bitmap Index Scan on ocr_document_doc_idx" in plans[1]
-    assert explain_search(conn, context=ctx, user_ids=[corpus.a], query_text="!!!") == ""
+    assert await explain_search(conn, context=ctx, user_ids=[corpus.a], query_text="!!!") == ""
 
 
-def test_async_interface(corpus: Corpus, ctx: SearchContext) -> None:
-    async def run() -> tuple[SearchPage, SearchPage]:
-        async with await psycopg.AsyncConnection.connect(corpus.uri, autocommit=True) as aconn:
-            hybrid = await search_hybrid_async(
-                aconn, context=ctx, user_ids=[corpus.ids["user_e"]], query_text="发票", query_embedding=QUERY_VEC
-            )
-            text = await search_ocr_async(aconn, context=ctx, user_ids=[corpus.a], query_text="北京")
-            return hybrid, text
-
-    hybrid, text = asyncio.run(run())
+async def test_context_serves_another_connection(corpus: Corpus, ctx: SearchContext) -> None:
+    # The gateway loads the context once and searches on whichever pooled connection is free.
+    async with await connect_async(ctx.settings) as other:
+        hybrid = await search_hybrid(
+            other, context=ctx, user_ids=[corpus.ids["user_e"]], query_text="发票", query_embedding=QUERY_VEC
+        )
+        text = await search_ocr(other, context=ctx, user_ids=[corpus.a], query_text="北京")
     assert corpus.names(hybrid)[0] == "e_both"
     assert corpus.names(text) == ["beijing"]
 
 
-def test_search_inside_callers_transaction(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
-    with psycopg.connect(corpus.uri) as tx:  # not autocommit: the search runs in a savepoint
-        tx.execute("SELECT 1")
-        assert corpus.names(search_ocr(tx, context=ctx, user_ids=[corpus.a], query_text="北京")) == ["beijing"]
-        tx.rollback()
+async def test_search_inside_callers_transaction(
+    conn: psycopg.AsyncConnection, ctx: SearchContext, corpus: Corpus
+) -> None:
+    async with await psycopg.AsyncConnection.connect(corpus.uri) as tx:  # not autocommit: runs in a savepoint
+        await tx.execute("SELECT 1")
+        assert corpus.names(await search_ocr(tx, context=ctx, user_ids=[corpus.a], query_text="北京")) == ["beijing"]
+        await tx.rollback()
 
 
-def test_regenerated_embedding_moves_ranking(conn: psycopg.Connection, ctx: SearchContext, corpus: Corpus) -> None:
+async def test_regenerated_embedding_moves_ranking(
+    conn: psycopg.AsyncConnection, setup: psycopg.Connection, ctx: SearchContext, corpus: Corpus
+) -> None:
     """A regenerate write (db.immich_writer) is visible to the next search."""
     user = [corpus.ids["user_e"]]
     target = corpus.ids["e_weak"]
-    write_clip_embedding(conn, target, vec_with_similarity(0.99, 500), settings=ctx.settings)
+    write_clip_embedding(setup, target, vec_with_similarity(0.99, 500), settings=ctx.settings)
     try:
-        page = search_hybrid(conn, context=ctx, user_ids=user, query_text=None, query_embedding=QUERY_VEC)
+        page = await search_hybrid(conn, context=ctx, user_ids=user, query_text=None, query_embedding=QUERY_VEC)
         assert page.items[0].asset_id == target
     finally:
-        write_clip_embedding(conn, target, vec_with_similarity(0.20, 501), settings=ctx.settings)
+        write_clip_embedding(setup, target, vec_with_similarity(0.20, 501), settings=ctx.settings)

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from ai_service.inference import InferenceService
 from ai_service.protocol.immich import ModelTask
 from ai_service.settings import AIServiceSettings
+from db.settings import DbSearchSettings
 from gateway.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ CUDA_FILE = REPO / "deploy" / "compose" / "cuda.yml"
 IMMICH_OVERRIDE = REPO / "deploy" / "immich" / "docker-compose.override.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENV_EXAMPLE = REPO / ".env.example"
-PREFIXES = {"GATEWAY_": GatewaySettings, "AI_SERVICE_": AIServiceSettings}
+PREFIXES = {"GATEWAY_": GatewaySettings, "AI_SERVICE_": AIServiceSettings, "DB_SEARCH_": DbSearchSettings}
 
 # Immich's release docker-compose.yml (v2, 2025), the file users merge our override into: same service
 # names, volumes and variables; image digests left out.
@@ -204,7 +205,7 @@ def _immich_files(immich_dir: Path, *extra: Path) -> list[Path]:
 
 
 def setting_for(name: str) -> tuple[type[BaseModel], list[str]] | None:
-    """The settings class and field path a GATEWAY_* / AI_SERVICE_* variable sets, or None if it sets nothing."""
+    """The settings class and field path a GATEWAY_* / AI_SERVICE_* / DB_SEARCH_* variable sets, or None."""
     for prefix, cls in PREFIXES.items():
         if not name.startswith(prefix):
             continue
@@ -481,7 +482,7 @@ def test_env_example_is_generated_from_the_settings() -> None:
 
 def test_env_example_lists_every_setting_at_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
     values = _env_example_values()
-    every = _leaf_names(GatewaySettings, "GATEWAY_") | _leaf_names(AIServiceSettings, "AI_SERVICE_")
+    every = set().union(*(_leaf_names(cls, prefix) for prefix, cls in PREFIXES.items()))
     assert every <= set(values), f"settings missing from .env.example: {sorted(every - set(values))}"
     compose_names = {name for name, _, _ in env_example.COMPOSE_VARIABLES}
     assert set(values) == every | compose_names, "nothing in .env.example is unknown to the code"

@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from ai_service.protocol.immich import ModelTask, parse_entries
+from ai_service.protocol.reading_order import sort_lines
 from gateway.backends.base import BackendFailure
 from gateway.backends.http import base_url, encode_formdata, endpoint_url, redact_url
-from gateway.backends.mtphotos import faces_to_immich, ocr_to_immich, sort_lines, unit_vector
+from gateway.backends.mtphotos import faces_to_immich, ocr_to_immich, unit_vector
 from gateway.health import BreakerState, CircuitBreaker
 from gateway.logs import request_id_from
 from gateway.routing import ConfigError, MappingError, Router
@@ -332,8 +333,10 @@ def test_mt_ocr_conversion() -> None:
 
 
 def test_reading_order_treats_near_tops_as_one_line() -> None:
+    # The one reading-order rule, shared by the AI service's OCR and the MT Photos adapter.
     lines = [(100.0, 300.0, "right"), (104.0, 20.0, "left"), (10.0, 50.0, "top"), (130.0, 0.0, "below")]
     assert sort_lines(lines) == ["top", "left", "right", "below"]
+    assert sort_lines([]) == []
 
 
 def test_mt_faces_and_vectors() -> None:

@@ -551,7 +551,7 @@ def test_only_the_search_endpoint_is_served(client: httpx.Client, gateway: str, 
 @pytest.fixture(scope="module")
 def gateway_hybrid_off(world: World, clip_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("gw-off") / "gateway.log"
-    env = search_gateway_env(world.stub.url, world.uri, clip_model_dir, GATEWAY_SEARCH__HYBRID="false")
+    env = search_gateway_env(world.stub.url, world.uri, clip_model_dir, DB_SEARCH_HYBRID="false")
     with gateway_process(env, log) as gw:
         wait_search_ready(gw.base)
         yield gw.base

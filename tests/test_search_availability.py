@@ -88,7 +88,7 @@ def test_search_comes_up_once_the_schema_is_migrated(
     immich: tuple[ImmichStub, StubUser, str, UUID], clip_model_dir: Path, tmp_path: Path
 ) -> None:
     stub, user, uri, _ = immich
-    env = search_gateway_env(stub.url, uri, clip_model_dir, GATEWAY_SEARCH__MIGRATE="false")
+    env = search_gateway_env(stub.url, uri, clip_model_dir, DB_SEARCH_MIGRATE="false")
     with gateway_process(env, tmp_path / "gw.log") as gw, httpx.Client(timeout=60) as client:
         assert client.get(gw.base + "/status").json()["search"]["database_ready"] is False
         before = client.post(gw.base + SMART, json={"query": "ocr:北京"}, headers=user.cookie)

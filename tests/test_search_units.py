@@ -7,12 +7,15 @@ from datetime import UTC, datetime, timedelta, timezone
 from uuid import UUID
 
 import pytest
+from pydantic import ValidationError
 from starlette.requests import Request
 
 from db.search import UNSET, SearchFilters
+from db.settings import DbSearchSettings
 from gateway.search.credentials import Credential, CredentialKind, SharedLinkRefused, credential_from
 from gateway.search.dto import DtoError, parse_smart_search, split_ocr_prefix
 from gateway.search.immich_config import MlConfig, parse_ml_config
+from gateway.settings import GatewaySettings
 
 
 def request(headers: dict[str, str] | None = None, query: str = "") -> Request:
@@ -251,3 +254,19 @@ def test_ml_config_values_immich_would_refuse_fall_back() -> None:
         "database",
     )
     assert config == MlConfig(source="database")
+
+
+def test_search_settings_have_one_home_and_read_the_former_gateway_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One class (DB_SEARCH_*) holds every search setting; the front's former GATEWAY_SEARCH__* names still work.
+    monkeypatch.setenv("GATEWAY_SEARCH__DB_POOL_SIZE", "3")
+    monkeypatch.setenv("GATEWAY_SEARCH__HYBRID", "false")
+    monkeypatch.setenv("DB_SEARCH_RETRY_S", "2.5")
+    settings = DbSearchSettings()
+    assert (settings.pool_size, settings.hybrid, settings.retry_s) == (3, False, 2.5)
+    monkeypatch.setenv("DB_SEARCH_POOL_SIZE", "5")  # the new name wins over the old one
+    assert DbSearchSettings().pool_size == 5
+    assert DbSearchSettings(pool_size=7).pool_size == 7  # and code may pass fields by name
+    monkeypatch.setenv("DB_SEARCH_POOL_SIZE", "0")
+    with pytest.raises(ValidationError):
+        DbSearchSettings()
+    assert "search" not in GatewaySettings.model_fields

@@ -39,6 +39,7 @@ from rapidocr.utils.process_img import get_rotate_crop_image
 from ai_service.models.base import ModelLoadError, ModelNotInstalledError, TextDetections, TextLines
 from ai_service.models.store import MODEL_FILE, ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
+from ai_service.protocol.reading_order import reading_order
 from ai_service.runtime.onnx import SessionOptions, create_session, shrink_arena_run_options
 from ai_service.settings import AIServiceSettings
 
@@ -77,8 +78,6 @@ DEFAULT_DET_MAX_PIXELS = 16_000_000
 # kept pixel was computed at least half an overlap (128 px) away from a tile edge it does not share
 # with the image, and text that crosses a seam is joined by the one post-processing pass.
 _DET_TILE_OVERLAP = 256
-# Boxes whose top edges differ by less than this many pixels are one line (PaddleOCR's rule).
-_SAME_LINE_PX = 10
 
 # Recogniser input: 48 px high, at least 320 wide; 6 crops per ONNX call, like Immich and RapidOCR.
 _REC_HEIGHT = 48
@@ -211,7 +210,7 @@ class OcrPipeline:
         if len(boxes) == 0:
             return empty
         quads = np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2)
-        order = reading_order(quads)
+        order = reading_order(quads[:, 0, 1], quads[:, 0, 0])  # by top-left corners
         return TextDetections(quads[order], np.asarray(scores, dtype=np.float32)[order])
 
     def _det_probabilities(self, image: np.ndarray, max_resolution: int) -> np.ndarray:
@@ -391,20 +390,6 @@ def bucketed_size(height: int, width: int, bucket: int) -> tuple[int, int]:
     if bucket <= 0:
         return height, width
     return -(-height // bucket) * bucket, -(-width // bucket) * bucket
-
-
-def reading_order(quads: np.ndarray) -> np.ndarray:
-    """Indices that sort quads top-to-bottom, then left-to-right within a line.
-
-    Top-left corners whose y differ by less than ``_SAME_LINE_PX`` from the previous one (in y
-    order) continue the same line, as in PaddleOCR's ``sorted_boxes``; lines are then ordered by x.
-    """
-    if len(quads) == 0:
-        return np.zeros(0, dtype=np.int64)
-    y = quads[:, 0, 1]
-    by_y = np.argsort(y, kind="stable")
-    line = np.concatenate([[0], np.cumsum(np.diff(y[by_y]) >= _SAME_LINE_PX)])
-    return by_y[np.lexsort((quads[by_y, 0, 0], line))]
 
 
 # INTER_CUBIC reads up to 2 px beyond a sample: a box is cut with this much context around it.

@@ -35,6 +35,7 @@ from ai_service.protocol.immich import (
     embedding_to_str,
 )
 from ai_service.protocol.mtphotos import API_KEY_HEADER, ClipResponse, ClipTextRequest, OcrResponse, RepresentFace
+from ai_service.protocol.reading_order import sort_lines
 from gateway.backends.base import BackendFailure, ClientInputError
 from gateway.backends.http import HttpBackend, HttpReply, encode_formdata, snippet
 from gateway.routing import RoutedTask, normalise_name
@@ -44,9 +45,6 @@ from gateway.settings import BackendSettings, GatewaySettings
 # the *gateway* built was not accepted (e.g. a missing header), so it is a backend failure instead.
 _MT_CLIENT_INPUT_STATUSES = frozenset({400, 413})
 _FACES = TypeAdapter(list[RepresentFace])
-# Boxes whose top edges are closer than this many pixels are read as one line (PaddleOCR's rule, as
-# the AI service's OCR uses), so "left-to-right" survives a few pixels of slant.
-_SAME_LINE_PX = 10.0
 
 
 def _number(value: object, what: str) -> float:
@@ -68,20 +66,6 @@ def unit_vector(values: list[Any], what: str) -> np.ndarray:
     if norm == 0.0:
         raise BackendFailure("invalid_response", f"{what} is all zeros")
     return (vector / norm).astype(np.float32)
-
-
-def sort_lines(lines: list[tuple[float, float, Any]]) -> list[Any]:
-    """(top, left, payload) -> payloads top-to-bottom, then left-to-right within a line."""
-    ordered = sorted(lines, key=lambda line: (line[0], line[1]))
-    # One bubble pass per element, as PaddleOCR's sorted_boxes: neighbours on the same line swap by x.
-    for i in range(len(ordered) - 1):
-        for j in range(i, -1, -1):
-            a, b = ordered[j], ordered[j + 1]
-            if abs(b[0] - a[0]) < _SAME_LINE_PX and b[1] < a[1]:
-                ordered[j], ordered[j + 1] = b, a
-            else:
-                break
-    return [payload for _, _, payload in ordered]
 
 
 def ocr_to_immich(data: dict[str, Any], width: int, height: int, min_score: float) -> dict[str, Any]:

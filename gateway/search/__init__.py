@@ -10,7 +10,7 @@ start/close, and ``gateway/app.py`` mounts its router.
 | ``caller.py`` | whether Immich lets the caller do it (API-key permissions), and who they are |
 | ``immich.py`` | Immich's API as the caller: identity, assets, previews, the untouched pass-through |
 | ``immich_config.py``, ``config_source.py`` | Immich's machine-learning settings (models, OCR thresholds) |
-| ``database.py`` | async connection pool, start-up migration, partner scope, regenerate writes |
+| ``database.py`` | the connection pool (psycopg_pool), start-up migration, database errors -> DatabaseUnavailable |
 | ``inference.py`` | CLIP / OCR through the gateway's routing and failover |
 | ``dto.py`` | SmartSearchDto -> query, filters, paging |
 | ``smart.py`` | the search endpoint |
@@ -78,9 +78,11 @@ class SearchFeature:
         self._face_check: asyncio.Task[None] | None = None
         self.db_settings = db_settings or db_settings_from_env()
         self.immich = ImmichClient(settings.immich)
-        self.database = SearchDatabase(self.db_settings, settings.search)
+        self.database = SearchDatabase(self.db_settings)
         self.callers = Callers(settings.immich, self.immich, self.database)
-        self.inference = Inference(settings, router, dispatcher)
+        self.inference = Inference(
+            settings, router, dispatcher, text_cache_size=self.db_settings.text_embedding_cache_size
+        )
         self.config = ImmichConfigSource(settings.immich, self.database)
         self.regenerator = Regenerator(self.immich, self.callers, self.database, self.inference, self.config)
         # The last regenerate failures (server side), newest last: shown to admins on /ai/, never on /status.
@@ -104,12 +106,12 @@ class SearchFeature:
                 extra={
                     "fields": {
                         "immich": redact_url(self.immich.base),
-                        "hybrid": self.settings.search.hybrid,
+                        "hybrid": self.db_settings.hybrid,
                         "database": self.db_settings.redacted_conninfo(),
                     }
                 },
             )
-            self.database.start(migrate_schema=self.settings.search.migrate)
+            self.database.start(migrate_schema=self.db_settings.migrate)
             self._face_check = asyncio.get_running_loop().create_task(self._log_face_warnings(), name="face-check")
 
     async def face_warnings(self, *, fresh: bool = False) -> list[str]:
@@ -126,7 +128,7 @@ class SearchFeature:
             try:
                 warnings = await self.face_warnings(fresh=True)
             except (DatabaseUnavailable, ConfigFileError, OSError):
-                await asyncio.sleep(self.settings.search.db_retry_s)
+                await asyncio.sleep(self.db_settings.retry_s)
                 continue
             for warning in warnings:
                 log.warning(warning)
@@ -157,7 +159,7 @@ class SearchFeature:
         """For GET /status: whether search is served and why not (no URLs with credentials, no secrets)."""
         return {
             "enabled": True,
-            "hybrid": self.settings.search.hybrid,
+            "hybrid": self.db_settings.hybrid,
             "database_ready": self.database.ready,
             "database_error": self.database.last_error,
         }
@@ -173,7 +175,7 @@ class SearchFeature:
                 400: {"description": "Invalid SmartSearchDto field (Immich's error shape)"},
                 401: {"description": "No or invalid Immich credentials"},
                 403: {"description": "Shared link, or Immich refused the caller (e.g. an API key without asset.read)"},
-                413: {"description": "Request body over GATEWAY_SEARCH__MAX_BODY_BYTES"},
+                413: {"description": "Request body over DB_SEARCH_MAX_BODY_BYTES"},
                 502: {"description": "Immich is unreachable or failed"},
                 503: {"description": "'ocr:' search while the search database is unavailable"},
                 504: {"description": "Immich did not answer in time"},

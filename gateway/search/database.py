@@ -1,13 +1,11 @@
-"""Immich's PostgreSQL for the search front: a small async connection pool, start-up migration that never
-blocks the ML endpoints, the caller's partner scope, Immich's stored config, and the regenerate writes.
-
-The pool is our own (a few dozen lines) rather than ``psycopg_pool``: the gateway needs only "at most N
-connections, reuse idle ones for a while", and one dependency fewer in the image.
+"""Immich's PostgreSQL for the search front: the connection pool (``psycopg_pool``), start-up migration that
+never blocks the ML endpoints, and the database errors translated into :class:`DatabaseUnavailable`. The SQL
+itself lives in ``db/`` (``db.search``, ``db.immich_reader``, ``db.immich_writer``).
 
 Start-up: :meth:`SearchDatabase.start` launches a background task that runs ``db.migrate`` (when
-``GATEWAY_SEARCH__MIGRATE``) and loads the :class:`~db.search.SearchContext`, retrying every
-``GATEWAY_SEARCH__DB_RETRY_S`` while the database is down. Until it succeeds, :attr:`ready` is False and
-searches are not answered from the database; ``/predict`` never waits for any of this.
+``DB_SEARCH_MIGRATE``) and loads the :class:`~db.search.SearchContext`, retrying every ``DB_SEARCH_RETRY_S``
+while the database is down. Until it succeeds, :attr:`ready` is False and searches are not answered from the
+database; ``/predict`` never waits for any of this.
 """
 
 from __future__ import annotations
@@ -16,21 +14,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
+from db import immich_reader
+from db.connection import connect, connect_async
+from db.connection import first_line as _message
 from db.immich_writer import OcrLine, write_clip_embedding, write_ocr_result
-from db.migrate import connect, migrate
+from db.migrate import migrate
 from db.search import SearchContext
 from db.settings import DbSearchSettings
-from gateway.search.immich_config import SYSTEM_CONFIG_KEY
-from gateway.settings import SearchSettings
 
 log = logging.getLogger("gateway.search")
+
+T = TypeVar("T")
+
+# psycopg_pool re-checks idle connections every max_idle seconds; 0 would make that a busy loop.
+_MIN_IDLE_S = 1.0
 
 
 class DatabaseUnavailable(Exception):
@@ -40,101 +44,65 @@ class DatabaseUnavailable(Exception):
 def first_line(exc: BaseException) -> str:
     """A short, credential-free description of a database error for logs and replies (psycopg's messages name
     host and port, never the password)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {_message(exc)}" if str(exc).strip() else type(exc).__name__
 
 
-class ConnectionPool:
-    """At most ``max_size`` async connections (autocommit; each search runs its own transaction), idle ones
-    reused for ``max_idle_s``. A connection that is broken or left inside a transaction is closed, never reused."""
-
-    def __init__(self, conninfo: str, *, max_size: int, acquire_timeout_s: float, max_idle_s: float) -> None:
-        self._conninfo = conninfo
-        self._slots = asyncio.Semaphore(max_size)
-        self._idle: list[tuple[float, psycopg.AsyncConnection[Any]]] = []
-        self._acquire_timeout_s = acquire_timeout_s
-        self._max_idle_s = max_idle_s
-        self._closed = False
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def _take_idle(self) -> psycopg.AsyncConnection[Any] | None:
-        now = time.monotonic()
-        while self._idle:
-            since, conn = self._idle.pop()
-            if now - since <= self._max_idle_s and not conn.closed:
-                return conn
-            self._discard(conn)
-        return None
-
-    def _discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        # Closing is quick and local; do it in the background so the request never waits on it. The set keeps
-        # a reference until it is done (the event loop holds tasks only weakly).
-        task = asyncio.get_running_loop().create_task(conn.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closed_one)
-
-    def _closed_one(self, task: asyncio.Task[None]) -> None:
-        self._closing.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failed close of a discarded connection is not worth a warning
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self._closed:
-            raise DatabaseUnavailable("the gateway is shutting down")
-        try:
-            async with asyncio.timeout(self._acquire_timeout_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise DatabaseUnavailable(
-                f"no database connection free within {self._acquire_timeout_s:g}s (GATEWAY_SEARCH__DB_POOL_SIZE)"
-            ) from None
-        conn: psycopg.AsyncConnection[Any] | None = None
-        try:
-            conn = self._take_idle()
-            if conn is None:
-                try:
-                    conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-                except psycopg.Error as exc:
-                    raise DatabaseUnavailable(first_line(exc)) from None
-            yield conn
-        finally:
-            if conn is not None:
-                reusable = (
-                    not self._closed
-                    and not conn.closed
-                    and not conn.broken
-                    and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-                )
-                if reusable:
-                    self._idle.append((time.monotonic(), conn))
-                else:
-                    self._discard(conn)
-            self._slots.release()
-
-    async def close(self) -> None:
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for _, conn in idle:
-            with contextlib.suppress(Exception):
-                await conn.close()
+def _pool(db_settings: DbSearchSettings) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """At most ``pool_size`` autocommit connections (each search runs its own transaction), none opened
+    before they are needed, idle ones closed after ``pool_idle_s``. psycopg_pool drops a broken connection and
+    rolls back one returned inside a transaction."""
+    return AsyncConnectionPool(
+        db_settings.conninfo(),
+        kwargs={"autocommit": True},
+        min_size=0,
+        max_size=db_settings.pool_size,
+        timeout=db_settings.pool_acquire_timeout_s,
+        max_idle=max(db_settings.pool_idle_s, _MIN_IDLE_S),
+        open=False,
+        name="search",
+    )
 
 
 class SearchDatabase:
-    def __init__(self, db_settings: DbSearchSettings, settings: SearchSettings) -> None:
+    def __init__(self, db_settings: DbSearchSettings) -> None:
         self.db_settings = db_settings
-        self.settings = settings
-        self.pool = ConnectionPool(
-            db_settings.conninfo(),
-            max_size=settings.db_pool_size,
-            acquire_timeout_s=settings.db_acquire_timeout_s,
-            max_idle_s=settings.db_idle_s,
-        )
+        self.pool = _pool(db_settings)
+        self._closed = False
         self._context: SearchContext | None = None
         self._context_loaded = 0.0
         self._context_lock = asyncio.Lock()
         self._bootstrap: asyncio.Task[None] | None = None
         self.last_error: str | None = None
+
+    # ---- connections ---------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection. Raises DatabaseUnavailable when the gateway is closing, the database cannot be
+        reached or every connection stays busy for ``pool_acquire_timeout_s``. (The pool opens on first use: the
+        regenerate CLI never runs :meth:`start`.)"""
+        if self._closed:
+            raise DatabaseUnavailable("the gateway is shutting down")
+        if self.pool.closed:
+            await self.pool.open(wait=False)
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except PoolTimeout:
+            raise DatabaseUnavailable(
+                f"no database connection within {self.db_settings.pool_acquire_timeout_s:g}s "
+                "(database down, or every one of DB_SEARCH_POOL_SIZE busy)"
+            ) from None
+        except PoolClosed:
+            raise DatabaseUnavailable("the gateway is shutting down") from None
+
+    async def _read(self, query: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Run one of ``db.immich_reader``'s reads on a pooled connection; any database error is unavailability."""
+        try:
+            async with self.connection() as conn:
+                return await query(conn)
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(first_line(exc)) from None
 
     # ---- start-up ----------------------------------------------------------------------------------------
 
@@ -154,7 +122,9 @@ class SearchDatabase:
         while True:
             attempt += 1
             try:
-                context = await asyncio.to_thread(self._bootstrap_sync, migrate_schema)
+                if migrate_schema:
+                    await asyncio.to_thread(migrate, self.db_settings)
+                context = await self._load_context()
             except Exception as exc:
                 self.last_error = first_line(exc)
                 # Loud on the first failure, quieter on the retries: the ML endpoints are unaffected either way.
@@ -167,11 +137,11 @@ class SearchDatabase:
                             "database": where,
                             "error": self.last_error,
                             "attempt": attempt,
-                            "retry_in_s": self.settings.db_retry_s,
+                            "retry_in_s": self.db_settings.retry_s,
                         }
                     },
                 )
-                await asyncio.sleep(self.settings.db_retry_s)
+                await asyncio.sleep(self.db_settings.retry_s)
                 continue
             self._set_context(context)
             self.last_error = None
@@ -189,17 +159,18 @@ class SearchDatabase:
             )
             return
 
-    def _bootstrap_sync(self, migrate_schema: bool) -> SearchContext:
-        if migrate_schema:
-            migrate(self.db_settings)
-        with connect(self.db_settings) as conn:
-            return SearchContext.load(conn, self.db_settings)
+    async def _load_context(self) -> SearchContext:
+        # Its own connection, not the pool's: a failure then names its cause (refused, bad password, not
+        # migrated) instead of a pool timeout.
+        async with await connect_async(self.db_settings) as conn:
+            return await SearchContext.load(conn, self.db_settings)
 
     def _set_context(self, context: SearchContext) -> None:
         self._context = context
         self._context_loaded = time.monotonic()
 
     async def close(self) -> None:
+        self._closed = True
         if self._bootstrap is not None:
             self._bootstrap.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -214,80 +185,30 @@ class SearchDatabase:
         context = self._context
         if context is None:
             raise DatabaseUnavailable(self.last_error or "the search database is not ready yet")
-        if time.monotonic() - self._context_loaded <= self.settings.context_ttl_s:
+        if time.monotonic() - self._context_loaded <= self.db_settings.context_ttl_s:
             return context
         async with self._context_lock:
-            if time.monotonic() - self._context_loaded > self.settings.context_ttl_s:
+            if time.monotonic() - self._context_loaded > self.db_settings.context_ttl_s:
                 try:
-                    self._set_context(await asyncio.to_thread(self._load_context_sync))
+                    self._set_context(await self._load_context())
                 except Exception as exc:
                     # Keep serving with the previous context; a transient error must not stop search.
                     log.warning("search context reload failed", extra={"fields": {"error": first_line(exc)}})
                     self._context_loaded = time.monotonic()
         return self._context or context
 
-    def _load_context_sync(self) -> SearchContext:
-        with connect(self.db_settings) as conn:
-            return SearchContext.load(conn, self.db_settings)
-
     async def partners_in_timeline(self, user_id: UUID) -> list[UUID]:
-        """Users who share their library with ``user_id`` and whom ``user_id`` shows in the timeline (and
-        search), both not deleted: Immich's ``getUserIdsToSearch``."""
-        table = sql.Identifier(self.db_settings.immich_schema, "partner")
-        users = sql.Identifier(self.db_settings.immich_schema, "user")
-        query = sql.SQL(
-            'SELECT p."sharedById" FROM {partner} AS p '
-            'JOIN {users} AS sharer ON sharer.id = p."sharedById" AND sharer."deletedAt" IS NULL '
-            'JOIN {users} AS viewer ON viewer.id = p."sharedWithId" AND viewer."deletedAt" IS NULL '
-            'WHERE p."sharedWithId" = %s AND p."inTimeline" ORDER BY 1'
-        ).format(partner=table, users=users)
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(query, [user_id])
-                rows = await cur.fetchall()
-        except psycopg.Error as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
-        return [UUID(str(row[0])) for row in rows]
+        """Immich's ``getUserIdsToSearch`` partners of ``user_id`` (see :mod:`db.immich_reader`)."""
+        return await self._read(lambda conn: immich_reader.partners_in_timeline(conn, self.db_settings, user_id))
 
     async def api_key_owner(self, key_digest: bytes) -> tuple[UUID, bool] | None:
-        """(user id, isAdmin) of the API key whose stored SHA-256 is ``key_digest``, its user not deleted; None when
-        there is no such key (revoked). Only asked after Immich accepted the key, so this names the caller and
-        decides nothing: Immich checks keys and permissions."""
-        query = sql.SQL(
-            'SELECT u.id, u."isAdmin" FROM {keys} AS k '
-            'JOIN {users} AS u ON u.id = k."userId" AND u."deletedAt" IS NULL '
-            'WHERE k."key" = %s'
-        ).format(
-            keys=sql.Identifier(self.db_settings.immich_schema, "api_key"),
-            users=sql.Identifier(self.db_settings.immich_schema, "user"),
-        )
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(query, [key_digest])
-                row = await cur.fetchone()
-        except psycopg.Error as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
-        return None if row is None else (UUID(str(row[0])), bool(row[1]))
+        """(user id, isAdmin) of an API key by its stored SHA-256, None when revoked. Only asked after Immich
+        accepted the key, so this names the caller and decides nothing: Immich checks keys and permissions."""
+        return await self._read(lambda conn: immich_reader.api_key_owner(conn, self.db_settings, key_digest))
 
     async def stored_config(self) -> Any | None:
         """Immich's stored system config (only the values an admin changed), or None when there is none."""
-        table = f"{self.db_settings.immich_schema}.system_metadata"
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table])
-                exists = await cur.fetchone()
-                if not exists or not exists[0]:
-                    return None
-                cur = await conn.execute(
-                    sql.SQL("SELECT value FROM {} WHERE key = %s").format(
-                        sql.Identifier(self.db_settings.immich_schema, "system_metadata")
-                    ),
-                    [SYSTEM_CONFIG_KEY],
-                )
-                row = await cur.fetchone()
-        except psycopg.Error as exc:
-            raise DatabaseUnavailable(first_line(exc)) from None
-        return row[0] if row else None
+        return await self._read(lambda conn: immich_reader.stored_config(conn, self.db_settings))
 
     # ---- regenerate writes ---------------------------------------------------------------------------------
 

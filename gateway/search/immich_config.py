@@ -24,8 +24,6 @@ DEFAULT_OCR_MAX_RESOLUTION = 736
 DEFAULT_FACE_MODEL = "buffalo_l"
 DEFAULT_FACE_MAX_DISTANCE = 0.5
 
-SYSTEM_CONFIG_KEY = "system-config"
-
 
 @dataclass(frozen=True, slots=True)
 class ClipConfig:

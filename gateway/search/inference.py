@@ -40,8 +40,11 @@ class InferenceError(Exception):
 
 
 class Inference:
-    def __init__(self, settings: GatewaySettings, router: Router, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, settings: GatewaySettings, router: Router, dispatcher: Dispatcher, *, text_cache_size: int
+    ) -> None:
         self.settings = settings
+        self.text_cache_size = text_cache_size
         self.router = router
         self.dispatcher = dispatcher
         self._text_cache: OrderedDict[tuple[str, str, str | None], list[float]] = OrderedDict()
@@ -84,7 +87,7 @@ class Inference:
         options: dict[str, Any] = {"language": language} if language else {}
         result = await self._run(ModelTask.CLIP, {"textual": {"modelName": model_name, "options": options}}, None, text)
         vector = self._vector(result)
-        limit = self.settings.search.text_embedding_cache_size
+        limit = self.text_cache_size
         if limit > 0:
             self._text_cache[key] = vector
             while len(self._text_cache) > limit:

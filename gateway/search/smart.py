@@ -3,7 +3,7 @@
 What is answered here and what goes to Immich untouched:
 
 * ``query`` starting with ``ocr:`` (trimmed, any case, ASCII or full-width colon): OCR full-text search.
-* any other ``query``: hybrid CLIP + OCR ranking when ``GATEWAY_SEARCH__HYBRID`` (default), else Immich.
+* any other ``query``: hybrid CLIP + OCR ranking when ``DB_SEARCH_HYBRID`` (default), else Immich.
 * no ``query`` string, a ``queryAssetId`` ("view similar photos"), a body that is not JSON: Immich.
 * a hybrid query that uses a filter the search layer cannot apply (tagIds, ...), or arrives while the
   database is not ready: Immich (its own CLIP search applies everything). An ``ocr:`` query in that situation
@@ -29,7 +29,7 @@ import psycopg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from db.search import SearchPage, search_hybrid_async, search_ocr_async
+from db.search import SearchPage, search_hybrid, search_ocr
 from db.settings import DbSearchSettings
 from gateway.search.caller import Callers
 from gateway.search.config_source import ConfigFileError, ImmichConfigSource
@@ -129,9 +129,9 @@ class SmartSearchService:
                 "not at the proxy in front of it",
             )
         try:
-            body = await read_body(request, self.settings.search.max_body_bytes)
+            body = await read_body(request, self.db_settings.max_body_bytes)
         except _BodyTooLarge:
-            return immich_error(413, f"Search request body over {self.settings.search.max_body_bytes} bytes")
+            return immich_error(413, f"Search request body over {self.db_settings.max_body_bytes} bytes")
         try:
             data = load_json(body)
         except ValueError:
@@ -139,7 +139,7 @@ class SmartSearchService:
         if not isinstance(data, dict) or data.get("queryAssetId") is not None or not isinstance(data.get("query"), str):
             return await self._forward(request, body, "not a text query")
         ocr_text = split_ocr_prefix(data["query"])
-        if ocr_text is None and not self.settings.search.hybrid:
+        if ocr_text is None and not self.db_settings.hybrid:
             return await self._forward(request, body, "hybrid off")
         mode = "ocr" if ocr_text is not None else "hybrid"
         try:
@@ -159,7 +159,7 @@ class SmartSearchService:
                 data,
                 max_page=self.db_settings.max_page,
                 max_size=self.db_settings.max_page_size,
-                max_ids=self.settings.search.max_filter_ids,
+                max_ids=self.db_settings.max_filter_ids,
             )
         except DtoError as exc:
             return immich_error(400, str(exc), mode)
@@ -218,8 +218,8 @@ class SmartSearchService:
         mode = "ocr"
         page: SearchPage
         if ocr_text is not None:
-            async with self.database.pool.connection() as conn:
-                page = await search_ocr_async(
+            async with self.database.connection() as conn:
+                page = await search_ocr(
                     conn,
                     context=context,
                     user_ids=user_ids,
@@ -231,8 +231,8 @@ class SmartSearchService:
         else:
             embedding = await self._query_embedding(dto, context.embedding_dim)
             mode = "hybrid" if embedding is not None else "hybrid-ocr-only"
-            async with self.database.pool.connection() as conn:
-                page = await search_hybrid_async(
+            async with self.database.connection() as conn:
+                page = await search_hybrid(
                     conn,
                     context=context,
                     user_ids=user_ids,
@@ -243,7 +243,7 @@ class SmartSearchService:
                     size=dto.size,
                 )
         assets = await self.immich.assets(
-            credential, [hit.asset_id for hit in page.items], self.settings.search.hydrate_concurrency
+            credential, [hit.asset_id for hit in page.items], self.db_settings.hydrate_concurrency
         )
         items = [search_item(asset, dto.with_exif) for asset in assets if asset is not None]
         fields.update(
@@ -279,7 +279,7 @@ class SmartSearchService:
             return None
         try:
             vector = await self.inference.clip_text(
-                config.clip.model_name, dto.query[: self.settings.search.clip_query_max_chars], dto.language
+                config.clip.model_name, dto.query[: self.db_settings.clip_query_max_chars], dto.language
             )
         except InferenceError as exc:
             log.warning("CLIP text encoding failed; ranking by OCR only", extra={"fields": {"error": exc.message}})

@@ -89,7 +89,7 @@ class Library:
     def wake_workers(self, tasks: int = 1) -> None:
         """New steps were enqueued: wake the in-process workers, or start Celery drain tasks."""
         if self.uses_celery:
-            from library.worker import enqueue
+            from library.celery_app import enqueue  # only with a broker: Celery is an optional extra
 
             enqueue(tasks)
         elif self.workers is not None:

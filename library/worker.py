@@ -14,27 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery import Celery
 from celery.signals import worker_ready
 
+from library.celery_app import DRAIN_TASK, app
 from library.service import Library
 from library.settings import LibrarySettings
 
 log = logging.getLogger(__name__)
-
-_settings = LibrarySettings()
-app = Celery(
-    "library",
-    broker=_settings.broker_url.get_secret_value() if _settings.broker_url else "redis://127.0.0.1:6379/0",
-)
-app.conf.update(
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    task_ignore_result=True,
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-)
 
 _library: Library | None = None
 _lock = threading.Lock()
@@ -59,7 +45,7 @@ def _next_due_s(lib: Library) -> float | None:
     return None if row is None or row[0] is None else max(float(row[0]), 0.0)
 
 
-@app.task(name="library.drain")
+@app.task(name=DRAIN_TASK)
 def drain() -> int:
     """Run up to ``celery_drain_batch`` due steps; schedule the successor task. Returns steps run."""
     lib = library()
@@ -83,7 +69,4 @@ def _kick(**_: object) -> None:
     drain.delay()
 
 
-def enqueue(n: int = 1) -> None:
-    """Producer side (API, CLI): new steps exist; start ``n`` drain tasks."""
-    for _ in range(max(n, 1)):
-        drain.delay()
+__all__ = ["app", "drain"]

@@ -28,11 +28,10 @@ from ai_service.protocol.immich import (
     DependencyError,
     EntriesError,
     ModelTask,
-    check_dependencies,
     load_entries_json,
     query_text_problem,
-    validate_entries,
 )
+from ai_service.tasks import check_dependencies, input_problem, validate_entries
 from gateway.backends import Backend, ClientInputError, build_backends
 from gateway.health import Dispatcher, HealthMonitor, NoBackendAvailable
 from gateway.logs import REQUEST_ID, go_direct, request_id_from
@@ -260,6 +259,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 text = None  # as Immich's service: the image wins over text
             elif text is not None and (problem := query_text_problem(text)) is not None:
                 raise ClientInputError(400, orjson.dumps({"detail": problem}))  # a stock backend would embed it
+            if (problem := input_problem(parsed, data is not None)) is not None:  # checked once, for every backend
+                raise ClientInputError(400, orjson.dumps({"detail": problem}))
             routed = [
                 router.route_task(task, types, raw.get(task.value) or {}) for task, types in parsed.items() if types
             ]

@@ -307,7 +307,7 @@ class Dispatcher:
         result: dict[str, Any] = {}
         try:
             raw = await self._predict(backend, routed, image, text, timeout_s, request_id, fallbacks)
-            result = validate_response(routed, raw, image=image is not None)
+            result = raw if backend.checked_replies else validate_response(routed, raw, image=image is not None)
         except ClientInputError:
             # The backend is fine; the input is not. Its verdict goes to Immich as is.
             breaker.success(permit)

@@ -11,10 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from ai_service.protocol.immich import ModelTask, parse_entries
-from gateway.backends.base import BackendFailure
+from ai_service.protocol.immich import ModelTask
+from ai_service.tasks import InvalidReply, parse_entries
+from ai_service.tasks.clip import unit_vector
+from ai_service.tasks.faces import mtphotos_to_immich as faces_to_immich
+from ai_service.tasks.ocr import mtphotos_to_immich as ocr_to_immich
+from ai_service.tasks.ocr import sort_lines
 from gateway.backends.http import base_url, encode_formdata, endpoint_url, redact_url
-from gateway.backends.mtphotos import faces_to_immich, ocr_to_immich, sort_lines, unit_vector
 from gateway.health import BreakerState, CircuitBreaker
 from gateway.logs import request_id_from
 from gateway.routing import ConfigError, MappingError, Router
@@ -322,9 +325,9 @@ def test_mt_ocr_conversion() -> None:
     assert out["text"] == ["first", "second"]
     assert out["box"][:8] == pytest.approx([0.1, 0.1, 0.5, 0.1, 0.5, 0.3, 0.1, 0.3])
     assert out["boxScore"] == out["textScore"] == [0.99, 0.91]
-    with pytest.raises(BackendFailure, match="differ in length"):
+    with pytest.raises(InvalidReply, match="differ in length"):
         ocr_to_immich({"result": {"texts": ["a"], "scores": [], "boxes": []}}, 10, 10, 0.5)
-    with pytest.raises(BackendFailure, match="not a number"):
+    with pytest.raises(InvalidReply, match="not a number"):
         bad = {
             "result": {"texts": ["a"], "scores": ["high"], "boxes": [{"x": "0", "y": "0", "width": "1", "height": "1"}]}
         }
@@ -350,7 +353,7 @@ def test_mt_faces_and_vectors() -> None:
     v = unit_vector(["3", "4"], "v")
     assert v.tolist() == pytest.approx([0.6, 0.8])
     for bad in ([], ["0", "0"], ["inf", "1"]):
-        with pytest.raises(BackendFailure):
+        with pytest.raises(InvalidReply):
             unit_vector(bad, "v")
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import orjson
 
-from ai_service.protocol.immich import EntriesError, ModelTask, validate_entries
+from ai_service.protocol.immich import EntriesError, ModelTask
+from ai_service.tasks import validate_entries
 from db.immich_writer import OcrLine
 from gateway.backends.base import ClientInputError
 from gateway.backends.http import snippet

@@ -73,7 +73,8 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
             ClipFamily(store, options, settings),
             FaceFamily(store, options, settings),
             OcrFamily(store, options, settings),
-        ]
+        ],
+        store,
     )
 
 

@@ -301,7 +301,7 @@ class Dispatcher:
             attempts.append({"backend": backend.name, "skipped": "request deadline reached"})
             self.metrics.skipped.labels(backend.name, task, "deadline").inc()
             return None
-        timeout_s = min(self.settings.timeouts.for_task(routed.task), remaining)
+        timeout_s = min(self.settings.timeout(routed.task), remaining)
         started = time.perf_counter()
         failure: tuple[str, str] | None = None
         result: dict[str, Any] = {}

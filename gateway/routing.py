@@ -86,7 +86,7 @@ class Router:
         return self.clip_dims.get(normalise_name(target))
 
     def resolve(self, task: ModelTask, requested: str) -> ResolvedModel:
-        mapping = self.settings.model_map.for_task(task)
+        mapping = self.settings.model_map_for(task)
         rule: str | None = None
         if requested in mapping:
             rule = requested
@@ -138,7 +138,7 @@ class Router:
 
     def check_startup(self) -> None:
         problems: list[str] = []
-        for immich_name, target in self.settings.model_map.clip.items():
+        for immich_name, target in self.settings.model_map_for(ModelTask.CLIP).items():
             if immich_name.endswith("/"):
                 if self.backend_dimension(target) is None:
                     problems.append(
@@ -177,7 +177,7 @@ class Router:
         """Configurations that start but are probably not what the admin meant (logged, not fatal)."""
         warnings: list[str] = []
         for task in ModelTask:
-            mapping = self.settings.model_map.for_task(task)
+            mapping = self.settings.model_map_for(task)
             targets = {normalise_name(t) for t in mapping.values()}
             for name in self.backends_for(task):
                 backend = self.settings.backends[name]
@@ -233,7 +233,7 @@ class Router:
         """The effective routing, for the start-up log and ``GET /status`` (no secrets in here)."""
         out: dict[str, Any] = {}
         for task in ModelTask:
-            mapping = self.settings.model_map.for_task(task)
+            mapping = self.settings.model_map_for(task)
             entry: dict[str, Any] = {"backends": self.backends_for(task), "model_map": dict(mapping)}
             if task is ModelTask.CLIP:
                 entry["dimensions"] = {

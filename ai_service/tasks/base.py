@@ -45,6 +45,7 @@ class Task:
     text_type: ClassVar[ModelType | None] = None  # the one type that takes text instead of an image
     timeout_s: ClassVar[float]  # the gateway's default per-attempt timeout (GATEWAY_TIMEOUTS__<TASK>)
     embedding_dimension: ClassVar[int | None] = None  # fixed size of the reply's embeddings, if any
+    default_model_map: ClassVar[Mapping[str, str]] = {}  # GATEWAY_MODEL_MAP__<TASK> when unset
 
     @property
     def setting_key(self) -> str:

@@ -6,7 +6,8 @@ dimension of a reply comes from the gateway's routing (``expected_dim``), not fr
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -37,6 +38,8 @@ class Clip(Task):
     types = frozenset({ModelType.VISUAL, ModelType.TEXTUAL})
     text_type = ModelType.TEXTUAL
     timeout_s = 30.0
+    # Immich's admin UI accepts 'cn-clip/<512-d Immich name>': answered by the Chinese CLIP ViT-B-16.
+    default_model_map: ClassVar[Mapping[str, str]] = {"cn-clip/": "ViT-B-16__cn-clip"}
 
     def min_side(self, models: Models) -> int | None:
         visual = models.get(ModelType.VISUAL)

@@ -342,7 +342,7 @@ class AIServiceSettings(BaseSettings):
         description=(
             "Repositories on AI_SERVICE_HF_ENDPOINT holding a transformers.js-style ONNX export of a Chinese-CLIP "
             "model (onnx/model*.onnx + tokenizer + configs), which 'models pull' converts to the service's layout "
-            'without torch; JSON, e.g. \'{"ViT-B-16__cn-clip":"me/my-export"}\'. Entries given are merged over '
+            "without torch; JSON, e.g. '{\"ViT-B-16__cn-clip\":\"me/my-export\"}'. Entries given are merged over "
             "the defaults (the three Xenova/chinese-clip-vit-* repos); an empty repo makes that name pull "
             "AI_SERVICE_MODEL_REPO_OWNER/<name> as an Immich-layout model instead."
         ),

@@ -24,7 +24,9 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if parts.username is not None or parts.password is not None:
         netloc = "***@" + (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    query = "&".join(f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair for pair in parts.query.split("&") if pair)
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair for pair in parts.query.split("&") if pair
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

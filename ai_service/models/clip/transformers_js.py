@@ -309,7 +309,9 @@ def _image_tower_io(model: Any, image_size: int) -> None:
     del graph.node[:]
     graph.node.extend([cast, *body])
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, image_size, image_size]))
+    graph.input.append(
+        helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, image_size, image_size])
+    )
     _float32_output(graph, IMAGE_OUTPUT)
 
 

@@ -13,7 +13,6 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -22,11 +21,8 @@ from ai_service.imaging import DecodedImage, ImageError, ImageTooLargeError, dec
 from ai_service.models.base import (
     ClipTextualModel,
     ClipVisualModel,
-    FaceDetectorModel,
-    FaceRecognizerModel,
     ModelError,
     ModelNotInstalledError,
-    OcrModel,
     TextLines,
 )
 from ai_service.models.cache import ModelCache
@@ -35,22 +31,21 @@ from ai_service.models.install import pull_model
 from ai_service.models.registry import ModelRef, ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import (
-    DEFAULT_FACE_MIN_SCORE,
-    DEFAULT_OCR_DET_MIN_SCORE,
-    DEFAULT_OCR_MAX_RESOLUTION,
-    DEFAULT_OCR_REC_MIN_SCORE,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
     ModelTask,
     ModelType,
     PipelineEntry,
-    check_dependencies,
-    embedding_to_str,
     query_text_problem,
 )
 from ai_service.runtime.heap import call_then_release, note_decoded
 from ai_service.runtime.onnx import choose_providers
 from ai_service.settings import AIServiceSettings
+from ai_service.tasks import PredictResponse, check_dependencies, input_problem, task_for
+from ai_service.tasks.faces import FaceResult, detect_faces
+from ai_service.tasks.ocr import DEFAULT_DET_MIN_SCORE, DEFAULT_MAX_RESOLUTION, DEFAULT_REC_MIN_SCORE, read_text
+
+__all__ = ["FaceResult", "InferenceService", "RequestError"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,13 +58,6 @@ class RequestError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-@dataclass(frozen=True, slots=True)
-class FaceResult:
-    boxes: np.ndarray  # N x 4 pixels of the full-size image
-    scores: np.ndarray
-    embeddings: np.ndarray | None  # N x 512, or None for detection only
 
 
 def build_registry(settings: AIServiceSettings) -> ModelRegistry:
@@ -85,7 +73,8 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
             ClipFamily(store, options, settings),
             FaceFamily(store, options, settings),
             OcrFamily(store, options, settings),
-        ]
+        ],
+        store,
     )
 
 
@@ -257,22 +246,39 @@ class InferenceService:
         image: bytes | None,
         text: str | None,
         refs: dict[tuple[ModelTask, ModelType], ModelRef] | None = None,
-    ) -> dict[str, Any]:
-        """Immich's /predict; ``refs`` from :meth:`prepare` when the caller resolved the models already."""
+    ) -> PredictResponse:
+        """Immich's /predict; ``refs`` from :meth:`prepare` when the caller resolved the models already.
+
+        Checks the request (dependency rule, image or text, the query text) and runs it (:meth:`run`)."""
         check_dependencies(entries)
         if image is None and text is None:
             raise RequestError(400, "Either image or text must be provided")
+        problem = input_problem(entries, image is not None)
+        if problem is not None:
+            raise RequestError(400, problem)
+        if image is None:
+            assert text is not None
+            problem = query_text_problem(text)
+            if problem is not None:
+                raise RequestError(400, problem)
+        return await self.run(entries, image, text, refs)
+
+    async def run(
+        self,
+        entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
+        image: bytes | None,
+        text: str | None,
+        refs: dict[tuple[ModelTask, ModelType], ModelRef] | None = None,
+    ) -> PredictResponse:
+        """A request already checked as :meth:`predict` does (the gateway checks before its local backend):
+        only the service's own limits (image and text size) are applied here."""
         if refs is None:
             refs = await self.prepare(entries)
         if image is not None:
-            if any(t == ModelType.TEXTUAL for (_, t) in refs):
-                raise RequestError(400, "clip/textual needs a 'text' field, not an image")
             return await self.run_blocking(self._predict_image, entries, refs, image)
         assert text is not None
-        if any(t != ModelType.TEXTUAL for (_, t) in refs):
-            needs = sorted(f"{task}/{t}" for (task, t) in refs if t != ModelType.TEXTUAL)
-            raise RequestError(400, f"{', '.join(needs)} needs an 'image' file")
-        self.check_text(text)
+        if len(text) > self.settings.max_text_chars:
+            raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
         return await self.run_blocking(self._predict_text, entries, refs, text)
 
     def check_text(self, text: str) -> None:
@@ -282,44 +288,40 @@ class InferenceService:
         if len(text) > self.settings.max_text_chars:
             raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
 
+    def _models(self, task: ModelTask, refs: dict[tuple[ModelTask, ModelType], ModelRef]) -> dict[ModelType, object]:
+        return {type_: self.cache.get(ref) for (t, type_), ref in refs.items() if t == task}
+
     def _predict_text(
         self,
         entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
         refs: dict[tuple[ModelTask, ModelType], ModelRef],
         text: str,
-    ) -> dict[str, Any]:
-        entry = entries[ModelTask.CLIP][ModelType.TEXTUAL]
-        vector = self.encode_text(refs[(ModelTask.CLIP, ModelType.TEXTUAL)], text, entry.options.language)
-        return {ModelTask.CLIP.value: embedding_to_str(vector)}
+    ) -> PredictResponse:
+        response: dict[str, Any] = {
+            task.value: task_for(task).run_text(self._models(task, refs), types, text)
+            for task, types in entries.items()
+        }
+        return response  # type: ignore[return-value]
 
     def _predict_image(
         self,
         entries: dict[ModelTask, dict[ModelType, PipelineEntry]],
         refs: dict[tuple[ModelTask, ModelType], ModelRef],
         data: bytes,
-    ) -> dict[str, Any]:
-        models = {key: self.cache.get(ref) for key, ref in refs.items()}
+    ) -> PredictResponse:
+        models = {task: self._models(task, refs) for task in entries}
+        # One task alone may let the decoder downscale in JPEG draft mode (CLIP needs only its input size).
         min_side = None
-        if set(refs) == {(ModelTask.CLIP, ModelType.VISUAL)}:
-            visual = models[(ModelTask.CLIP, ModelType.VISUAL)]
-            assert isinstance(visual, ClipVisualModel)
-            min_side = visual.input_size
+        if len(entries) == 1:
+            [only] = entries
+            min_side = task_for(only).min_side(models[only])
         decoded = self.decode(data, min_side=min_side)
-        response: dict[str, Any] = {}
-        for task, types in entries.items():
-            if task == ModelTask.CLIP:
-                visual = models[(task, ModelType.VISUAL)]
-                assert isinstance(visual, ClipVisualModel)
-                response[task.value] = embedding_to_str(visual.encode_image(decoded.rgb))
-            elif task == ModelTask.FACIAL_RECOGNITION:
-                faces = self._faces(models, types, decoded)
-                response[task.value] = faces_to_immich(faces)
-            elif task == ModelTask.OCR:
-                lines = self._ocr(models, types, decoded)
-                response[task.value] = ocr_to_immich(lines, decoded.width, decoded.height)
+        response: dict[str, Any] = {
+            task.value: task_for(task).run_image(models[task], types, decoded) for task, types in entries.items()
+        }
         response[IMAGE_HEIGHT] = decoded.height
         response[IMAGE_WIDTH] = decoded.width
-        return response
+        return response  # type: ignore[return-value]
 
     # ---- building blocks (also used by the MT Photos API) ----------------------------------------
 
@@ -344,20 +346,6 @@ class InferenceService:
         decoded = self.decode(data, min_side=model.input_size)
         return model.encode_image(decoded.rgb), decoded
 
-    def _faces(
-        self,
-        models: dict[tuple[ModelTask, ModelType], object],
-        types: dict[ModelType, PipelineEntry],
-        decoded: DecodedImage,
-    ) -> FaceResult:
-        min_score = types[ModelType.DETECTION].options.min_score
-        return detect_faces(
-            models[(ModelTask.FACIAL_RECOGNITION, ModelType.DETECTION)],
-            models[(ModelTask.FACIAL_RECOGNITION, ModelType.RECOGNITION)] if ModelType.RECOGNITION in types else None,
-            decoded.rgb,
-            DEFAULT_FACE_MIN_SCORE if min_score is None else min_score,
-        )
-
     def faces(
         self, detector: ModelRef, recognizer: ModelRef, data: bytes, min_score: float
     ) -> tuple[FaceResult, DecodedImage]:
@@ -365,86 +353,8 @@ class InferenceService:
         decoded = self.decode(data)
         return detect_faces(det, rec, decoded.rgb, min_score), decoded
 
-    def _ocr(
-        self,
-        models: dict[tuple[ModelTask, ModelType], object],
-        types: dict[ModelType, PipelineEntry],
-        decoded: DecodedImage,
-    ) -> TextLines:
-        det_options = types[ModelType.DETECTION].options
-        rec_min: float | None = None
-        if ModelType.RECOGNITION in types:
-            rec_min = types[ModelType.RECOGNITION].options.min_score
-            rec_min = DEFAULT_OCR_REC_MIN_SCORE if rec_min is None else rec_min
-        return read_text(
-            models[(ModelTask.OCR, ModelType.DETECTION)],
-            decoded.rgb,
-            DEFAULT_OCR_DET_MIN_SCORE if det_options.min_score is None else det_options.min_score,
-            det_options.max_resolution or DEFAULT_OCR_MAX_RESOLUTION,
-            rec_min,
-        )
-
     def ocr(self, ref: ModelRef, data: bytes) -> tuple[TextLines, DecodedImage]:
         engine = self.cache.get(ref)
         decoded = self.decode(data)
-        lines = read_text(
-            engine, decoded.rgb, DEFAULT_OCR_DET_MIN_SCORE, DEFAULT_OCR_MAX_RESOLUTION, DEFAULT_OCR_REC_MIN_SCORE
-        )
+        lines = read_text(engine, decoded.rgb, DEFAULT_DET_MIN_SCORE, DEFAULT_MAX_RESOLUTION, DEFAULT_REC_MIN_SCORE)
         return lines, decoded
-
-
-def detect_faces(detector: object, recognizer: object | None, rgb: np.ndarray, min_score: float) -> FaceResult:
-    """Detect faces, then embed them unless ``recognizer`` is None (detection-only requests)."""
-    assert isinstance(detector, FaceDetectorModel)
-    detections = detector.detect(rgb, min_score)
-    embeddings = None
-    if recognizer is not None:
-        assert isinstance(recognizer, FaceRecognizerModel)
-        embeddings = (
-            recognizer.embed(rgb, detections)
-            if len(detections)
-            else np.zeros((0, recognizer.embedding_size), np.float32)
-        )
-    return FaceResult(boxes=detections.boxes, scores=detections.scores, embeddings=embeddings)
-
-
-def read_text(
-    engine: object, rgb: np.ndarray, det_min_score: float, max_resolution: int, rec_min_score: float | None
-) -> TextLines:
-    """Detect text lines, then recognise them unless ``rec_min_score`` is None (detection-only requests)."""
-    assert isinstance(engine, OcrModel)
-    detections = engine.detect(rgb, det_min_score, max_resolution)
-    if rec_min_score is None:
-        return TextLines(quads=detections.quads, box_scores=detections.scores)
-    return engine.recognize(rgb, detections, rec_min_score)
-
-
-# ---- Immich response shapes ----------------------------------------------------------------------
-
-
-def faces_to_immich(faces: FaceResult) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    # Immich writes boxes into integer columns: send integer-valued numbers, as its ML service does.
-    boxes = np.round(faces.boxes).astype(np.float64)
-    for i in range(len(boxes)):
-        x1, y1, x2, y2 = (float(v) for v in boxes[i])
-        face: dict[str, Any] = {
-            "boundingBox": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
-            "score": float(faces.scores[i]),
-        }
-        if faces.embeddings is not None:
-            face["embedding"] = embedding_to_str(faces.embeddings[i])
-        out.append(face)
-    return out
-
-
-def ocr_to_immich(lines: TextLines, width: int, height: int) -> dict[str, Any]:
-    quads = np.asarray(lines.quads, dtype=np.float64).reshape(-1, 4, 2)
-    scale = np.array([width, height], dtype=np.float64)
-    normalised = np.clip(quads / scale, 0.0, 1.0).reshape(-1)
-    return {
-        "text": list(lines.texts),
-        "box": [float(v) for v in normalised],
-        "boxScore": [float(s) for s in lines.box_scores],
-        "textScore": [float(s) for s in lines.text_scores],
-    }

@@ -27,11 +27,10 @@ from ai_service.api.limits import RequestBodyMiddleware
 from ai_service.protocol.immich import (
     DependencyError,
     EntriesError,
-    check_dependencies,
     load_entries_json,
     query_text_problem,
-    validate_entries,
 )
+from ai_service.tasks import check_dependencies, input_problem, validate_entries
 from gateway.backends import ClientInputError
 from gateway.dispatch import NoBackendAvailable
 from gateway.logs import REQUEST_ID, go_direct, request_id_from
@@ -226,6 +225,8 @@ async def predict(
         label = "+".join(task.value for task, types in parsed.items() if types)
         fields["task"] = label
         data, text = await _image_or_text(image, text)
+        if (problem := input_problem(parsed, data is not None)) is not None:  # checked once, for every backend
+            raise ClientInputError(400, orjson.dumps({"detail": problem}))
         routed = [
             gateway.router.route_task(task, types, raw.get(task.value) or {}) for task, types in parsed.items() if types
         ]

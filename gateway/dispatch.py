@@ -223,13 +223,13 @@ class Dispatcher:
             attempts.append({"backend": backend.name, "skipped": "request deadline reached"})
             self.metrics.skipped.labels(backend.name, task, "deadline").inc()
             return None
-        timeout_s = min(self.settings.timeouts.for_task(routed.task), remaining)
+        timeout_s = min(self.settings.timeout(routed.task), remaining)
         started = time.perf_counter()
         failure: tuple[str, str] | None = None
         result: dict[str, Any] = {}
         try:
             raw = await self._predict(backend, routed, image, text, timeout_s, request_id, fallbacks)
-            result = validate_response(routed, raw, image=image is not None)
+            result = raw if backend.checked_replies else validate_response(routed, raw, image=image is not None)
         except ClientInputError:
             # The backend is fine; the input is not. Its verdict goes to Immich as is.
             breaker.success(permit)

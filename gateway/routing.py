@@ -20,6 +20,7 @@ from typing import Any
 from ai_service.protocol.immich import ModelTask, ModelType, PipelineEntry
 from ai_service.protocol.immich_clip_models import IMMICH_CLIP_DIMENSIONS, immich_clip_dimension
 from ai_service.protocol.immich_face_models import max_distance_range
+from ai_service.tasks import task_for
 from gateway.settings import GatewaySettings
 
 # Chinese-CLIP exports (OFA-Sys/Chinese-CLIP), as the AI service names them: embedding sizes.
@@ -30,8 +31,6 @@ CN_CLIP_DIMENSIONS: dict[str, int] = {
     "ViT-H-14__cn-clip": 1024,
     "RN50__cn-clip": 1024,
 }
-
-FACE_EMBEDDING_DIMENSION = 512  # Immich's face_search.embedding is a fixed vector(512)
 
 
 class ConfigError(ValueError):
@@ -52,7 +51,7 @@ class ResolvedModel:
     requested: str  # what Immich sent
     target: str  # what the backends are asked for
     rule: str | None  # the map key that matched, None for pass-through
-    expected_dim: int | None  # CLIP: the dimension the reply must have (None: unknown, only non-empty)
+    expected_dim: int | None  # embedding size the reply must have (None: unknown, only non-empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +86,7 @@ class Router:
         return self.clip_dims.get(normalise_name(target))
 
     def resolve(self, task: ModelTask, requested: str) -> ResolvedModel:
-        mapping = self.settings.model_map.for_task(task)
+        mapping = self.settings.model_map_for(task)
         rule: str | None = None
         if requested in mapping:
             rule = requested
@@ -108,8 +107,8 @@ class Router:
                     f"'{rule}' (e.g. '{rule}{self._example_name(backend_dim)}') or change GATEWAY_MODEL_MAP__CLIP."
                 )
             expected = immich_dim if immich_dim is not None else backend_dim
-        elif task is ModelTask.FACIAL_RECOGNITION:
-            expected = FACE_EMBEDDING_DIMENSION
+        else:
+            expected = task_for(task).embedding_dimension  # fixed by Immich's schema (faces: vector(512))
         return ResolvedModel(requested=requested, target=target, rule=rule, expected_dim=expected)
 
     def route_task(self, task: ModelTask, types: dict[ModelType, PipelineEntry], raw: dict[str, Any]) -> RoutedTask:
@@ -139,7 +138,7 @@ class Router:
 
     def check_startup(self) -> None:
         problems: list[str] = []
-        for immich_name, target in self.settings.model_map.clip.items():
+        for immich_name, target in self.settings.model_map_for(ModelTask.CLIP).items():
             if immich_name.endswith("/"):
                 if self.backend_dimension(target) is None:
                     problems.append(
@@ -178,7 +177,7 @@ class Router:
         """Configurations that start but are probably not what the admin meant (logged, not fatal)."""
         warnings: list[str] = []
         for task in ModelTask:
-            mapping = self.settings.model_map.for_task(task)
+            mapping = self.settings.model_map_for(task)
             targets = {normalise_name(t) for t in mapping.values()}
             for name in self.backends_for(task):
                 backend = self.settings.backends[name]
@@ -234,7 +233,7 @@ class Router:
         """The effective routing, for the start-up log and ``GET /status`` (no secrets in here)."""
         out: dict[str, Any] = {}
         for task in ModelTask:
-            mapping = self.settings.model_map.for_task(task)
+            mapping = self.settings.model_map_for(task)
             entry: dict[str, Any] = {"backends": self.backends_for(task), "model_map": dict(mapping)}
             if task is ModelTask.CLIP:
                 entry["dimensions"] = {

@@ -18,15 +18,20 @@ Search itself (ranking, limits, the front's pool and start-up) is configured in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ai_service.protocol.immich import ModelTask
 from ai_service.runtime.http_limits import HttpLimits
+from ai_service.tasks import TASKS, Task, task_for
+
+T = TypeVar("T")
 
 
 class BackendKind(StrEnum):
@@ -97,66 +102,20 @@ class BackendSettings(BaseModel):
         return (self.models or {}).get(task)
 
 
-class RouteSettings(BaseModel):
-    """Ordered backend names per task; the first healthy one answers, the next ones are failover."""
-
-    clip: list[str] | None = Field(None, description="Backends for CLIP, in order. Unset: all backends, config order.")
-    facial_recognition: list[str] | None = Field(
-        None, description="Backends for faces, in order. Unset: all backends, config order."
-    )
-    ocr: list[str] | None = Field(None, description="Backends for OCR, in order. Unset: all backends, config order.")
-
-    def for_task(self, task: ModelTask) -> list[str] | None:
-        return {
-            ModelTask.CLIP: self.clip,
-            ModelTask.FACIAL_RECOGNITION: self.facial_recognition,
-            ModelTask.OCR: self.ocr,
-        }[task]
-
-
-class ModelMapSettings(BaseModel):
-    """Immich model name -> backend model name, per task.
-
-    Keys are exact names, or prefixes ending in '/' that Immich's admin UI accepts as routes
-    (e.g. 'cn-clip/ViT-B-16__openai': Immich sizes its vector column from the part after '/').
-    Exact keys win over prefixes; the longest prefix wins. Unmapped names pass through unchanged.
-    """
-
-    clip: dict[str, str] = Field(
-        default_factory=lambda: {"cn-clip/": "ViT-B-16__cn-clip"},
-        description="CLIP name map. Default sends any 'cn-clip/<512-d Immich name>' to ViT-B-16__cn-clip.",
-    )
-    facial_recognition: dict[str, str] = Field(
-        default_factory=dict,
-        description=(
-            "Face model map (default: none, so buffalo_l is answered by buffalo_l). Answering Immich's names "
-            'with another model, e.g. \'{"buffalo_l": "dlib"}\', is the admin\'s choice: its vectors differ, '
-            "so the library's faces must be detected again."
-        ),
-    )
-    ocr: dict[str, str] = Field(default_factory=dict, description="OCR model map (default: none).")
-
-    def for_task(self, task: ModelTask) -> dict[str, str]:
-        return {
-            ModelTask.CLIP: self.clip,
-            ModelTask.FACIAL_RECOGNITION: self.facial_recognition,
-            ModelTask.OCR: self.ocr,
-        }[task]
-
-
-class TimeoutSettings(BaseModel):
-    """Seconds one backend may take for one request, per task (Immich itself gives up after ~300 s)."""
-
-    clip: float = Field(30.0, gt=0, le=290, description="CLIP request timeout per backend attempt, seconds.")
-    facial_recognition: float = Field(60.0, gt=0, le=290, description="Face request timeout per attempt, seconds.")
-    ocr: float = Field(60.0, gt=0, le=290, description="OCR request timeout per backend attempt, seconds.")
-
-    def for_task(self, task: ModelTask) -> float:
-        return {
-            ModelTask.CLIP: self.clip,
-            ModelTask.FACIAL_RECOGNITION: self.facial_recognition,
-            ModelTask.OCR: self.ocr,
-        }[task]
+def _per_task(value: dict[str, T], what: str, default: Callable[[Task], T | None]) -> dict[str, T]:
+    """A per-task setting keyed by the task table's setting keys (``clip``, ``facial_recognition``, ``ocr``),
+    with each missing task's default from its module. A key that names no task is an error, never ignored."""
+    tasks = {task.setting_key: task for task in TASKS.values()}
+    given = {key.replace("-", "_"): item for key, item in value.items()}
+    unknown = sorted(set(given) - set(tasks))
+    if unknown:
+        raise ValueError(f"{what}: no task {', '.join(unknown)}; expected {', '.join(tasks)}")
+    out: dict[str, T] = {}
+    for key, task in tasks.items():
+        item = given[key] if key in given else default(task)
+        if item is not None:
+            out[key] = item
+    return out
 
 
 class BreakerSettings(BaseModel):
@@ -285,9 +244,24 @@ class GatewaySettings(BaseSettings):
             '"local":{"kind":"local"}}\'. Default: the in-process models only.'
         ),
     )
-    routes: RouteSettings = Field(default_factory=RouteSettings, description="Ordered backends per task.")
-    model_map: ModelMapSettings = Field(
-        default_factory=ModelMapSettings, description="Immich model name -> backend model name, per task."
+    routes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description=(
+            'Ordered backend names per task (GATEWAY_ROUTES__CLIP=\'["gpu","local"]\'); the first healthy one '
+            "answers, the next ones are failover. Unset: all backends, config order."
+        ),
+    )
+    model_map: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description=(
+            "Immich model name -> backend model name, per task (GATEWAY_MODEL_MAP__CLIP='{...}'). Keys are exact "
+            "names, or prefixes ending in '/' that Immich's admin UI accepts as routes (e.g. "
+            "'cn-clip/ViT-B-16__openai': Immich sizes its vector column from the part after '/'); exact keys win, "
+            "then the longest prefix; unmapped names pass through. Defaults: clip "
+            '\'{"cn-clip/":"ViT-B-16__cn-clip"}\', faces and ocr none (buffalo_l is answered by buffalo_l; '
+            "answering it with another model, e.g. dlib, is the admin's choice: the library's faces must be "
+            "detected again)."
+        ),
     )
     clip_dimensions: dict[str, int] = Field(
         default_factory=dict,
@@ -296,7 +270,13 @@ class GatewaySettings(BaseSettings):
             "Checked at start-up against the dimension Immich derives for each mapped name."
         ),
     )
-    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings, description="Per-task timeouts.")
+    timeouts: dict[str, Annotated[float, Field(gt=0, le=290)]] = Field(
+        default_factory=dict,
+        description=(
+            "Seconds one backend may take for one request, per task (GATEWAY_TIMEOUTS__OCR=45), at most 290 "
+            "(Immich gives up after ~300 s). Defaults: clip 30, facial_recognition 60, ocr 60."
+        ),
+    )
     request_deadline_s: float = Field(
         240.0,
         gt=0,
@@ -342,10 +322,25 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"backend name {name!r}: use 1-64 letters, digits, '-' or '_'")
         return value
 
+    @field_validator("routes")
+    @classmethod
+    def _default_routes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return _per_task(value, "routes", lambda task: None)
+
+    @field_validator("model_map")
+    @classmethod
+    def _default_model_map(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        return _per_task(value, "model_map", lambda task: dict(task.default_model_map))
+
+    @field_validator("timeouts")
+    @classmethod
+    def _default_timeouts(cls, value: dict[str, float]) -> dict[str, float]:
+        return _per_task(value, "timeouts", lambda task: task.timeout_s)
+
     @model_validator(mode="after")
     def _check_routes(self) -> GatewaySettings:
         for task in ModelTask:
-            route = self.routes.for_task(task)
+            route = self.routes.get(task_for(task).setting_key)
             if route is None:
                 continue
             if not route:
@@ -358,7 +353,13 @@ class GatewaySettings(BaseSettings):
         return self
 
     def route(self, task: ModelTask) -> list[str]:
-        return self.routes.for_task(task) or list(self.backends)
+        return self.routes.get(task_for(task).setting_key) or list(self.backends)
+
+    def model_map_for(self, task: ModelTask) -> dict[str, str]:
+        return self.model_map.get(task_for(task).setting_key, {})
+
+    def timeout(self, task: ModelTask) -> float:
+        return self.timeouts[task_for(task).setting_key]
 
 
 @lru_cache

@@ -38,10 +38,11 @@ from ai_service.models.clip import ClipTextualEncoder, ClipVisualEncoder
 from ai_service.models.clip.common import read_json
 from ai_service.models.faces import ArcFaceRecognizer
 from ai_service.models.faces.arcface import ARCFACE_TEMPLATE
-from ai_service.protocol.immich import ModelTask, ModelType, parse_entries
+from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.runtime.batching import BatchOptions, MicroBatcher, make_batcher
 from ai_service.runtime.onnx import SessionOptions, create_session, fp16_path
 from ai_service.settings import AIServiceSettings
+from ai_service.tasks import parse_entries
 from tests.builders.clip_models import TextSpec, build_clip_model
 from tests.builders.face_models import arcface_random_model
 from tests.servers import module_process

@@ -11,11 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from ai_service.protocol.immich import ModelTask, parse_entries
+from ai_service.protocol.immich import EntriesError, ModelTask
 from ai_service.protocol.reading_order import sort_lines
-from gateway.backends.base import BackendFailure
+from ai_service.tasks import TASKS, InvalidReply, UnknownTaskError, parse_entries, task_for
+from ai_service.tasks.clip import unit_vector
+from ai_service.tasks.faces import mtphotos_to_immich as faces_to_immich
+from ai_service.tasks.ocr import mtphotos_to_immich as ocr_to_immich
 from gateway.backends.http import base_url, encode_formdata, endpoint_url, redact_url
-from gateway.backends.mtphotos import faces_to_immich, ocr_to_immich, unit_vector
 from gateway.health import BreakerState, CircuitBreaker
 from gateway.logs import request_id_from
 from gateway.routing import ConfigError, MappingError, Router
@@ -43,9 +45,9 @@ def test_defaults_serve_everything_locally() -> None:
     assert list(s.backends) == ["local"] and s.backends["local"].kind is BackendKind.LOCAL
     assert all(s.route(task) == ["local"] for task in ModelTask)
     assert (s.host, s.port) == ("127.0.0.1", 3003)
-    assert s.timeouts.clip < s.timeouts.ocr <= 60 < 300
-    assert s.model_map.facial_recognition == {}  # never a silent swap: buffalo_l is answered by buffalo_l
-    assert s.model_map.clip == {"cn-clip/": "ViT-B-16__cn-clip"}
+    assert s.timeouts["clip"] < s.timeouts["ocr"] <= 60 < 300
+    assert s.model_map["facial_recognition"] == {}  # never a silent swap: buffalo_l is answered by buffalo_l
+    assert s.model_map["clip"] == {"cn-clip/": "ViT-B-16__cn-clip"}
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +62,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     s = GatewaySettings()
     assert s.route(ModelTask.CLIP) == ["gpu", "local"]
     assert s.route(ModelTask.OCR) == ["gpu", "mt", "local"], "unset routes use every backend in config order"
-    assert s.timeouts.ocr == 45 and s.breaker.cooldown_s == 5
+    assert s.timeouts["ocr"] == 45 and s.breaker.cooldown_s == 5
     mt = s.backends["mt"]
     assert mt.served_model(ModelTask.CLIP) == "ViT-B-16__cn-clip"  # MT Photos' default model, declared
     assert "s3cret-key" not in repr(s) and "s3cret-key" not in s.model_dump_json()
@@ -323,9 +325,9 @@ def test_mt_ocr_conversion() -> None:
     assert out["text"] == ["first", "second"]
     assert out["box"][:8] == pytest.approx([0.1, 0.1, 0.5, 0.1, 0.5, 0.3, 0.1, 0.3])
     assert out["boxScore"] == out["textScore"] == [0.99, 0.91]
-    with pytest.raises(BackendFailure, match="differ in length"):
+    with pytest.raises(InvalidReply, match="differ in length"):
         ocr_to_immich({"result": {"texts": ["a"], "scores": [], "boxes": []}}, 10, 10, 0.5)
-    with pytest.raises(BackendFailure, match="not a number"):
+    with pytest.raises(InvalidReply, match="not a number"):
         bad = {
             "result": {"texts": ["a"], "scores": ["high"], "boxes": [{"x": "0", "y": "0", "width": "1", "height": "1"}]}
         }
@@ -353,7 +355,7 @@ def test_mt_faces_and_vectors() -> None:
     v = unit_vector(["3", "4"], "v")
     assert v.tolist() == pytest.approx([0.6, 0.8])
     for bad in ([], ["0", "0"], ["inf", "1"]):
-        with pytest.raises(BackendFailure):
+        with pytest.raises(InvalidReply):
             unit_vector(bad, "v")
 
 
@@ -417,3 +419,45 @@ def test_backend_endpoints_keep_the_sub_path_and_the_query() -> None:
     assert endpoint_url("http://h:3003?token=T&a=b", "ping") == "http://h:3003/ping?token=T&a=b"
     assert endpoint_url("http://u:p@h/x?t=1#frag", "check") == "http://u:p@h/x/check?t=1"
     assert base_url("http://h:3003/?token=T") == "http://h:3003/?token=T"
+
+
+# ---- the task table ----------------------------------------------------------------------------------------------
+
+
+def test_every_task_is_in_the_table_and_an_unknown_one_is_an_error() -> None:
+    assert set(TASKS) == set(ModelTask)
+    for name in ("nsfw", "", "OCR"):
+        with pytest.raises(UnknownTaskError, match="unknown task"):
+            task_for(name)
+    with pytest.raises(EntriesError):
+        parse_entries(json.dumps({"nsfw": {"detection": {"modelName": "x"}}}))
+
+
+def test_per_task_settings_take_defaults_from_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_TIMEOUTS__CLIP", "45")
+    monkeypatch.setenv("GATEWAY_MODEL_MAP__OCR", '{"PP-OCRv5_mobile":"PP-OCRv5_server"}')
+    s = GatewaySettings()
+    assert s.timeout(ModelTask.CLIP) == 45 and s.timeout(ModelTask.FACIAL_RECOGNITION) == 60
+    assert s.model_map_for(ModelTask.OCR) == {"PP-OCRv5_mobile": "PP-OCRv5_server"}
+    assert s.model_map_for(ModelTask.CLIP) == {"cn-clip/": "ViT-B-16__cn-clip"}, "other tasks keep their defaults"
+    monkeypatch.setenv("GATEWAY_TIMEOUTS__CLIPP", "45")
+    with pytest.raises(ValueError, match="no task clipp"):
+        GatewaySettings()
+    monkeypatch.delenv("GATEWAY_TIMEOUTS__CLIPP")
+    monkeypatch.setenv("GATEWAY_TIMEOUTS__OCR", "300")
+    with pytest.raises(ValueError, match="less than or equal to 290"):
+        GatewaySettings()
+
+
+def test_validation_keeps_fields_it_does_not_know() -> None:
+    face = {
+        "boundingBox": {"x1": 1.2, "y1": 2, "x2": 3, "y2": 4, "rotation": 0},
+        "score": 0.9,
+        "landmarks": [1, 2],
+        "embedding": vec(512),
+    }
+    out = validate_response(routed(Router(settings()), FACES), {"facial-recognition": [face]}, image=False)
+    assert out["facial-recognition"][0]["landmarks"] == [1, 2]
+    assert out["facial-recognition"][0]["boundingBox"] == {"x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0, "rotation": 0}
+    ocr = {"text": ["a"], "box": [0, 0, 1, 0, 1, 1, 0, 1], "boxScore": [0.9], "textScore": [0.9], "language": "zh"}
+    assert validate_response(routed(Router(settings()), OCR), {"ocr": ocr}, image=False)["ocr"]["language"] == "zh"

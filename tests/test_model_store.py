@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -13,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ai_service.models.base import InvalidModelNameError
+from ai_service.inference import build_registry
+from ai_service.models.base import InvalidModelNameError, ModelError
 from ai_service.models.cli import run
 from ai_service.models.clip import ClipFamily
 from ai_service.models.store import LayoutError, ModelPullError, ModelStore, split_repo_name
-from ai_service.protocol.immich import ModelTask
+from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.runtime.onnx import SessionOptions
 from ai_service.settings import AIServiceSettings
 from tests.builders.clip_models import build_clip_model
@@ -265,3 +267,29 @@ def test_cli_errors_and_exit_codes(tmp_path: Path) -> None:
     assert code == 2
     code, _, err = _cli(["export-cn-clip", "--arch", "ViT-B-99"], settings)
     assert code == 2 and "invalid choice" in err
+
+
+def test_registry_caches_found_models_and_sees_installs_and_removals(tmp_path: Path) -> None:
+    """resolve() checks the disk once per model, yet a model installed or removed later (here, or by
+    `models pull` in another process) is seen on the next request."""
+    store = _store(tmp_path)
+    registry = build_registry(AIServiceSettings(model_dir=store.root))
+    family = registry.families[ModelTask.CLIP]
+    checks: list[str] = []
+    real_is_installed = family.is_installed
+
+    def counted(name: str, component: str) -> bool:
+        checks.append(name)
+        return real_is_installed(name, component)
+
+    family.is_installed = counted  # type: ignore[method-assign]
+    with pytest.raises(ModelError):
+        registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, "test-cn-clip-tiny")
+    with store.staging(ModelTask.CLIP, "test-cn-clip-tiny") as staging:
+        store.install(ModelTask.CLIP, "test-cn-clip-tiny", build_clip_model(staging, "test-cn-clip-tiny"))
+    ref = registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, "test-cn-clip-tiny")
+    assert registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, "test-cn-clip-tiny") == ref
+    assert len(checks) == 2, "the second request for an installed model is answered without the disk checks"
+    shutil.rmtree(store.root / "clip" / "test-cn-clip-tiny")
+    with pytest.raises(ModelError):
+        registry.resolve(ModelTask.CLIP, ModelType.TEXTUAL, "test-cn-clip-tiny")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, Response
 
 from ai_service.inference import InferenceService
-from ai_service.protocol.immich import parse_entries
+from ai_service.tasks import parse_entries
 
 router = APIRouter(tags=["immich"])
 

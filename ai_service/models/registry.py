@@ -16,6 +16,7 @@ from ai_service.models.base import (
     UnknownModelError,
     clean_name,
 )
+from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
 
 
@@ -56,9 +57,18 @@ class ModelFamily(Protocol):
     def load(self, name: str, component: str) -> object: ...
 
 
+_RESOLVED_LIMIT = 1024  # cached answers; names are client input, so the cache is bounded
+
+
 class ModelRegistry:
-    def __init__(self, families: list[ModelFamily]) -> None:
+    def __init__(self, families: list[ModelFamily], store: ModelStore | None = None) -> None:
         self.families: dict[ModelTask, ModelFamily] = {f.task: f for f in families}
+        # Positive answers of resolve(), each with the model folder's stamp when it was found: resolving
+        # checks several paths on disk, which is a measurable share of a small model's request. A model
+        # installed, replaced or removed (by this process or `models pull` in another) renames a folder in
+        # <root>/<task>/, which changes that folder's mtime and so the stamp; misses are never cached.
+        self._store = store
+        self._resolved: dict[tuple[ModelTask, ModelType, str], tuple[int, ModelRef]] = {}
 
     def family(self, task: ModelTask) -> ModelFamily:
         try:
@@ -69,6 +79,20 @@ class ModelRegistry:
             ) from None
 
     def resolve(self, task: ModelTask, type_: ModelType, name: str) -> ModelRef:
+        if self._store is None:
+            return self._resolve(task, type_, name)
+        key = (task, type_, name)
+        stamp = self._store.stamp(task)
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        ref = self._resolve(task, type_, name)
+        if len(self._resolved) >= _RESOLVED_LIMIT:
+            self._resolved.clear()
+        self._resolved[key] = (stamp, ref)
+        return ref
+
+    def _resolve(self, task: ModelTask, type_: ModelType, name: str) -> ModelRef:
         family = self.family(task)
         canonical = family.canonical_name(clean_name(name))
         component = family.component(type_)

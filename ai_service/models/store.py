@@ -79,6 +79,14 @@ class ModelStore:
             raise ValueError(f"model path {path} escapes the model folder {root}")
         return path
 
+    def stamp(self, task: ModelTask | str) -> int:
+        """Changes whenever a model folder of ``task`` is added, replaced or removed (the folder's mtime,
+        in ns; -1 while it does not exist). One stat: cheap enough to check on every request."""
+        try:
+            return os.stat(self.root / str(task)).st_mtime_ns
+        except OSError:
+            return -1
+
     def has_files(self, task: ModelTask | str, name: str, types: tuple[str, ...]) -> bool:
         base = self.model_dir(task, name)
         return all((base / t / MODEL_FILE).is_file() for t in types)

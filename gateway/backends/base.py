@@ -44,6 +44,7 @@ CLIENT_INPUT_STATUSES = frozenset({400, 413, 422})
 
 class Backend(abc.ABC):
     kind: str
+    checked_replies = False  # True: replies come from this project's typed task code, the dispatcher skips validation
 
     def __init__(self, name: str) -> None:
         self.name = name

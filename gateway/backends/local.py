@@ -17,6 +17,7 @@ from ai_service.inference import InferenceService, RequestError
 from ai_service.models.base import InvalidModelNameError, ModelError
 from ai_service.protocol.immich import DependencyError, EntriesError
 from ai_service.settings import AIServiceSettings
+from ai_service.tasks import InvalidReply, task_for
 from gateway.backends.base import CLIENT_INPUT_STATUSES, Backend, BackendFailure, ClientInputError
 from gateway.routing import RoutedTask
 
@@ -26,7 +27,11 @@ def _json_error(status: int, detail: str) -> ClientInputError:
 
 
 class LocalBackend(Backend):
+    """Requests arrive checked by the gateway (entries, dependency rule, image or text) and replies are
+    built by the same typed code (``ai_service/tasks``): neither is checked a second time."""
+
     kind = "local"
+    checked_replies = True
 
     def __init__(self, name: str, settings: AIServiceSettings | None = None) -> None:
         super().__init__(name)
@@ -63,7 +68,7 @@ class LocalBackend(Backend):
             # (AI_SERVICE_AUTO_PULL_WAIT_S) and must not count against the inference timeout.
             refs = await self.service.prepare(entries)
             async with asyncio.timeout(timeout_s):
-                return await self.service.predict(entries, image, text, refs)
+                reply = await self.service.run(entries, image, text, refs)
         except TimeoutError:
             raise BackendFailure("timeout", f"no result within {timeout_s:g}s") from None
         except RequestError as exc:
@@ -79,6 +84,12 @@ class LocalBackend(Backend):
             raise _json_error(422, str(exc)) from None
         except DependencyError as exc:
             raise _json_error(400, str(exc)) from None
+        value = reply[routed.task.value]  # type: ignore[literal-required]
+        try:
+            task_for(routed.task).check_size(value, routed.model.expected_dim)
+        except InvalidReply as exc:
+            raise BackendFailure("invalid_response", f"invalid reply: {exc}") from None
+        return reply  # type: ignore[return-value]
 
     async def health(self, timeout_s: float) -> None:
         if self.service is None:

@@ -16,7 +16,10 @@ from typing import Any
 
 import orjson
 
-from ai_service.protocol.immich import EntriesError, ModelTask, validate_entries
+from ai_service.protocol.immich import EntriesError, ModelTask
+from ai_service.tasks import validate_entries
+from ai_service.tasks.clip import ClipOutput
+from ai_service.tasks.ocr import OcrOutput
 from db.immich_writer import OcrLine
 from gateway.backends.base import ClientInputError
 from gateway.backends.http import snippet
@@ -74,8 +77,9 @@ class Inference:
 
     @staticmethod
     def _vector(result: dict[str, Any]) -> list[float]:
-        # The dispatcher validated it: a JSON array of finite numbers of the expected dimension.
-        return [float(x) for x in orjson.loads(result[ModelTask.CLIP.value])]
+        # Checked by the dispatcher (or built by the local backend): a JSON array of the expected dimension.
+        embedding: ClipOutput = result[ModelTask.CLIP.value]
+        return [float(x) for x in orjson.loads(embedding)]
 
     async def clip_text(self, model_name: str, text: str, language: str | None) -> list[float]:
         """CLIP text embedding, as Immich's smart search computes it (cached like Immich's 100-entry LRU)."""
@@ -109,16 +113,14 @@ class Inference:
             "recognition": {"modelName": config.model_name, "options": {"minScore": config.min_recognition_score}},
         }
         result = await self._run(ModelTask.OCR, entries, image, None)
-        ocr = result[ModelTask.OCR.value]
-        texts, boxes = ocr.get("text", []), ocr.get("box", [])
-        box_scores, text_scores = ocr.get("boxScore", []), ocr.get("textScore", [])
+        ocr: OcrOutput = result[ModelTask.OCR.value]  # checked by the dispatcher (or built by the local backend)
         # Immich's OcrService.parseOcrResults: line i is text[i], box[8i:8i+8], boxScore[i], textScore[i].
         return [
             OcrLine(
-                text=str(texts[i]),
-                box=tuple(float(v) for v in boxes[8 * i : 8 * i + 8]),  # type: ignore[arg-type]
-                box_score=float(box_scores[i]),
-                text_score=float(text_scores[i]),
+                text=str(text),
+                box=tuple(float(v) for v in ocr["box"][8 * i : 8 * i + 8]),  # type: ignore[arg-type]
+                box_score=float(ocr["boxScore"][i]),
+                text_score=float(ocr["textScore"][i]),
             )
-            for i in range(len(texts))
+            for i, text in enumerate(ocr["text"])
         ]

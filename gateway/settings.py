@@ -22,9 +22,9 @@ from collections.abc import Callable
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ai_service.protocol.immich import ModelTask
@@ -100,6 +100,14 @@ class BackendSettings(BaseModel):
 
     def served_model(self, task: ModelTask) -> str | None:
         return (self.models or {}).get(task)
+
+
+# The per-task settings of GatewaySettings and each task's default (None: no entry, e.g. no fixed route).
+_PER_TASK_DEFAULTS: dict[str, Callable[[Task], Any]] = {
+    "routes": lambda task: None,
+    "model_map": lambda task: dict(task.default_model_map),
+    "timeouts": lambda task: task.timeout_s,
+}
 
 
 def _per_task(value: dict[str, T], what: str, default: Callable[[Task], T | None]) -> dict[str, T]:
@@ -322,20 +330,20 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"backend name {name!r}: use 1-64 letters, digits, '-' or '_'")
         return value
 
-    @field_validator("routes")
+    @field_validator("routes", "model_map", "timeouts")
     @classmethod
-    def _default_routes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        return _per_task(value, "routes", lambda task: None)
+    def _per_task_defaults(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        assert info.field_name is not None
+        return _per_task(value, info.field_name, _PER_TASK_DEFAULTS[info.field_name])
 
-    @field_validator("model_map")
     @classmethod
-    def _default_model_map(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-        return _per_task(value, "model_map", lambda task: dict(task.default_model_map))
-
-    @field_validator("timeouts")
-    @classmethod
-    def _default_timeouts(cls, value: dict[str, float]) -> dict[str, float]:
-        return _per_task(value, "timeouts", lambda task: task.timeout_s)
+    def per_task_defaults(cls) -> dict[str, dict[str, Any]]:
+        """Per-task settings, set as GATEWAY_<FIELD>__<TASK> (e.g. GATEWAY_TIMEOUTS__OCR): field -> {task key:
+        default}. The documentation and the deployment checks list one variable per task from this."""
+        return {
+            name: {task.setting_key: default(task) for task in TASKS.values()}
+            for name, default in _PER_TASK_DEFAULTS.items()
+        }
 
     @model_validator(mode="after")
     def _check_routes(self) -> GatewaySettings:

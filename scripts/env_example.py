@@ -150,6 +150,7 @@ def render_value(value: Any) -> str:
 def setting_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
     """(variable, rendered default, description) for every leaf setting of ``model``."""
     rows: list[tuple[str, str, str]] = []
+    per_task = model.per_task_defaults() if hasattr(model, "per_task_defaults") else {}
     for name, field in model.model_fields.items():
         env = f"{prefix}{name.upper()}"
         annotation = field.annotation
@@ -157,6 +158,11 @@ def setting_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, st
             rows.extend(setting_rows(annotation, env + "__"))
             continue
         description = " ".join((field.description or "").split())
+        if name in per_task:  # one variable per task, e.g. GATEWAY_TIMEOUTS__OCR
+            for task, default in per_task[name].items():
+                text = description if default is not None else f"{description} Default: unset."
+                rows.append((f"{env}__{task.upper()}", render_value(default), text))
+            continue
         if field.repr is False:
             rows.append((env, "", f"{description} (secret: its default is not repeated here)"))
         else:

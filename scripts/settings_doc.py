@@ -55,14 +55,19 @@ def _show(value: Any) -> str:
 
 def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
+    per_task = model.per_task_defaults() if hasattr(model, "per_task_defaults") else {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
         env = f"{prefix}{name.upper()}"
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(_rows(annotation, env + "__"))
             continue
+        description = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        if name in per_task:  # one variable per task, e.g. GATEWAY_TIMEOUTS__OCR
+            rows.extend((f"{env}__{task.upper()}", _show(d), description) for task, d in per_task[name].items())
+            continue
         default = "(secret)" if field.repr is False else _show(_default(field))
-        rows.append((env, default, (field.description or "").replace("|", "\\|").replace("\n", " ")))
+        rows.append((env, default, description))
     return rows
 
 

@@ -210,6 +210,9 @@ def setting_for(name: str) -> tuple[type[BaseModel], list[str]] | None:
         if not name.startswith(prefix):
             continue
         parts = name[len(prefix) :].lower().split("__")
+        per_task = cls.per_task_defaults() if hasattr(cls, "per_task_defaults") else {}
+        if len(parts) == 2 and parts[1] in per_task.get(parts[0], {}):
+            return cls, parts  # a per-task setting, e.g. GATEWAY_TIMEOUTS__OCR
         model: type[BaseModel] = cls
         for depth, part in enumerate(parts):
             field = model.model_fields.get(part)
@@ -248,7 +251,7 @@ def check_settings_env(variables: dict[str, str], where: str) -> dict[str, Any]:
             assert entry is not None
             value: Any = settings
             for part in entry[1]:
-                value = getattr(value, part)
+                value = value[part] if isinstance(value, dict) else getattr(value, part)
             assert value is not None, f"{where}: {key} did not reach the settings"
         built[prefix] = settings
     return built
@@ -462,9 +465,12 @@ def _env_example_values() -> dict[str, str]:
 
 def _leaf_names(model: type[BaseModel], prefix: str) -> set[str]:
     names: set[str] = set()
+    per_task = model.per_task_defaults() if hasattr(model, "per_task_defaults") else {}
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if name in per_task:
+            names |= {f"{prefix}{name.upper()}__{task.upper()}" for task in per_task[name]}
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names |= _leaf_names(annotation, f"{prefix}{name.upper()}__")
         else:
             names.add(f"{prefix}{name.upper()}")

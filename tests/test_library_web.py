@@ -3,7 +3,6 @@ result grid with thumbnails; screenshots kept next to the test's temporary files
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,19 +11,15 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.library_support import PDQ_DATA, ImageServer, encode, library_env, library_server, photo
 from tests.servers import free_port
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extra")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()),
     reason="needs Debian's chromium and chromium-driver (scripts/bootstrap.sh --test installs them)",
@@ -45,26 +40,8 @@ def site(postgres_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--window-size=1200,900",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    try:
+    with headless_chromium(tmp_path_factory.mktemp("chromium-profile"), window="1200,900") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any], timeout: float = 20.0) -> Any:

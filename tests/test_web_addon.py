@@ -35,6 +35,8 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -43,16 +45,10 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from db.testing import add_partner, fresh_database, insert_asset, insert_user, load_immich_schema
+from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.immich_stub import ImmichStub, StubUser, render_text_jpeg
 from tests.servers import REPO, free_port, python_module_server, wait_for_http
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the test extra")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WEB_FIXTURES = Path(__file__).resolve().parent / "web"
 ARTIFACTS = REPO / ".artifacts" / "web"
@@ -291,31 +287,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, postgres_uri: str, clip_mode
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1100",
-        "--lang=en-US",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # The driver path is given, so Selenium Manager never tries to download a driver or a browser.
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(20)
-    try:
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with headless_chromium(profile, window="1280,1100", flags=("--lang=en-US",)) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 # ---- browser helpers -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ python -m library status
 python -m library people list [--json]   # people found in the faces
 python -m library people rename ID NAME
 python -m library people merge INTO FROM... [--name NAME]
+python -m library people cluster          # faces still waiting for a person (e.g. indexed before people)
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ def cmd_people(args: argparse.Namespace) -> int:
                 found = [people.rename(conn, args.person, args.name or None)]
             elif args.action == "merge":
                 found = [people.merge(conn, args.into, args.sources, args.name)]
+            elif args.action == "cluster":
+                print(f"{people.cluster_waiting(conn, library.settings)} faces placed")
+                found = people.list_people(conn, 1000, 0)[1]
             else:
                 found = people.list_people(conn, args.limit, 0)[1]
     except (people.PersonNotFoundError, ValueError) as exc:
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("into", type=int)
     merge.add_argument("sources", type=int, nargs="+")
     merge.add_argument("--name", default=None, help="name of the result (default: INTO's, else a source's)")
+    people_sub.add_parser("cluster", help="cluster the faces still waiting for a person")
     people_cmd.set_defaults(func=cmd_people)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

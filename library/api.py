@@ -408,6 +408,13 @@ def recluster_person(request: Request, person_id: int) -> ReclusterResponse:
     return ReclusterResponse(**result.__dict__)
 
 
+@router.post("/people/cluster", summary="Cluster the faces still waiting for a person")
+def cluster_waiting(request: Request) -> dict[str, int]:
+    library = lib(request)
+    with library.db.conn() as conn:
+        return {"placed": people.cluster_waiting(conn, library.settings)}
+
+
 @router.put("/faces/{face_id}/person", response_model=FaceModel, summary="Move a face to a person, or out of one")
 def set_face_person(request: Request, face_id: int, body: FacePersonRequest) -> FaceModel:
     with http_errors(), lib(request).db.conn() as conn:

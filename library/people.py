@@ -104,6 +104,33 @@ def assign_item(conn: psycopg.Connection[Any], settings: LibrarySettings, item_i
     return {int(r[0]): assign_face(conn, settings, int(r[0])) for r in rows}
 
 
+def cluster_waiting(conn: psycopg.Connection[Any], settings: LibrarySettings, batch: int = 200) -> int:
+    """Give every waiting face (no person, not taken out by the user) its turn, oldest first: faces stored
+    before people existed or while LIBRARY_PEOPLE_ENABLED was off, or left over by a recluster. Runs in
+    transactions of ``batch`` faces, so pipeline workers get the lock between them. Returns how many
+    faces have a person now."""
+    placed, after = 0, 0
+    while True:
+        with conn.transaction():
+            lock(conn)
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    """SELECT id FROM face WHERE person_id IS NULL AND assigned_by = 'auto' AND id > %s
+                       ORDER BY id LIMIT %s""",
+                    [after, batch],
+                )
+            ]
+            if not ids:
+                return placed
+            before = conn.execute("SELECT count(*) FROM face WHERE person_id IS NOT NULL").fetchone()
+            for face_id in ids:
+                assign_face(conn, settings, face_id)
+            now = conn.execute("SELECT count(*) FROM face WHERE person_id IS NOT NULL").fetchone()
+            placed += int(now[0] if now else 0) - int(before[0] if before else 0)
+            after = ids[-1]
+
+
 @dataclass(frozen=True)
 class Neighbour:
     face_id: int
@@ -165,7 +192,11 @@ def neighbours(conn: psycopg.Connection[Any], settings: LibrarySettings, face_id
 
 
 def assign_face(conn: psycopg.Connection[Any], settings: LibrarySettings, face_id: int) -> int | None:
-    """Rules 1-3 of the module docstring for one unassigned face; the caller holds the lock."""
+    """Rules 1-3 of the module docstring for one face; the caller holds the lock. A face that has a person
+    already (an earlier face's growth took it in) or that the user placed is left as it is."""
+    row = conn.execute("SELECT person_id, assigned_by FROM face WHERE id = %s", [face_id]).fetchone()
+    if row is None or row[0] is not None or row[1] != "auto":
+        return None if row is None or row[0] is None else int(row[0])
     near = neighbours(conn, settings, face_id)
     person = next((n.person_id for n in near if n.person_id is not None), None)
     if person is not None:

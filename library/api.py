@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from ai_service.api.limits import RequestBodyMiddleware
 from ai_service.imaging import ImageError, ImageTooLargeError
-from library import blocklist, items, tags, video
+from library import blocklist, items, people, tags, video
 from library.fetch import FetchError, FetchTooLargeError, fetch_image_bytes
 from library.filters import ItemFilters
 from library.ingest import IngestTooLargeError
@@ -130,6 +130,7 @@ class FilterParams(BaseModel):
     location_prefix: str | None = Field(
         default=None, max_length=4096, description="Items whose path or URL starts with this (a folder)."
     )
+    person_id: int | None = Field(default=None, ge=1, description="Items showing this person (see /api/people).")
 
     def to_filters(self, nsfw_max: float | None = None, tag: str | None = None) -> ItemFilters:
         """With the NSFW and tag filters, which each endpoint takes where its other inputs are (form, body, query)."""
@@ -151,7 +152,7 @@ def http_errors() -> Iterator[None]:
     """Map the library's exceptions to HTTP statuses with their (safe) messages."""
     try:
         yield
-    except NotFoundError as exc:
+    except (NotFoundError, people.PersonNotFoundError) as exc:
         raise HTTPException(404, str(exc)) from None
     except UnavailableError as exc:
         raise HTTPException(409, str(exc)) from None
@@ -267,9 +268,15 @@ def _video_frame(library: Library, item: items.Item, t: float) -> Response:
 
 
 class FaceModel(BaseModel):
+    id: int
     n: int
     box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the upright image")
     score: float
+    person_id: int | None = Field(description="The person the face belongs to; null: none (yet).")
+    assigned_by: Literal["auto", "user"] = Field(
+        description="'auto': clustering placed it (or may, while it has no person); 'user': a person's decision, "
+        "which clustering never changes."
+    )
 
 
 @router.get("/items/{item_id}/faces", response_model=list[FaceModel], summary="Faces found in an item")
@@ -277,10 +284,141 @@ def get_faces(request: Request, item_id: int) -> list[FaceModel]:
     with lib(request).db.conn() as conn:
         if items.get_item(conn, item_id) is None:
             raise HTTPException(404, f"no item {item_id}")
-        rows = conn.execute(
-            "SELECT n, x1, y1, x2, y2, score FROM face WHERE item_id = %s ORDER BY n", [item_id]
-        ).fetchall()
-    return [FaceModel(n=r[0], box=[float(v) for v in r[1:5]], score=float(r[5])) for r in rows]
+        return [FaceModel(**f) for f in people.item_faces(conn, item_id)]
+
+
+# ---- people -------------------------------------------------------------------------------------------------
+
+
+class CoverModel(BaseModel):
+    face_id: int
+    item_id: int
+    box: list[float] = Field(description="The face's x1, y1, x2, y2 in pixels of the item's upright image.")
+
+
+class PersonModel(BaseModel):
+    id: int
+    name: str | None
+    model: str = Field(description="The face model whose vectors make this person.")
+    face_count: int
+    item_count: int
+    cover: CoverModel | None = Field(description="The face nearest the person's mean, with its item.")
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, p: people.Person) -> PersonModel:
+        cover = None
+        if p.cover_face_id is not None and p.cover_item_id is not None and p.cover_box is not None:
+            cover = CoverModel(face_id=p.cover_face_id, item_id=p.cover_item_id, box=list(p.cover_box))
+        return cls(
+            id=p.id,
+            name=p.name,
+            model=p.model,
+            face_count=p.face_count,
+            item_count=p.item_count,
+            cover=cover,
+            created_at=p.created_at,
+            updated_at=p.updated_at,
+        )
+
+
+class PeopleResponse(BaseModel):
+    total: int
+    people: list[PersonModel]
+
+
+class PersonItemsResponse(BaseModel):
+    total: int
+    items: list[HitModel]
+
+
+class RenameRequest(BaseModel):
+    name: str | None = Field(max_length=200, description="The new name; null or blank clears it.")
+
+
+class MergeRequest(BaseModel):
+    source_ids: list[int] = Field(min_length=1, max_length=1000, description="People merged into this one.")
+    name: str | None = Field(
+        default=None, max_length=200, description="Name of the result; unset: this person's, else a source's."
+    )
+
+
+class FacePersonRequest(BaseModel):
+    person_id: int | None = Field(description="Put the face in this person; null: take it out of its person.")
+
+
+class ReclusterResponse(BaseModel):
+    person_id: int
+    kept: int = Field(description="Faces left in the person.")
+    new_people: list[int] = Field(description="People made of the groups split off.")
+    unassigned: int = Field(description="Faces in no group, now without a person.")
+
+
+@router.get("/people", response_model=PeopleResponse, summary="People found in the faces, most faces first")
+def list_people(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    named: Annotated[bool | None, Query(description="Only named (true) or unnamed (false) people.")] = None,
+) -> PeopleResponse:
+    with lib(request).db.conn() as conn:
+        total, found = people.list_people(conn, limit, offset, named)
+    return PeopleResponse(total=total, people=[PersonModel.of(p) for p in found])
+
+
+@router.get("/people/{person_id}", response_model=PersonModel, summary="One person")
+def get_person(request: Request, person_id: int) -> PersonModel:
+    with http_errors(), lib(request).db.conn() as conn:
+        return PersonModel.of(people.get_person(conn, person_id))
+
+
+@router.get("/people/{person_id}/items", response_model=PersonItemsResponse, summary="Items showing a person")
+def person_items(
+    request: Request,
+    person_id: int,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PersonItemsResponse:
+    with http_errors(), lib(request).db.conn() as conn:
+        total, ids = people.person_item_ids(conn, person_id, limit, offset)
+        found = items.get_items(conn, ids)
+    return PersonItemsResponse(
+        total=total, items=[HitModel(**Hit(found[i], 0.0, "person").as_dict()) for i in ids if i in found]
+    )
+
+
+@router.patch("/people/{person_id}", response_model=PersonModel, summary="Rename a person")
+def rename_person(request: Request, person_id: int, body: RenameRequest) -> PersonModel:
+    with http_errors(), lib(request).db.conn() as conn:
+        return PersonModel.of(people.rename(conn, person_id, body.name))
+
+
+@router.post("/people/{person_id}/merge", response_model=PersonModel, summary="Merge people into this one")
+def merge_people(request: Request, person_id: int, body: MergeRequest) -> PersonModel:
+    with http_errors(), lib(request).db.conn() as conn:
+        return PersonModel.of(people.merge(conn, person_id, body.source_ids, body.name))
+
+
+@router.post("/people/{person_id}/recluster", response_model=ReclusterResponse, summary="Split a mixed person")
+def recluster_person(request: Request, person_id: int) -> ReclusterResponse:
+    library = lib(request)
+    with http_errors(), library.db.conn() as conn:
+        result = people.recluster(conn, library.settings, person_id)
+    return ReclusterResponse(**result.__dict__)
+
+
+@router.post("/people/cluster", summary="Cluster the faces still waiting for a person")
+def cluster_waiting(request: Request) -> dict[str, int]:
+    library = lib(request)
+    with library.db.conn() as conn:
+        return {"placed": people.cluster_waiting(conn, library.settings)}
+
+
+@router.put("/faces/{face_id}/person", response_model=FaceModel, summary="Move a face to a person, or out of one")
+def set_face_person(request: Request, face_id: int, body: FacePersonRequest) -> FaceModel:
+    with http_errors(), lib(request).db.conn() as conn:
+        return FaceModel(**people.set_face_person(conn, face_id, body.person_id))
 
 
 @router.get("/items/{item_id}/tags", summary="An item's zero-shot tags (English and Chinese names, score)")

@@ -1,5 +1,6 @@
 """Filters on items, shared by every search (PDQ, CLIP, OCR text, video frames): where an item came from,
-when it was added, its dataId, the folder it lives in, its NSFW score and its tags."""
+when it was added, its dataId, the folder it lives in, its NSFW score, its tags and
+the people it shows."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class ItemFilters:
     location_prefix: str | None = None  # a folder (path items) or URL prefix
     nsfw_max: float | None = None  # leave out items scored above; items without a score (no nsfw step) stay
     tag: str | None = None  # only items with this tag (its English key)
+    person_id: int | None = None  # only items showing this person (library.people)
 
     def clause(self, item_id: sql.Composable) -> tuple[sql.Composable, list[Any]]:
         """``TRUE`` or ``EXISTS (…item… )`` for the item whose id is ``item_id``; parameters in order."""
@@ -46,6 +48,9 @@ class ItemFilters:
         if self.tag is not None:
             conditions.append(sql.SQL("EXISTS (SELECT 1 FROM item_tag AS t WHERE t.item_id = i.id AND t.tag = %s)"))
             params.append(self.tag)
+        if self.person_id is not None:
+            conditions.append(sql.SQL("EXISTS (SELECT 1 FROM face AS f WHERE f.item_id = i.id AND f.person_id = %s)"))
+            params.append(self.person_id)
         if not conditions:
             return sql.SQL("TRUE"), []
         where = sql.SQL(" AND ").join(conditions)

@@ -24,7 +24,7 @@ import psycopg
 
 from ai_service.imaging import ImageError, ImageTooLargeError
 from ai_service.inference import RequestError
-from library import blocklist, items, pdq, search, tags, text, video
+from library import blocklist, items, pdq, people, search, tags, text, video
 from library.db import Database
 from library.inference import LibraryInference
 from library.settings import LibrarySettings
@@ -296,14 +296,8 @@ class Pipeline:
         text.store_ocr(conn, item.id, found.lines)
 
     def _run_faces(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
-        found = self.inference.faces(data)
-        conn.execute("DELETE FROM face WHERE item_id = %s", [item.id])
-        for n, face in enumerate(found):
-            conn.execute(
-                """INSERT INTO face (item_id, n, model, x1, y1, x2, y2, score, embedding)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::vector)""",
-                [item.id, n, self.settings.face_model, *face.box, face.score, str(face.embedding.tolist())],
-            )
+        found = self.inference.faces(data)  # before any write: the people lock is held only while storing
+        people.store_faces(conn, self.settings, item.id, found)
 
     # ---- driving ----------------------------------------------------------------------------------
 

@@ -198,6 +198,38 @@ class LibrarySettings(BaseSettings):
         default=0.2, ge=-1, le=1, description="Least cosine similarity of image and tag prompt for a tag to be kept."
     )
     face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
+    people_enabled: bool = Field(
+        default=True,
+        description="Cluster the faces of the 'faces' step into people as they are stored (a face joins the person "
+        "of its nearest assigned face within LIBRARY_PEOPLE_MAX_DISTANCE, or starts a person once "
+        "LIBRARY_PEOPLE_MIN_FACES similar faces exist). Off: faces are stored only.",
+    )
+    people_max_distance: float | None = Field(
+        default=None,
+        gt=0,
+        le=2,
+        description="Cosine distance within which two faces are taken to be one person. Unset: the face model's "
+        "value (dlib: 0.4, measured on real photos; InsightFace packs and unknown models: Immich's 0.5).",
+    )
+    people_min_faces: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Similar faces (within the max distance, the face itself included) needed before they start "
+        "a new person (Immich's minFaces). A face near an existing person joins it whatever this says.",
+    )
+    people_neighbours: int = Field(
+        default=100,
+        ge=1,
+        le=10000,
+        description="Nearest faces looked at when a face is assigned (bounds the work per face).",
+    )
+    people_recluster_max_faces: int = Field(
+        default=5000,
+        ge=2,
+        le=100000,
+        description="Largest person that 'recluster' splits (its faces are compared pairwise in memory).",
+    )
 
     # --- videos ---------------------------------------------------------------------------------------
     video_enabled: bool = Field(
@@ -309,6 +341,7 @@ class LibrarySettings(BaseSettings):
         "face_model",
         "nsfw_model",
         "nsfw_block_score",
+        "people_max_distance",
         mode="before",
     )
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ai_service.errors import Unprocessable
 from ai_service.protocol.immich import ModelTask, ModelType, PipelineEntry
 from ai_service.protocol.immich_clip_models import IMMICH_CLIP_DIMENSIONS, immich_clip_dimension
 from ai_service.protocol.immich_face_models import max_distance_range
@@ -37,7 +38,7 @@ class ConfigError(ValueError):
     """The configuration cannot work; the gateway refuses to start with this message."""
 
 
-class MappingError(ValueError):
+class MappingError(Unprocessable, ValueError):
     """A request's model name cannot be served consistently (e.g. a prefix route with the wrong dimension)."""
 
 

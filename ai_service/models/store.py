@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ai_service.errors import UpstreamFailed
 from ai_service.models.base import InvalidModelNameError, ModelError, ModelLoadError, clean_name
 from ai_service.protocol.immich import ModelTask
 
@@ -54,10 +55,8 @@ _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,95}$")
 _OFFICIAL_HUB_HOSTS = ("huggingface.co", "hf.co")
 
 
-class ModelPullError(ModelError):
+class ModelPullError(ModelError, UpstreamFailed):
     """Downloading a model failed; nothing was installed. The message says what to do."""
-
-    status = 502
 
 
 class InstallBusyError(ModelPullError):

@@ -19,6 +19,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
+from ai_service.errors import InvalidInput, Unprocessable
+
 
 class ModelTask(StrEnum):
     CLIP = "clip"
@@ -63,7 +65,7 @@ class Entries(RootModel[dict[ModelTask, dict[ModelType, PipelineEntry]]]):
     """The parsed ``entries`` form field."""
 
 
-class EntriesError(ValueError):
+class EntriesError(Unprocessable, ValueError):
     """``entries`` is not what Immich sends; the message says what is wrong."""
 
 
@@ -75,7 +77,7 @@ def load_entries_json(raw: str | bytes) -> Any:
         raise EntriesError(f"'entries' is not valid JSON: {exc}") from None
 
 
-class DependencyError(ValueError):
+class DependencyError(InvalidInput, ValueError):
     """A dependent entry (e.g. recognition) came without the entry it depends on."""
 
 

@@ -31,6 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from ai_service.errors import Forbidden, ServiceError, http_status
 from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
 from gateway.dispatch import Dispatcher
@@ -41,7 +42,7 @@ from gateway.search.credentials import SharedLinkRefused, credential_from
 from gateway.search.database import DatabaseUnavailable, SearchDatabase
 from gateway.search.immich import ImmichClient
 from gateway.search.inference import Inference
-from gateway.search.regenerate import RegenerateError, RegenerateKind, Regenerator, parse_asset_id
+from gateway.search.regenerate import RegenerateKind, Regenerator, parse_asset_id
 from gateway.search.smart import SmartSearchService
 from gateway.settings import GatewaySettings
 
@@ -142,7 +143,7 @@ class SearchFeature:
         await self.database.close()
         await self.immich.close()
 
-    def remember_failure(self, kind: RegenerateKind, asset_id: str, error: RegenerateError) -> None:
+    def remember_failure(self, kind: RegenerateKind, asset_id: str, error: ServiceError) -> None:
         """A regenerate that failed on the server's side, for the admins' status page (``/ai/``): the web add-on
         shows people a short message, and admins find the reason (backend, install command, ...) here."""
         self.recent_failures.append(
@@ -150,7 +151,7 @@ class SearchFeature:
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "kind": kind.value,
                 "asset_id": asset_id,
-                "status": error.status,
+                "status": http_status(error),
                 "detail": error.detail,
             }
         )
@@ -192,12 +193,14 @@ class SearchFeature:
                 try:
                     credential = credential_from(request)
                 except SharedLinkRefused:
-                    raise RegenerateError(403, "Shared links cannot regenerate") from None
+                    raise Forbidden("Shared links cannot regenerate") from None
                 body = await self.regenerator.run(kind, credential, parse_asset_id(asset_id))
-            except RegenerateError as exc:
-                if exc.status >= 500:
+            except ServiceError as exc:
+                # The one place a regenerate error becomes a reply (kinds and statuses: ai_service/errors.py).
+                status = http_status(exc)
+                if status >= 500:
                     self.remember_failure(kind, asset_id, exc)
-                return _json(exc.status, {"detail": exc.detail})
+                return _json(status, {"detail": exc.detail})
             return _json(200, body)
 
         error_responses: dict[int | str, dict[str, Any]] = {

@@ -17,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from ai_service.errors import InvalidInput
 from db.search import UNSET, AssetType, SearchFilters, Visibility
 
 # Filters Immich's smart search applies that the search layer has no equivalent for.
@@ -36,7 +37,7 @@ _OCR_PREFIX = re.compile(r"^ocr[:\uff1a]", re.IGNORECASE)
 DEFAULT_PAGE_SIZE = 100  # Immich's SmartSearchDto default
 
 
-class DtoError(ValueError):
+class DtoError(InvalidInput, ValueError):
     """The body is not a valid SmartSearchDto; the message names the field (Immich answers these with 400)."""
 
 

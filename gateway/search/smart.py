@@ -29,6 +29,7 @@ import psycopg
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ai_service.errors import http_status
 from db.search import SearchPage, search_hybrid, search_ocr
 from db.settings import DbSearchSettings
 from gateway.search.caller import Callers
@@ -162,7 +163,7 @@ class SmartSearchService:
                 max_ids=self.db_settings.max_filter_ids,
             )
         except DtoError as exc:
-            return immich_error(400, str(exc), mode)
+            return immich_error(http_status(exc), str(exc), mode)
         if dto.unsupported:
             if ocr_text is None:
                 return await self._forward(request, body, "unsupported filter")
@@ -282,7 +283,7 @@ class SmartSearchService:
                 config.clip.model_name, dto.query[: self.db_settings.clip_query_max_chars], dto.language
             )
         except InferenceError as exc:
-            log.warning("CLIP text encoding failed; ranking by OCR only", extra={"fields": {"error": exc.message}})
+            log.warning("CLIP text encoding failed; ranking by OCR only", extra={"fields": {"error": str(exc)}})
             return None
         if dimension is not None and len(vector) != dimension:
             log.error(

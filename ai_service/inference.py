@@ -32,6 +32,9 @@ from ai_service.models.install import pull_model
 from ai_service.models.registry import ModelRef, ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import (
+    DEFAULT_OCR_MAX_RESOLUTION,
+    DEFAULT_OCR_MIN_DETECTION_SCORE,
+    DEFAULT_OCR_MIN_RECOGNITION_SCORE,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
     ModelTask,
@@ -44,7 +47,7 @@ from ai_service.runtime.onnx import choose_providers
 from ai_service.settings import AIServiceSettings
 from ai_service.tasks import PredictResponse, check_dependencies, input_problem, task_for
 from ai_service.tasks.faces import FaceResult, detect_faces
-from ai_service.tasks.ocr import DEFAULT_DET_MIN_SCORE, DEFAULT_MAX_RESOLUTION, DEFAULT_REC_MIN_SCORE, read_text
+from ai_service.tasks.ocr import read_text
 
 __all__ = ["FaceResult", "InferenceService"]
 
@@ -344,5 +347,11 @@ class InferenceService:
     def ocr(self, ref: ModelRef, data: bytes) -> tuple[TextLines, DecodedImage]:
         engine = self.cache.get(ref)
         decoded = self.decode(data)
-        lines = read_text(engine, decoded.rgb, DEFAULT_DET_MIN_SCORE, DEFAULT_MAX_RESOLUTION, DEFAULT_REC_MIN_SCORE)
+        lines = read_text(
+            engine,
+            decoded.rgb,
+            DEFAULT_OCR_MIN_DETECTION_SCORE,
+            DEFAULT_OCR_MAX_RESOLUTION,
+            DEFAULT_OCR_MIN_RECOGNITION_SCORE,
+        )
         return lines, decoded

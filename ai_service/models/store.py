@@ -29,15 +29,16 @@ from urllib.parse import urlparse
 from ai_service.errors import UpstreamFailed
 from ai_service.models.base import InvalidModelNameError, ModelError, ModelLoadError, clean_name
 from ai_service.protocol.immich import ModelTask
+from ai_service.protocol.immich_face_models import INSIGHTFACE_PACKS
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 INCOMING_DIR = ".incoming"
 
-# Immich's InsightFace packs on its Hugging Face organisation: the names that make `pull` pick the
-# facial-recognition task when none is given. Everything else pulls as a CLIP model.
-FACE_MODEL_NAMES = frozenset({"antelopev2", "buffalo_s", "buffalo_m", "buffalo_l"})
+# Immich's InsightFace packs are the names that make `pull` pick the facial-recognition task when none is
+# given. Everything else pulls as a CLIP model.
+FACE_MODEL_NAMES = frozenset(INSIGHTFACE_PACKS)
 
 # The parts every installed model of a task must have.
 REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from ai_service.errors import CLIENT_ERRORS, http_status
+from ai_service.errors import CLIENT_ERRORS, HTTP_STATUS
 from gateway.routing import RoutedTask
 
 
@@ -42,7 +42,7 @@ class ClientInputError(Exception):
 
 # Statuses that mean "your input is wrong" in Immich's ML protocol and the AI service:
 # 400 undecodable image / missing field, 413 too large, 422 malformed entries.
-CLIENT_INPUT_STATUSES = frozenset(http_status(kind("")) for kind in CLIENT_ERRORS)
+CLIENT_INPUT_STATUSES = frozenset(HTTP_STATUS[kind] for kind in CLIENT_ERRORS)
 
 CLIENT_FAULTS: tuple[type[Exception], ...] = (ClientInputError, *CLIENT_ERRORS)
 """What a backend raises when the request, not the backend, is at fault: no failover."""
@@ -75,7 +75,7 @@ class Backend(abc.ABC):
     ) -> dict[str, Any]:
         """Immich's response for this one task: ``{task: output}`` plus imageHeight/imageWidth for images.
 
-        Raises BackendFailure or ClientInputError; never returns an error disguised as a result.
+        Raises BackendFailure or one of CLIENT_FAULTS; never returns an error disguised as a result.
         """
 
     @abc.abstractmethod

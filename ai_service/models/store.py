@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 INCOMING_DIR = ".incoming"
 
-# Immich's InsightFace packs are the names that make `pull` pick the facial-recognition task when none is
-# given. Everything else pulls as a CLIP model.
-FACE_MODEL_NAMES = frozenset(INSIGHTFACE_PACKS)
 
 # The parts every installed model of a task must have.
 REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -103,7 +100,7 @@ class ModelStore:
     @staticmethod
     def infer_task(name: str) -> ModelTask:
         """The task a bare name belongs to: Immich's face packs are face models, the rest CLIP."""
-        return ModelTask.FACIAL_RECOGNITION if name in FACE_MODEL_NAMES else ModelTask.CLIP
+        return ModelTask.FACIAL_RECOGNITION if name in INSIGHTFACE_PACKS else ModelTask.CLIP
 
     def validate_layout(self, task: ModelTask | str, folder: Path) -> None:
         """Raise :class:`LayoutError` unless ``folder`` holds a complete model of ``task``."""

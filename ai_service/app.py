@@ -12,9 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ai_service.api import immich, mtphotos, status
 from ai_service.api.limits import RequestBodyMiddleware
-from ai_service.inference import InferenceService, RequestError
-from ai_service.models.base import ModelError
-from ai_service.protocol.immich import DependencyError, EntriesError
+from ai_service.errors import ServiceError, http_status
+from ai_service.inference import InferenceService
 from ai_service.settings import AIServiceSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -70,22 +69,12 @@ def create_app(settings: AIServiceSettings | None = None, service: InferenceServ
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return _error(request, exc.status_code, exc.detail, headers=exc.headers)
 
-    @app.exception_handler(EntriesError)
-    async def _entries(request: Request, exc: EntriesError) -> JSONResponse:
-        return _error(request, 422, str(exc))
-
-    @app.exception_handler(DependencyError)
-    async def _dependency(request: Request, exc: DependencyError) -> JSONResponse:
-        return _error(request, 400, str(exc))
-
-    @app.exception_handler(RequestError)
-    async def _request(request: Request, exc: RequestError) -> JSONResponse:
-        return _error(request, exc.status, exc.detail)
-
-    @app.exception_handler(ModelError)
-    async def _model(request: Request, exc: ModelError) -> JSONResponse:
-        if exc.status >= 500:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        # The one place a domain error becomes an HTTP reply (the kinds and their statuses: ai_service/errors.py).
+        status = http_status(exc)
+        if status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        return _error(request, exc.status, str(exc))
+        return _error(request, status, str(exc))
 
     return app

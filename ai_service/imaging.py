@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ai_service.errors import InputTooLarge, InvalidInput
+
 log = logging.getLogger(__name__)
 
 try:  # optional: HEIC/HEIF (iPhone photos); Pillow itself reads AVIF
@@ -34,12 +36,12 @@ except ImportError:
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageError(ValueError):
-    """The bytes are not an image we can use. Maps to HTTP 400."""
+class ImageError(InvalidInput, ValueError):
+    """The bytes are not an image we can use."""
 
 
-class ImageTooLargeError(ValueError):
-    """The image has more pixels than allowed. Maps to HTTP 413."""
+class ImageTooLargeError(InputTooLarge, ValueError):
+    """The image has more pixels than allowed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ai_service.imaging import DecodedImage, ImageError, ImageTooLargeError, decode_image
+from ai_service.errors import InputTooLarge, InvalidInput, TimedOut
+from ai_service.imaging import DecodedImage, decode_image
 from ai_service.models.base import (
     ClipTextualModel,
     ClipVisualModel,
@@ -31,6 +32,9 @@ from ai_service.models.install import pull_model
 from ai_service.models.registry import ModelRef, ModelRegistry
 from ai_service.models.store import ModelStore
 from ai_service.protocol.immich import (
+    DEFAULT_OCR_MAX_RESOLUTION,
+    DEFAULT_OCR_MIN_DETECTION_SCORE,
+    DEFAULT_OCR_MIN_RECOGNITION_SCORE,
     IMAGE_HEIGHT,
     IMAGE_WIDTH,
     ModelTask,
@@ -43,21 +47,12 @@ from ai_service.runtime.onnx import choose_providers
 from ai_service.settings import AIServiceSettings
 from ai_service.tasks import PredictResponse, check_dependencies, input_problem, task_for
 from ai_service.tasks.faces import FaceResult, detect_faces
-from ai_service.tasks.ocr import DEFAULT_DET_MIN_SCORE, DEFAULT_MAX_RESOLUTION, DEFAULT_REC_MIN_SCORE, read_text
+from ai_service.tasks.ocr import read_text
 
-__all__ = ["FaceResult", "InferenceService", "RequestError"]
+__all__ = ["FaceResult", "InferenceService"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class RequestError(Exception):
-    """The request itself is wrong; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def build_registry(settings: AIServiceSettings) -> ModelRegistry:
@@ -211,8 +206,8 @@ class InferenceService:
         try:
             return await asyncio.wait_for(future, timeout=self.settings.request_timeout_s)
         except TimeoutError:
-            raise RequestError(
-                504, f"inference took longer than {self.settings.request_timeout_s:g}s (AI_SERVICE_REQUEST_TIMEOUT_S)"
+            raise TimedOut(
+                f"inference took longer than {self.settings.request_timeout_s:g}s (AI_SERVICE_REQUEST_TIMEOUT_S)"
             ) from None
 
     # ---- model lookup ------------------------------------------------------------------------------
@@ -252,15 +247,15 @@ class InferenceService:
         Checks the request (dependency rule, image or text, the query text) and runs it (:meth:`run`)."""
         check_dependencies(entries)
         if image is None and text is None:
-            raise RequestError(400, "Either image or text must be provided")
+            raise InvalidInput("Either image or text must be provided")
         problem = input_problem(entries, image is not None)
         if problem is not None:
-            raise RequestError(400, problem)
+            raise InvalidInput(problem)
         if image is None:
             assert text is not None
             problem = query_text_problem(text)
             if problem is not None:
-                raise RequestError(400, problem)
+                raise InvalidInput(problem)
         return await self.run(entries, image, text, refs)
 
     async def run(
@@ -278,15 +273,15 @@ class InferenceService:
             return await self.run_blocking(self._predict_image, entries, refs, image)
         assert text is not None
         if len(text) > self.settings.max_text_chars:
-            raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
+            raise InputTooLarge(f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
         return await self.run_blocking(self._predict_text, entries, refs, text)
 
     def check_text(self, text: str) -> None:
         problem = query_text_problem(text)
         if problem is not None:
-            raise RequestError(400, problem)
+            raise InvalidInput(problem)
         if len(text) > self.settings.max_text_chars:
-            raise RequestError(413, f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
+            raise InputTooLarge(f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
 
     def _models(self, task: ModelTask, refs: dict[tuple[ModelTask, ModelType], ModelRef]) -> dict[ModelType, object]:
         return {type_: self.cache.get(ref) for (t, type_), ref in refs.items() if t == task}
@@ -326,14 +321,10 @@ class InferenceService:
     # ---- building blocks (also used by the MT Photos API) ----------------------------------------
 
     def decode(self, data: bytes, *, min_side: int | None = None) -> DecodedImage:
-        try:
-            decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, min_side=min_side)
-            note_decoded(decoded.rgb.shape[0] * decoded.rgb.shape[1])
-            return decoded
-        except ImageTooLargeError as exc:
-            raise RequestError(413, str(exc)) from None
-        except ImageError as exc:
-            raise RequestError(400, str(exc)) from None
+        """Raises ImageError / ImageTooLargeError, answered (400 / 413) at the app's edge."""
+        decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, min_side=min_side)
+        note_decoded(decoded.rgb.shape[0] * decoded.rgb.shape[1])
+        return decoded
 
     def encode_text(self, ref: ModelRef, text: str, language: str | None) -> np.ndarray:
         model = self.cache.get(ref)
@@ -356,5 +347,11 @@ class InferenceService:
     def ocr(self, ref: ModelRef, data: bytes) -> tuple[TextLines, DecodedImage]:
         engine = self.cache.get(ref)
         decoded = self.decode(data)
-        lines = read_text(engine, decoded.rgb, DEFAULT_DET_MIN_SCORE, DEFAULT_MAX_RESOLUTION, DEFAULT_REC_MIN_SCORE)
+        lines = read_text(
+            engine,
+            decoded.rgb,
+            DEFAULT_OCR_MIN_DETECTION_SCORE,
+            DEFAULT_OCR_MAX_RESOLUTION,
+            DEFAULT_OCR_MIN_RECOGNITION_SCORE,
+        )
         return lines, decoded

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ai_service.protocol.mtphotos import MTPHOTOS_CLIP_MODEL, MTPHOTOS_FACE_MODEL
 from ai_service.runtime.batching import DEFAULT_MAX_SIZE, DEFAULT_WAIT_MS, BatchOptions
 from ai_service.runtime.http_limits import HttpLimits
 from ai_service.runtime.onnx import SessionOptions
@@ -276,10 +277,10 @@ class AIServiceSettings(BaseSettings):
         repr=False,
     )
     mtphotos_clip_model: str = Field(
-        "ViT-B-16__cn-clip", description="CLIP model used by the MT Photos /clip endpoints."
+        MTPHOTOS_CLIP_MODEL, description="CLIP model used by the MT Photos /clip endpoints."
     )
     mtphotos_face_model: str = Field(
-        "buffalo_l",
+        MTPHOTOS_FACE_MODEL,
         description=(
             "Face model used by the MT Photos /represent endpoint; buffalo_l is what MT Photos' own face service "
             "runs. 'dlib' needs no download, but its vectors differ from buffalo_l's."
@@ -342,7 +343,7 @@ class AIServiceSettings(BaseSettings):
         description=(
             "Repositories on AI_SERVICE_HF_ENDPOINT holding a transformers.js-style ONNX export of a Chinese-CLIP "
             "model (onnx/model*.onnx + tokenizer + configs), which 'models pull' converts to the service's layout "
-            "without torch; JSON, e.g. '{\"ViT-B-16__cn-clip\":\"me/my-export\"}'. Entries given are merged over "
+            'without torch; JSON, e.g. \'{"ViT-B-16__cn-clip":"me/my-export"}\'. Entries given are merged over '
             "the defaults (the three Xenova/chinese-clip-vit-* repos); an empty repo makes that name pull "
             "AI_SERVICE_MODEL_REPO_OWNER/<name> as an Immich-layout model instead."
         ),

@@ -126,55 +126,59 @@ def write_ocr_result(
     with conn.transaction():
         set_local_search_path(conn, settings)
         _lock_asset(conn, asset_id)
-        if clean:
-            columns = list(
-                zip(*[(*line.box, line.box_score, line.text_score, line.text) for line in clean], strict=True)
-            )
-            conn.execute(
-                """
-                WITH deleted_ocr AS (
-                  DELETE FROM asset_ocr WHERE "assetId" = %(id)s
-                ), inserted_ocr AS (
-                  INSERT INTO asset_ocr ("assetId", "x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4",
-                                         "text", "boxScore", "textScore")
-                  SELECT %(id)s, u.x1, u.y1, u.x2, u.y2, u.x3, u.y3, u.x4, u.y4, u.text, u.box_score, u.text_score
-                  FROM unnest(%(x1)s::real[], %(y1)s::real[], %(x2)s::real[], %(y2)s::real[],
-                              %(x3)s::real[], %(y3)s::real[], %(x4)s::real[], %(y4)s::real[],
-                              %(box_score)s::real[], %(text_score)s::real[], %(text)s::text[])
-                       WITH ORDINALITY AS u(x1, y1, x2, y2, x3, y3, x4, y4, box_score, text_score, text, ord)
-                  ORDER BY u.ord
-                ), inserted_search AS (
-                  INSERT INTO ocr_search ("assetId", "text") VALUES (%(id)s, %(search_text)s)
-                  ON CONFLICT ("assetId") DO UPDATE SET "text" = excluded."text"
-                )
-                SELECT 1 AS dummy
-                """,
-                {
-                    "id": asset_id,
-                    **{
-                        key: list(values)
-                        for key, values in zip(
-                            ("x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4", "box_score", "text_score", "text"),
-                            columns,
-                            strict=True,
-                        )
-                    },
-                    "search_text": ocr_search_text(clean),
-                },
-            )
-        else:
-            conn.execute(
-                """
-                WITH deleted_ocr AS (DELETE FROM asset_ocr WHERE "assetId" = %(id)s),
-                     deleted_search AS (DELETE FROM ocr_search WHERE "assetId" = %(id)s)
-                SELECT 1 AS dummy
-                """,
-                {"id": asset_id},
-            )
+        _replace_ocr_rows(conn, asset_id, clean)
         conn.execute(
             """INSERT INTO asset_job_status ("assetId", "ocrAt") VALUES (%s, coalesce(%s, now()))
                ON CONFLICT ("assetId") DO UPDATE SET "ocrAt" = excluded."ocrAt" """,
             [asset_id, now],
+        )
+
+
+def _replace_ocr_rows(conn: psycopg.Connection[Any], asset_id: UUID, clean: Sequence[OcrLine]) -> None:
+    """One statement: the asset's asset_ocr rows replaced and its ocr_search row upserted (both deleted when
+    nothing was found)."""
+    if clean:
+        columns = list(zip(*[(*line.box, line.box_score, line.text_score, line.text) for line in clean], strict=True))
+        conn.execute(
+            """
+            WITH deleted_ocr AS (
+              DELETE FROM asset_ocr WHERE "assetId" = %(id)s
+            ), inserted_ocr AS (
+              INSERT INTO asset_ocr ("assetId", "x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4",
+                                     "text", "boxScore", "textScore")
+              SELECT %(id)s, u.x1, u.y1, u.x2, u.y2, u.x3, u.y3, u.x4, u.y4, u.text, u.box_score, u.text_score
+              FROM unnest(%(x1)s::real[], %(y1)s::real[], %(x2)s::real[], %(y2)s::real[],
+                          %(x3)s::real[], %(y3)s::real[], %(x4)s::real[], %(y4)s::real[],
+                          %(box_score)s::real[], %(text_score)s::real[], %(text)s::text[])
+                   WITH ORDINALITY AS u(x1, y1, x2, y2, x3, y3, x4, y4, box_score, text_score, text, ord)
+              ORDER BY u.ord
+            ), inserted_search AS (
+              INSERT INTO ocr_search ("assetId", "text") VALUES (%(id)s, %(search_text)s)
+              ON CONFLICT ("assetId") DO UPDATE SET "text" = excluded."text"
+            )
+            SELECT 1 AS dummy
+            """,
+            {
+                "id": asset_id,
+                **{
+                    key: list(values)
+                    for key, values in zip(
+                        ("x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4", "box_score", "text_score", "text"),
+                        columns,
+                        strict=True,
+                    )
+                },
+                "search_text": ocr_search_text(clean),
+            },
+        )
+    else:
+        conn.execute(
+            """
+            WITH deleted_ocr AS (DELETE FROM asset_ocr WHERE "assetId" = %(id)s),
+                 deleted_search AS (DELETE FROM ocr_search WHERE "assetId" = %(id)s)
+            SELECT 1 AS dummy
+            """,
+            {"id": asset_id},
         )
 
 

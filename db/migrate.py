@@ -366,39 +366,9 @@ def migrate(
         raise ValueError("migrate() needs a connection in autocommit mode")
     report = MigrationReport()
     try:
-        keys = _lock_keys(conn, _MIGRATE_LOCK, settings)
-        conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{settings.migration_lock_timeout_s}s"])
-        try:
-            conn.execute("SELECT pg_advisory_lock(%s, %s)", keys)
-        except psycopg.errors.LockNotAvailable:
-            raise MigrationError("another migration runner holds the lock; timed out waiting for it") from None
-        finally:
-            conn.execute("RESET lock_timeout")
-        try:
-            report.applied = _apply_migrations(conn, settings)
-            _store_config(conn, settings)
-            report.segmenter, report.segmenter_changed = install_segmenter(conn, settings)
-            if attach_to_immich:
-                report.triggers_created = _install_triggers(conn, settings)
-        except psycopg.errors.LockNotAvailable:
-            raise MigrationError(
-                f"could not attach triggers to {settings.immich_schema}.asset_ocr within "
-                f"{settings.ddl_lock_timeout_ms} ms (a long transaction holds it); retry later"
-            ) from None
-        except psycopg.Error as exc:
-            raise MigrationError(f"migrating schema {settings.schema_name} failed: {first_line(exc)}") from exc
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s, %s)", keys)
+        _apply_under_lock(conn, settings, report, attach_to_immich=attach_to_immich)
         if sync and attach_to_immich:
-            sync_keys = _lock_keys(conn, _SYNC_LOCK, settings)
-            got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", sync_keys).fetchone()
-            if got and got[0]:
-                try:
-                    report.sync = sync_documents(conn, settings)
-                finally:
-                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", sync_keys)
-            else:
-                log.info("another process is synchronising OCR documents; skipping")
+            _sync_unless_busy(conn, settings, report)
     finally:
         if own:
             conn.close()
@@ -410,6 +380,48 @@ def migrate(
         report.triggers_created,
     )
     return report
+
+
+def _apply_under_lock(
+    conn: psycopg.Connection[Any], settings: DbSearchSettings, report: MigrationReport, *, attach_to_immich: bool
+) -> None:
+    """Migrations, stored config, segmenter and (attached to Immich) triggers, under the migration lock."""
+    keys = _lock_keys(conn, _MIGRATE_LOCK, settings)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{settings.migration_lock_timeout_s}s"])
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s, %s)", keys)
+    except psycopg.errors.LockNotAvailable:
+        raise MigrationError("another migration runner holds the lock; timed out waiting for it") from None
+    finally:
+        conn.execute("RESET lock_timeout")
+    try:
+        report.applied = _apply_migrations(conn, settings)
+        _store_config(conn, settings)
+        report.segmenter, report.segmenter_changed = install_segmenter(conn, settings)
+        if attach_to_immich:
+            report.triggers_created = _install_triggers(conn, settings)
+    except psycopg.errors.LockNotAvailable:
+        raise MigrationError(
+            f"could not attach triggers to {settings.immich_schema}.asset_ocr within "
+            f"{settings.ddl_lock_timeout_ms} ms (a long transaction holds it); retry later"
+        ) from None
+    except psycopg.Error as exc:
+        raise MigrationError(f"migrating schema {settings.schema_name} failed: {first_line(exc)}") from exc
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", keys)
+
+
+def _sync_unless_busy(conn: psycopg.Connection[Any], settings: DbSearchSettings, report: MigrationReport) -> None:
+    """Synchronise OCR documents, unless another process is already doing it."""
+    sync_keys = _lock_keys(conn, _SYNC_LOCK, settings)
+    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", sync_keys).fetchone()
+    if got and got[0]:
+        try:
+            report.sync = sync_documents(conn, settings)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", sync_keys)
+    else:
+        log.info("another process is synchronising OCR documents; skipping")
 
 
 def uninstall(settings: DbSearchSettings | None = None, conn: psycopg.Connection[Any] | None = None) -> None:

@@ -219,6 +219,14 @@ def _scope_sql(user_ids: Sequence[UUID], f: SearchFilters) -> tuple[sql.Composab
     value is a parameter."""
     conds: list[sql.Composable] = [sql.SQL('a."ownerId" = ANY(%(f_user_ids)s::uuid[])')]
     params: Params = {"f_user_ids": list(user_ids)}
+    _asset_conditions(f, conds, params)
+    _exif_condition(f, conds, params)
+    _album_and_people_conditions(f, conds, params)
+    return sql.SQL(" AND ").join(conds), params
+
+
+def _asset_conditions(f: SearchFilters, conds: list[sql.Composable], params: Params) -> None:
+    """The filters on the asset row itself."""
     if not f.with_deleted:
         conds.append(sql.SQL('a."deletedAt" IS NULL'))
     # Compared as the column's own enum (the literal / untyped parameter takes asset.visibility's type):
@@ -255,6 +263,9 @@ def _scope_sql(user_ids: Sequence[UUID], f: SearchFilters) -> tuple[sql.Composab
             conds.append(sql.SQL('a."libraryId" = %(f_library)s'))
             params["f_library"] = f.library_id
 
+
+def _exif_condition(f: SearchFilters, conds: list[sql.Composable], params: Params) -> None:
+    """The EXIF filters, as one EXISTS on asset_exif (also required alone by ``withExif``)."""
     exif: list[sql.Composable] = []
     for column, key, value in (
         ("city", "f_city", f.city),
@@ -278,6 +289,10 @@ def _scope_sql(user_ids: Sequence[UUID], f: SearchFilters) -> tuple[sql.Composab
                 sql.SQL("").join(sql.SQL(" AND ") + c for c in exif)
             )
         )
+
+
+def _album_and_people_conditions(f: SearchFilters, conds: list[sql.Composable], params: Params) -> None:
+    """In every album named / showing every person named (Immich's AND semantics), or in no album."""
     if f.album_ids:
         albums = sorted(set(f.album_ids), key=str)
         conds.append(
@@ -301,7 +316,6 @@ def _scope_sql(user_ids: Sequence[UUID], f: SearchFilters) -> tuple[sql.Composab
         )
         params["f_people"] = people
         params["f_people_count"] = len(people)
-    return sql.SQL(" AND ").join(conds), params
 
 
 def _config_statement(ctx: SearchContext, query_text: str, *, with_clip: bool) -> Statement:

@@ -24,18 +24,13 @@ from prometheus_client import generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ai_service.api.limits import RequestBodyMiddleware
-from ai_service.protocol.immich import (
-    DependencyError,
-    EntriesError,
-    load_entries_json,
-    query_text_problem,
-)
+from ai_service.errors import InvalidInput, ServiceError, http_status
+from ai_service.protocol.immich import load_entries_json, query_text_problem
 from ai_service.tasks import check_dependencies, input_problem, validate_entries
 from gateway.backends import ClientInputError
 from gateway.dispatch import NoBackendAvailable
 from gateway.logs import REQUEST_ID, go_direct, request_id_from
 from gateway.metrics import PrometheusText
-from gateway.routing import MappingError
 from gateway.settings import GatewaySettings, get_settings
 from gateway.web import router as web_router
 from gateway.wiring import Gateway, gateway_of
@@ -138,20 +133,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 # ---- errors: how each becomes an answer ------------------------------------------------------------------
 
 
-async def _entries(request: Request, exc: EntriesError) -> Response:
-    return _json_error(422, str(exc))
-
-
-async def _dependency(request: Request, exc: DependencyError) -> Response:
-    return _json_error(400, str(exc))
-
-
-async def _mapping(request: Request, exc: MappingError) -> Response:
-    # A configuration mismatch between Immich and the gateway: retrying elsewhere cannot help.
-    return _json_error(422, str(exc))
+async def _service_error(request: Request, exc: ServiceError) -> Response:
+    # Malformed entries, a model name the routing cannot serve (MappingError), a bad image…: the one place
+    # they become replies; the kinds and their statuses are in ai_service/errors.py.
+    return _json_error(http_status(exc), str(exc))
 
 
 async def _client_input(request: Request, exc: ClientInputError) -> Response:
+    # A remote backend's own verdict on the input, relayed as it answered it.
     return Response(exc.body, status_code=exc.status, media_type=exc.content_type)
 
 
@@ -162,9 +151,7 @@ async def _no_backend(request: Request, exc: NoBackendAvailable) -> Response:
 
 
 ERROR_HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]] = {
-    EntriesError: _entries,
-    DependencyError: _dependency,
-    MappingError: _mapping,
+    ServiceError: _service_error,
     ClientInputError: _client_input,
     NoBackendAvailable: _no_backend,
 }
@@ -226,7 +213,7 @@ async def predict(
         fields["task"] = label
         data, text = await _image_or_text(image, text)
         if (problem := input_problem(parsed, data is not None)) is not None:  # checked once, for every backend
-            raise ClientInputError(400, orjson.dumps({"detail": problem}))
+            raise InvalidInput(problem)
         routed = [
             gateway.router.route_task(task, types, raw.get(task.value) or {}) for task, types in parsed.items() if types
         ]
@@ -238,11 +225,8 @@ async def predict(
     except ClientInputError as exc:
         status = exc.status
         raise
-    except (EntriesError, MappingError):
-        status = 422
-        raise
-    except DependencyError:
-        status = 400
+    except ServiceError as exc:
+        status = http_status(exc)
         raise
     except NoBackendAvailable:
         status = 503
@@ -257,9 +241,9 @@ async def _image_or_text(image: UploadFile | None, text: str | None) -> tuple[by
     """The input as Immich's service takes it: the image wins over text, and one of them must be there."""
     data = await image.read() if image is not None else None
     if data is None and text is None:
-        raise ClientInputError(400, orjson.dumps({"detail": "Either image or text must be provided"}))
+        raise InvalidInput("Either image or text must be provided")
     if data is not None:
         return data, None
     if text is not None and (problem := query_text_problem(text)) is not None:
-        raise ClientInputError(400, orjson.dumps({"detail": problem}))  # a stock backend would embed it
+        raise InvalidInput(problem)  # a stock backend would embed it
     return None, text

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ai_service.protocol.immich import IMAGE_HEIGHT, IMAGE_WIDTH, ModelTask
-from gateway.backends.base import Backend, BackendFailure, ClientInputError
+from gateway.backends.base import CLIENT_FAULTS, Backend, BackendFailure
 from gateway.health import Breakers, BreakerState, CircuitBreaker, Permit
 from gateway.metrics import Metrics
 from gateway.routing import RoutedTask, Router
@@ -115,7 +115,7 @@ class Dispatcher:
         except BaseExceptionGroup as group:
             # One failed task fails the request (as in Immich's service); answer with its own error.
             for error in group.exceptions:
-                if isinstance(error, ClientInputError | NoBackendAvailable):
+                if isinstance(error, CLIENT_FAULTS | NoBackendAvailable):
                     raise error from None
             raise
         merged: dict[str, Any] = {}
@@ -132,7 +132,7 @@ class Dispatcher:
     async def dispatch(
         self, routed: RoutedTask, image: bytes | None, text: str | None, *, request_id: str, deadline: float
     ) -> tuple[dict[str, Any], str]:
-        """Immich's reply for one task and the backend that made it; raises ClientInputError or NoBackendAvailable."""
+        """Immich's reply for one task and the backend that made it; raises a CLIENT_FAULTS or NoBackendAvailable."""
         task = routed.task
         label = task.value
         attempts: list[dict[str, str]] = []
@@ -230,7 +230,7 @@ class Dispatcher:
         try:
             raw = await self._predict(backend, routed, image, text, timeout_s, request_id, fallbacks)
             result = raw if backend.checked_replies else validate_response(routed, raw, image=image is not None)
-        except ClientInputError:
+        except CLIENT_FAULTS:
             # The backend is fine; the input is not. Its verdict goes to Immich as is.
             breaker.success(permit)
             self.metrics.backend_requests.labels(backend.name, task, "client_error").inc()

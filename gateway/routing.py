@@ -17,27 +17,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ai_service.errors import Unprocessable
+from ai_service.models.clip.catalog import KNOWN_CLIP_MODELS
 from ai_service.protocol.immich import ModelTask, ModelType, PipelineEntry
 from ai_service.protocol.immich_clip_models import IMMICH_CLIP_DIMENSIONS, immich_clip_dimension
 from ai_service.protocol.immich_face_models import max_distance_range
 from ai_service.tasks import task_for
 from gateway.settings import GatewaySettings
 
-# Chinese-CLIP exports (OFA-Sys/Chinese-CLIP), as the AI service names them: embedding sizes.
-CN_CLIP_DIMENSIONS: dict[str, int] = {
-    "ViT-B-16__cn-clip": 512,
-    "ViT-L-14__cn-clip": 768,
-    "ViT-L-14-336__cn-clip": 768,
-    "ViT-H-14__cn-clip": 1024,
-    "RN50__cn-clip": 1024,
-}
+# Every CLIP model the AI service knows (Immich's allow-list and the Chinese-CLIP exports): embedding sizes.
+KNOWN_CLIP_DIMENSIONS: dict[str, int] = {name: known.embed_dim for name, known in KNOWN_CLIP_MODELS.items()}
 
 
 class ConfigError(ValueError):
     """The configuration cannot work; the gateway refuses to start with this message."""
 
 
-class MappingError(ValueError):
+class MappingError(Unprocessable, ValueError):
     """A request's model name cannot be served consistently (e.g. a prefix route with the wrong dimension)."""
 
 
@@ -72,7 +68,7 @@ class Router:
     def __post_init__(self) -> None:
         declared = {normalise_name(k): v for k, v in self.settings.clip_dimensions.items()}
         # Declared sizes win: they describe the deployment's own exports.
-        self.clip_dims = {**IMMICH_CLIP_DIMENSIONS, **CN_CLIP_DIMENSIONS, **declared}
+        self.clip_dims = {**KNOWN_CLIP_DIMENSIONS, **declared}
         self.check_startup()
 
     # ---- routes ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInf
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ai_service.protocol.immich import ModelTask
+from ai_service.protocol.mtphotos import MTPHOTOS_CLIP_MODEL, MTPHOTOS_FACE_MODEL
 from ai_service.runtime.http_limits import HttpLimits
 from ai_service.tasks import TASKS, Task, task_for
 
@@ -40,11 +41,11 @@ class BackendKind(StrEnum):
     MTPHOTOS = "mtphotos"  # MT Photos AI API (mt-photos-ai, mt-photos-insightface-unofficial, our ai_service)
 
 
-# What an MT Photos server runs when nothing else is declared: the official image's cn-clip ViT-B-16
-# and InsightFace buffalo_l. MT Photos ignores the model name it is sent, so the gateway needs to know.
+# What an MT Photos server runs when nothing else is declared. MT Photos ignores the model name it is sent,
+# so the gateway needs to know.
 MTPHOTOS_DEFAULT_MODELS: dict[str, str] = {
-    ModelTask.CLIP.value: "ViT-B-16__cn-clip",
-    ModelTask.FACIAL_RECOGNITION.value: "buffalo_l",
+    ModelTask.CLIP.value: MTPHOTOS_CLIP_MODEL,
+    ModelTask.FACIAL_RECOGNITION.value: MTPHOTOS_FACE_MODEL,
 }
 
 

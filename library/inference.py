@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ai_service.inference import InferenceService, RequestError
+from ai_service.errors import error_for_status
+from ai_service.inference import InferenceService
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.settings import AIServiceSettings
 from library.settings import LibrarySettings
@@ -147,8 +148,8 @@ class LibraryInference:
         ]
 
     def _predict(self, entries: dict[str, Any], *, image: bytes | None = None, text: str | None = None) -> Any:
-        """POST <inference_url>/predict as the Immich server does. A 4xx about the input becomes a
-        RequestError (the pipeline fails that item's step for good); anything else is retried."""
+        """POST <inference_url>/predict as the Immich server does. A 4xx about the input becomes its error kind
+        (ai_service/errors.py; a 400 or 413 fails that item's step for good); anything else is retried."""
         assert self.settings.inference_url is not None
         url = self.settings.inference_url.rstrip("/") + "/predict"
         form: dict[str, Any] = {"entries": json.dumps(entries)}
@@ -161,7 +162,7 @@ class LibraryInference:
                 detail = str(response.json().get("detail", response.text))
             except ValueError:
                 detail = response.text
-            raise RequestError(response.status_code, f"inference service: {detail[:500]}")
+            raise error_for_status(response.status_code, f"inference service: {detail[:500]}")
         response.raise_for_status()
         return response.json()
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import psycopg
 
+from ai_service.errors import InputTooLarge, InvalidInput, ServiceError
 from ai_service.imaging import ImageError, ImageTooLargeError
-from ai_service.inference import RequestError
+from ai_service.models.base import ModelError
 from library import blocklist, items, pdq, people, search, tags, text, video
 from library.db import Database
 from library.inference import LibraryInference
@@ -215,8 +216,10 @@ class Pipeline:
                     self._fail(conn, claim, f"not a usable video: {exc}", permanent=True)
                 except (ImageError, ImageTooLargeError) as exc:
                     self._fail(conn, claim, f"not a usable image: {exc}", permanent=True)
-                except RequestError as exc:
-                    self._fail(conn, claim, exc.detail, permanent=exc.status in (400, 413))
+                except ServiceError as exc:
+                    # The input's fault fails for good; a missing model, a timeout or a busy service may pass.
+                    bad_input = isinstance(exc, InvalidInput | InputTooLarge) and not isinstance(exc, ModelError)
+                    self._fail(conn, claim, exc.detail, permanent=bad_input)
                 except psycopg.OperationalError:
                     raise
                 except Exception as exc:

@@ -13,6 +13,8 @@ import psycopg.conninfo
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ai_service.protocol.immich import DEFAULT_FACE_MIN_SCORE
+
 ENV_PREFIX = "LIBRARY_"
 
 # Refused by default: link-local (cloud metadata lives at 169.254.169.254 and fd00:ec2::254), "this host"
@@ -197,7 +199,9 @@ class LibrarySettings(BaseSettings):
     tags_min_score: float = Field(
         default=0.2, ge=-1, le=1, description="Least cosine similarity of image and tag prompt for a tag to be kept."
     )
-    face_min_score: float = Field(default=0.7, ge=0, le=1, description="Face detection threshold of the 'faces' step.")
+    face_min_score: float = Field(
+        default=DEFAULT_FACE_MIN_SCORE, ge=0, le=1, description="Face detection threshold of the 'faces' step."
+    )
     people_enabled: bool = Field(
         default=True,
         description="Cluster the faces of the 'faces' step into people as they are stored (a face joins the person "

@@ -32,7 +32,9 @@ import onnx
 import pytest
 from PIL import Image
 
-from ai_service.inference import InferenceService, RequestError, request_threads
+from ai_service.errors import http_status
+from ai_service.imaging import ImageError
+from ai_service.inference import InferenceService, request_threads
 from ai_service.models.base import FaceDetections
 from ai_service.models.clip import ClipTextualEncoder, ClipVisualEncoder
 from ai_service.models.clip.common import read_json
@@ -533,8 +535,8 @@ def test_service_batches_concurrent_requests_and_isolates_a_bad_image(clip_model
     assert largest == 7
 
     bad = batched_visual[3]
-    assert isinstance(bad, RequestError) and bad.status == 400
-    assert isinstance(single_visual[3], RequestError) and single_visual[3].status == 400
+    assert isinstance(bad, ImageError) and http_status(bad) == 400
+    assert isinstance(single_visual[3], ImageError) and http_status(single_visual[3]) == 400
     for i, (got, expected) in enumerate(zip(batched_visual, single_visual, strict=True)):
         if i == 3:
             continue

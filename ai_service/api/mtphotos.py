@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, File, Header, HTTPException, Request, UploadFile
 
-from ai_service.inference import InferenceService, RequestError
+from ai_service.errors import InvalidInput
+from ai_service.inference import InferenceService
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.protocol.mtphotos import (
     API_KEY_HEADER,
@@ -100,7 +101,7 @@ async def restart(request: Request) -> dict[str, str]:
 async def _read(file: UploadFile) -> bytes:
     data = await file.read()
     if not data:
-        raise RequestError(400, "'file' is empty")
+        raise InvalidInput("'file' is empty")
     return data
 
 

@@ -12,29 +12,25 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-
-class ModelError(Exception):
-    """Base class; ``status`` is the HTTP status the API answers with."""
-
-    status = 500
+from ai_service.errors import InvalidInput, NotFound, ServiceError, Unavailable
 
 
-class InvalidModelNameError(ModelError):
-    status = 400
+class ModelError(ServiceError):
+    """Base class of model lookup, install and load errors; each also has its kind (ai_service/errors.py)."""
 
 
-class UnknownModelError(ModelError):
+class InvalidModelNameError(ModelError, InvalidInput):
+    pass
+
+
+class UnknownModelError(ModelError, NotFound):
     """Neither installed nor a model this service knows how to install."""
 
-    status = 404
 
-
-class ModelNotInstalledError(ModelError):
+class ModelNotInstalledError(ModelError, Unavailable):
     """A known model whose files are missing; the message says how to install it.
 
     ``downloadable`` says whether the service can fetch it by itself (download on first use)."""
-
-    status = 503
 
     def __init__(self, message: str, *, task: str | None = None, name: str | None = None, downloadable: bool = False):
         super().__init__(message)
@@ -43,10 +39,8 @@ class ModelNotInstalledError(ModelError):
         self.downloadable = downloadable
 
 
-class ModelLoadError(ModelError):
+class ModelLoadError(ModelError, Unavailable):
     """The files are there but could not be loaded (corrupt download, wrong layout)."""
-
-    status = 503
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-+]{0,127}$")

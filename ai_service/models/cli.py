@@ -18,8 +18,9 @@ from ai_service.models.base import ModelError
 from ai_service.models.clip.catalog import CN_CLIP_ARCHS, KNOWN_CLIP_MODELS
 from ai_service.models.clip.family import ClipFamily
 from ai_service.models.install import pull_model
-from ai_service.models.store import FACE_MODEL_NAMES, MODEL_FILE, ModelStore
+from ai_service.models.store import MODEL_FILE, ModelStore
 from ai_service.protocol.immich import ModelTask
+from ai_service.protocol.immich_face_models import INSIGHTFACE_PACKS
 from ai_service.settings import AIServiceSettings
 
 
@@ -111,7 +112,7 @@ def _list(settings: AIServiceSettings, only: str | None, out: TextIO) -> None:
 
 
 def _describe_known(settings: AIServiceSettings, task: ModelTask, name: str) -> str:
-    if task == ModelTask.FACIAL_RECOGNITION and name in FACE_MODEL_NAMES:
+    if task == ModelTask.FACIAL_RECOGNITION and name in INSIGHTFACE_PACKS:
         return " (models pull)"
     known = KNOWN_CLIP_MODELS.get(name) if task == ModelTask.CLIP else None
     if known is None:

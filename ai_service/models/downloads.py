@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ai_service.errors import Unavailable
 from ai_service.models.base import ModelError
 from ai_service.models.store import INCOMING_DIR, InstallBusyError, ModelStore
 from ai_service.protocol.immich import ModelTask
@@ -35,16 +36,12 @@ log = logging.getLogger(__name__)
 PullFn = Callable[[str, ModelTask], Path]
 
 
-class ModelDownloadingError(ModelError):
+class ModelDownloadingError(ModelError, Unavailable):
     """The model is being downloaded and was not ready within the request's wait."""
 
-    status = 503
 
-
-class ModelDownloadFailedError(ModelError):
+class ModelDownloadFailedError(ModelError, Unavailable):
     """The download failed; the message says why and how to install the model by hand."""
-
-    status = 503
 
 
 @dataclass(slots=True)

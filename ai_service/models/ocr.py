@@ -38,7 +38,7 @@ from rapidocr.utils.process_img import get_rotate_crop_image
 
 from ai_service.models.base import ModelLoadError, ModelNotInstalledError, TextDetections, TextLines
 from ai_service.models.store import MODEL_FILE, ModelStore
-from ai_service.protocol.immich import ModelTask, ModelType
+from ai_service.protocol.immich import DEFAULT_OCR_MAX_RESOLUTION, ModelTask, ModelType
 from ai_service.protocol.reading_order import reading_order
 from ai_service.runtime.onnx import SessionOptions, create_session, shrink_arena_run_options
 from ai_service.settings import AIServiceSettings
@@ -63,7 +63,6 @@ _BUNDLED_REC = "PP-OCRv6_rec_small.onnx"
 _BUNDLED_CLS = "ch_ppocr_mobile_v2.0_cls_mobile.onnx"
 
 # Immich's detection defaults (also what its server sends): DB threshold, unclip, dilation.
-DEFAULT_MAX_RESOLUTION = 736
 _DB_THRESH = 0.3
 _DB_UNCLIP_RATIO = 1.6
 _DB_MAX_CANDIDATES = 1000
@@ -194,7 +193,7 @@ class OcrPipeline:
         empty = TextDetections(np.zeros((0, 4, 2), np.float32), np.zeros(0, np.float32))
         if h < 2 or w < 2:
             return empty
-        max_res = DEFAULT_MAX_RESOLUTION if max_resolution is None else max_resolution
+        max_res = DEFAULT_OCR_MAX_RESOLUTION if max_resolution is None else max_resolution
         # Clamped, not refused: Immich sends whatever its admin typed, and a refusal would fail every OCR job.
         prob = self._det_probabilities(image, min(max_res, self._limits.max_resolution_ceiling))
         # A fresh post-processor per call: box_thresh is this request's value, nothing shared changes.

@@ -26,17 +26,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ai_service.errors import UpstreamFailed
 from ai_service.models.base import InvalidModelNameError, ModelError, ModelLoadError, clean_name
 from ai_service.protocol.immich import ModelTask
+from ai_service.protocol.immich_face_models import INSIGHTFACE_PACKS
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 INCOMING_DIR = ".incoming"
 
-# Immich's InsightFace packs on its Hugging Face organisation: the names that make `pull` pick the
-# facial-recognition task when none is given. Everything else pulls as a CLIP model.
-FACE_MODEL_NAMES = frozenset({"antelopev2", "buffalo_s", "buffalo_m", "buffalo_l"})
 
 # The parts every installed model of a task must have.
 REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -54,10 +53,8 @@ _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,95}$")
 _OFFICIAL_HUB_HOSTS = ("huggingface.co", "hf.co")
 
 
-class ModelPullError(ModelError):
+class ModelPullError(ModelError, UpstreamFailed):
     """Downloading a model failed; nothing was installed. The message says what to do."""
-
-    status = 502
 
 
 class InstallBusyError(ModelPullError):
@@ -103,7 +100,7 @@ class ModelStore:
     @staticmethod
     def infer_task(name: str) -> ModelTask:
         """The task a bare name belongs to: Immich's face packs are face models, the rest CLIP."""
-        return ModelTask.FACIAL_RECOGNITION if name in FACE_MODEL_NAMES else ModelTask.CLIP
+        return ModelTask.FACIAL_RECOGNITION if name in INSIGHTFACE_PACKS else ModelTask.CLIP
 
     def validate_layout(self, task: ModelTask | str, folder: Path) -> None:
         """Raise :class:`LayoutError` unless ``folder`` holds a complete model of ``task``."""

@@ -19,6 +19,19 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
+from ai_service.errors import InvalidInput, Unprocessable
+
+# ---- Immich's defaults (server/src/config.ts, Immich 3.1): what its server sends unless an admin changed it ----
+
+DEFAULT_CLIP_MODEL = "ViT-B-32__openai"
+DEFAULT_FACE_MODEL = "buffalo_l"
+DEFAULT_FACE_MIN_SCORE = 0.7  # facial-recognition detection minScore
+DEFAULT_FACE_MAX_DISTANCE = 0.5  # cosine distance at which Immich joins two faces into one person
+DEFAULT_OCR_MODEL = "PP-OCRv5_mobile"
+DEFAULT_OCR_MIN_DETECTION_SCORE = 0.5
+DEFAULT_OCR_MIN_RECOGNITION_SCORE = 0.8
+DEFAULT_OCR_MAX_RESOLUTION = 736
+
 
 class ModelTask(StrEnum):
     CLIP = "clip"
@@ -63,7 +76,7 @@ class Entries(RootModel[dict[ModelTask, dict[ModelType, PipelineEntry]]]):
     """The parsed ``entries`` form field."""
 
 
-class EntriesError(ValueError):
+class EntriesError(Unprocessable, ValueError):
     """``entries`` is not what Immich sends; the message says what is wrong."""
 
 
@@ -75,7 +88,7 @@ def load_entries_json(raw: str | bytes) -> Any:
         raise EntriesError(f"'entries' is not valid JSON: {exc}") from None
 
 
-class DependencyError(ValueError):
+class DependencyError(InvalidInput, ValueError):
     """A dependent entry (e.g. recognition) came without the entry it depends on."""
 
 

@@ -28,16 +28,16 @@ _INSIGHTFACE = MaxDistanceRange(
     "a band around Immich's own default 0.5 for these packs, not measured by this project",
 )
 
+# Immich's InsightFace packs (its Hugging Face organisation publishes them in Immich's layout).
+INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l", "buffalo_m", "buffalo_s")
+
 FACE_MAX_DISTANCE: dict[str, MaxDistanceRange] = {
     # tests/test_faces_model.py::test_dlib_at_immichs_defaults_keeps_people_apart measures this on ten people
     # (tests/data/faces): the same person at most 0.26 apart, different people at least 0.53.
     "dlib": MaxDistanceRange(
         0.3, 0.5, "measured on real photos of ten people: same person <= 0.26 apart, different people >= 0.53"
     ),
-    "buffalo_l": _INSIGHTFACE,
-    "buffalo_m": _INSIGHTFACE,
-    "buffalo_s": _INSIGHTFACE,
-    "antelopev2": _INSIGHTFACE,
+    **dict.fromkeys(INSIGHTFACE_PACKS, _INSIGHTFACE),
 }
 
 

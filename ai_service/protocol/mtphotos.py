@@ -10,6 +10,11 @@ from pydantic import BaseModel, Field
 
 API_KEY_HEADER = "api-key"
 
+# What MT Photos' own AI services run: the official image's Chinese-CLIP ViT-B-16, and InsightFace buffalo_l
+# in its face service. MT Photos ignores the model name it is sent.
+MTPHOTOS_CLIP_MODEL = "ViT-B-16__cn-clip"
+MTPHOTOS_FACE_MODEL = "buffalo_l"
+
 
 class CheckResponse(BaseModel):
     result: str = "pass"

@@ -11,7 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ai_service.imaging import DecodedImage
 from ai_service.models.base import FaceDetectorModel, FaceRecognizerModel
-from ai_service.protocol.immich import ModelTask, ModelType, embedding_to_str
+from ai_service.protocol.immich import DEFAULT_FACE_MIN_SCORE, ModelTask, ModelType, embedding_to_str
 from ai_service.protocol.mtphotos import RepresentFace
 from ai_service.tasks.base import (
     Entries,
@@ -25,7 +25,6 @@ from ai_service.tasks.base import (
     option,
 )
 
-DEFAULT_MIN_SCORE = 0.7  # Immich server's default detection minScore
 EMBEDDING_DIMENSION = 512  # Immich's face_search.embedding is a fixed vector(512)
 _MT_FACES = TypeAdapter(list[RepresentFace])
 
@@ -137,7 +136,7 @@ class Faces(Task):
     embedding_dimension = EMBEDDING_DIMENSION
 
     def run_image(self, models: Models, entries: Entries, image: DecodedImage) -> FacesOutput:
-        min_score = option(entries, ModelType.DETECTION, "min_score", DEFAULT_MIN_SCORE)
+        min_score = option(entries, ModelType.DETECTION, "min_score", DEFAULT_FACE_MIN_SCORE)
         faces = detect_faces(models[ModelType.DETECTION], models.get(ModelType.RECOGNITION), image.rgb, min_score)
         return faces_to_immich(faces)
 
@@ -151,7 +150,7 @@ class Faces(Task):
         return MtPhotosCall("represent")
 
     def from_mtphotos(self, data: dict[str, Any], entries: Entries, size: tuple[int, int] | None) -> FacesOutput:
-        min_score = option(entries, ModelType.DETECTION, "min_score", DEFAULT_MIN_SCORE)
+        min_score = option(entries, ModelType.DETECTION, "min_score", DEFAULT_FACE_MIN_SCORE)
         return mtphotos_to_immich(data, min_score, ModelType.RECOGNITION in entries)
 
 

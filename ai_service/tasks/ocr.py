@@ -10,15 +10,16 @@ from pydantic import ValidationError
 
 from ai_service.imaging import DecodedImage
 from ai_service.models.base import OcrModel, TextLines
-from ai_service.protocol.immich import ModelTask, ModelType
+from ai_service.protocol.immich import (
+    DEFAULT_OCR_MAX_RESOLUTION,
+    DEFAULT_OCR_MIN_DETECTION_SCORE,
+    DEFAULT_OCR_MIN_RECOGNITION_SCORE,
+    ModelTask,
+    ModelType,
+)
 from ai_service.protocol.mtphotos import OcrResponse
 from ai_service.protocol.reading_order import sort_lines
 from ai_service.tasks.base import Entries, InvalidReply, Models, MtPhotosCall, Task, finite_number, is_number, option
-
-# What Immich's server sends by default; used when a client leaves an option out.
-DEFAULT_DET_MIN_SCORE = 0.5
-DEFAULT_REC_MIN_SCORE = 0.8
-DEFAULT_MAX_RESOLUTION = 736
 
 _BOX_SLACK = 1e-3  # normalised coordinates may overshoot 0-1 by float error, not by more
 
@@ -105,15 +106,15 @@ class Ocr(Task):
 
     def run_image(self, models: Models, entries: Entries, image: DecodedImage) -> OcrOutput:
         rec_min = (
-            option(entries, ModelType.RECOGNITION, "min_score", DEFAULT_REC_MIN_SCORE)
+            option(entries, ModelType.RECOGNITION, "min_score", DEFAULT_OCR_MIN_RECOGNITION_SCORE)
             if ModelType.RECOGNITION in entries
             else None
         )
         lines = read_text(
             models[ModelType.DETECTION],
             image.rgb,
-            option(entries, ModelType.DETECTION, "min_score", DEFAULT_DET_MIN_SCORE),
-            option(entries, ModelType.DETECTION, "max_resolution", DEFAULT_MAX_RESOLUTION),
+            option(entries, ModelType.DETECTION, "min_score", DEFAULT_OCR_MIN_DETECTION_SCORE),
+            option(entries, ModelType.DETECTION, "max_resolution", DEFAULT_OCR_MAX_RESOLUTION),
             rec_min,
         )
         return ocr_to_immich(lines, image.width, image.height)
@@ -148,7 +149,7 @@ class Ocr(Task):
 
     def from_mtphotos(self, data: dict[str, Any], entries: Entries, size: tuple[int, int] | None) -> OcrOutput:
         assert size is not None  # the adapter probes every image it sends
-        min_score = option(entries, ModelType.RECOGNITION, "min_score", DEFAULT_REC_MIN_SCORE)
+        min_score = option(entries, ModelType.RECOGNITION, "min_score", DEFAULT_OCR_MIN_RECOGNITION_SCORE)
         return mtphotos_to_immich(data, size[0], size[1], min_score)
 
 

@@ -5,8 +5,10 @@ decides what the gateway does next:
 
 * :class:`BackendFailure` - the backend could not serve (down, slow, 5xx, model missing, garbage):
   try the next backend and count it against this backend's breaker.
-* :class:`ClientInputError` - the backend judged the *request* wrong (bad image, text too long):
-  every backend would say the same, so the reply goes back to Immich unchanged.
+* :class:`ClientInputError` - a remote backend judged the *request* wrong (bad image, text too long):
+  every backend would say the same, so its reply goes back to Immich unchanged.
+* one of ``ai_service.errors.CLIENT_ERRORS`` (e.g. ``ImageError``) - the same verdict from code in this
+  process (the local backend, the MT Photos adapter's checks); the gateway's edge answers it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from ai_service.errors import CLIENT_ERRORS, HTTP_STATUS
 from gateway.routing import RoutedTask
 
 
@@ -39,7 +42,10 @@ class ClientInputError(Exception):
 
 # Statuses that mean "your input is wrong" in Immich's ML protocol and the AI service:
 # 400 undecodable image / missing field, 413 too large, 422 malformed entries.
-CLIENT_INPUT_STATUSES = frozenset({400, 413, 422})
+CLIENT_INPUT_STATUSES = frozenset(HTTP_STATUS[kind] for kind in CLIENT_ERRORS)
+
+CLIENT_FAULTS: tuple[type[Exception], ...] = (ClientInputError, *CLIENT_ERRORS)
+"""What a backend raises when the request, not the backend, is at fault: no failover."""
 
 
 class Backend(abc.ABC):
@@ -69,7 +75,7 @@ class Backend(abc.ABC):
     ) -> dict[str, Any]:
         """Immich's response for this one task: ``{task: output}`` plus imageHeight/imageWidth for images.
 
-        Raises BackendFailure or ClientInputError; never returns an error disguised as a result.
+        Raises BackendFailure or one of CLIENT_FAULTS; never returns an error disguised as a result.
         """
 
     @abc.abstractmethod

@@ -11,19 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import orjson
-
-from ai_service.inference import InferenceService, RequestError
-from ai_service.models.base import InvalidModelNameError, ModelError
-from ai_service.protocol.immich import DependencyError, EntriesError
+from ai_service.errors import CLIENT_ERRORS, ServiceError, http_status
+from ai_service.inference import InferenceService
+from ai_service.models.base import ModelError
 from ai_service.settings import AIServiceSettings
 from ai_service.tasks import InvalidReply, task_for
-from gateway.backends.base import CLIENT_INPUT_STATUSES, Backend, BackendFailure, ClientInputError
+from gateway.backends.base import Backend, BackendFailure
 from gateway.routing import RoutedTask
-
-
-def _json_error(status: int, detail: str) -> ClientInputError:
-    return ClientInputError(status, orjson.dumps({"detail": detail}))
 
 
 class LocalBackend(Backend):
@@ -71,19 +65,13 @@ class LocalBackend(Backend):
                 reply = await self.service.run(entries, image, text, refs)
         except TimeoutError:
             raise BackendFailure("timeout", f"no result within {timeout_s:g}s") from None
-        except RequestError as exc:
-            if exc.status in CLIENT_INPUT_STATUSES:
-                raise _json_error(exc.status, exc.detail) from None
-            raise BackendFailure("http_status", f"{exc.status}: {exc.detail}", exc.status) from None
-        except InvalidModelNameError as exc:
-            raise _json_error(exc.status, str(exc)) from None
-        except ModelError as exc:
-            # 404 unknown model, 503 not installed / failed to load: another backend may have it.
-            raise BackendFailure("model", f"{exc.status}: {exc}", exc.status) from None
-        except EntriesError as exc:
-            raise _json_error(422, str(exc)) from None
-        except DependencyError as exc:
-            raise _json_error(400, str(exc)) from None
+        except CLIENT_ERRORS:
+            raise  # the request's fault (bad image, bad model name…): answered at the gateway's edge
+        except ServiceError as exc:
+            # 404 unknown model, 503 not installed / failed to load, 504 too slow: another backend may serve.
+            status = http_status(exc)
+            kind = "model" if isinstance(exc, ModelError) else "http_status"
+            raise BackendFailure(kind, f"{status}: {exc}", status) from None
         value = reply[routed.task.value]  # type: ignore[literal-required]
         try:
             task_for(routed.task).check_size(value, routed.model.expected_dim)

@@ -22,7 +22,8 @@ from typing import Any
 
 import orjson
 
-from ai_service.imaging import ImageError, ImageTooLargeError, probe_size
+from ai_service.errors import InvalidInput
+from ai_service.imaging import probe_size
 from ai_service.protocol.immich import IMAGE_HEIGHT, IMAGE_WIDTH
 from ai_service.protocol.mtphotos import API_KEY_HEADER
 from ai_service.tasks import InvalidReply, input_problem, task_for
@@ -34,10 +35,6 @@ from gateway.settings import BackendSettings, GatewaySettings
 # 400 (bad image or text) and 413 (too large) judge the input. A 422 from MT Photos means the request
 # the *gateway* built was not accepted (e.g. a missing header), so it is a backend failure instead.
 _MT_CLIENT_INPUT_STATUSES = frozenset({400, 413})
-
-
-def _input_error(detail: str) -> ClientInputError:
-    return ClientInputError(400, orjson.dumps({"detail": detail}))
 
 
 class MtPhotosBackend(HttpBackend):
@@ -96,12 +93,8 @@ class MtPhotosBackend(HttpBackend):
         return data
 
     def _image_size(self, image: bytes) -> tuple[int, int]:
-        try:
-            return probe_size(image, max_pixels=self.max_image_pixels)
-        except ImageTooLargeError as exc:
-            raise ClientInputError(413, orjson.dumps({"detail": str(exc)})) from None
-        except ImageError as exc:
-            raise ClientInputError(400, orjson.dumps({"detail": str(exc)})) from None
+        # ImageError / ImageTooLargeError: the request's fault, answered at the gateway's edge.
+        return probe_size(image, max_pixels=self.max_image_pixels)
 
     async def predict(
         self, routed: RoutedTask, image: bytes | None, text: str | None, *, timeout_s: float, request_id: str
@@ -111,9 +104,9 @@ class MtPhotosBackend(HttpBackend):
         # gateway, the AI service and Immich's service do, with the same words.
         problem = input_problem({routed.task: routed.entries}, image is not None)
         if problem is not None:
-            raise _input_error(problem)
+            raise InvalidInput(problem)
         if image is None and (text is None or not text.strip()):
-            raise _input_error("'text' is empty")
+            raise InvalidInput("'text' is empty")
         size = self._image_size(image) if image is not None else None
         call = task.mtphotos_call(routed.entries, image, text)
         if call.json is not None:

@@ -31,6 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from ai_service.errors import Forbidden, ServiceError, http_status
 from db.settings import DbSearchSettings
 from gateway.backends.http import redact_url
 from gateway.dispatch import Dispatcher
@@ -41,7 +42,7 @@ from gateway.search.credentials import SharedLinkRefused, credential_from
 from gateway.search.database import DatabaseUnavailable, SearchDatabase
 from gateway.search.immich import ImmichClient
 from gateway.search.inference import Inference
-from gateway.search.regenerate import RegenerateError, RegenerateKind, Regenerator, parse_asset_id
+from gateway.search.regenerate import RegenerateKind, Regenerator, parse_asset_id
 from gateway.search.smart import SmartSearchService
 from gateway.settings import GatewaySettings
 
@@ -142,7 +143,7 @@ class SearchFeature:
         await self.database.close()
         await self.immich.close()
 
-    def remember_failure(self, kind: RegenerateKind, asset_id: str, error: RegenerateError) -> None:
+    def remember_failure(self, kind: RegenerateKind, asset_id: str, error: ServiceError) -> None:
         """A regenerate that failed on the server's side, for the admins' status page (``/ai/``): the web add-on
         shows people a short message, and admins find the reason (backend, install command, ...) here."""
         self.recent_failures.append(
@@ -150,7 +151,7 @@ class SearchFeature:
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "kind": kind.value,
                 "asset_id": asset_id,
-                "status": error.status,
+                "status": http_status(error),
                 "detail": error.detail,
             }
         )
@@ -164,70 +165,76 @@ class SearchFeature:
             "database_error": self.database.last_error,
         }
 
+    async def regenerate(self, kind: RegenerateKind, request: Request, asset_id: str) -> Response:
+        """POST /ai/assets/{id}/ocr or /clip: the job's body, or its error with the status its kind has."""
+        fields: dict[str, Any] = request.scope.get("state", {}).get("log_fields", {})
+        fields["regenerate"] = kind.value
+        try:
+            try:
+                credential = credential_from(request)
+            except SharedLinkRefused:
+                raise Forbidden("Shared links cannot regenerate") from None
+            body = await self.regenerator.run(kind, credential, parse_asset_id(asset_id))
+        except ServiceError as exc:
+            # The one place a regenerate error becomes a reply (kinds and statuses: ai_service/errors.py).
+            status = http_status(exc)
+            if status >= 500:
+                self.remember_failure(kind, asset_id, exc)
+            return _json(status, {"detail": exc.detail})
+        return _json(200, body)
+
     def api_router(self) -> APIRouter:
         api = APIRouter()
 
         @api.post(
             "/api/search/smart",
             summary="Immich's smart search, with 'ocr:' OCR search and hybrid CLIP + OCR ranking",
-            responses={
-                200: {"description": "Immich's SearchResponseDto"},
-                400: {"description": "Invalid SmartSearchDto field (Immich's error shape)"},
-                401: {"description": "No or invalid Immich credentials"},
-                403: {"description": "Shared link, or Immich refused the caller (e.g. an API key without asset.read)"},
-                413: {"description": "Request body over DB_SEARCH_MAX_BODY_BYTES"},
-                502: {"description": "Immich is unreachable or failed"},
-                503: {"description": "'ocr:' search while the search database is unavailable"},
-                504: {"description": "Immich did not answer in time"},
-                508: {"description": "GATEWAY_IMMICH__URL points back at the gateway (a forwarding loop)"},
-            },
+            responses=SMART_SEARCH_RESPONSES,
         )
         async def smart_search(request: Request) -> Response:
             return await self.smart.handle(request)
 
-        async def regenerate(kind: RegenerateKind, request: Request, asset_id: str) -> Response:
-            fields: dict[str, Any] = request.scope.get("state", {}).get("log_fields", {})
-            fields["regenerate"] = kind.value
-            try:
-                try:
-                    credential = credential_from(request)
-                except SharedLinkRefused:
-                    raise RegenerateError(403, "Shared links cannot regenerate") from None
-                body = await self.regenerator.run(kind, credential, parse_asset_id(asset_id))
-            except RegenerateError as exc:
-                if exc.status >= 500:
-                    self.remember_failure(kind, asset_id, exc)
-                return _json(exc.status, {"detail": exc.detail})
-            return _json(200, body)
-
-        error_responses: dict[int | str, dict[str, Any]] = {
-            400: {"description": "assetId is not a UUID"},
-            401: {"description": "No or invalid Immich credentials"},
-            403: {"description": "Not the asset's owner, a shared link, or Immich refused (a missing permission)"},
-            404: {"description": "Asset not found or not visible to the caller, or no preview yet"},
-            409: {"description": "Hidden asset, task switched off in Immich, or the model changed meanwhile"},
-            502: {"description": "Immich failed, or a model refused the preview"},
-            503: {"description": "No model available, or the database is unavailable"},
-            504: {"description": "Immich did not answer in time"},
-        }
-
         @api.post(
             "/ai/assets/{asset_id}/ocr",
             summary="Re-run OCR on one photo: {assetId, lines, text}",
-            responses=error_responses,
+            responses=REGENERATE_RESPONSES,
         )
         async def regenerate_ocr(asset_id: str, request: Request) -> Response:
-            return await regenerate(RegenerateKind.OCR, request, asset_id)
+            return await self.regenerate(RegenerateKind.OCR, request, asset_id)
 
         @api.post(
             "/ai/assets/{asset_id}/clip",
             summary="Re-run CLIP on one photo: {assetId, dimension, model}",
-            responses=error_responses,
+            responses=REGENERATE_RESPONSES,
         )
         async def regenerate_clip(asset_id: str, request: Request) -> Response:
-            return await regenerate(RegenerateKind.CLIP, request, asset_id)
+            return await self.regenerate(RegenerateKind.CLIP, request, asset_id)
 
         return api
+
+
+SMART_SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Immich's SearchResponseDto"},
+    400: {"description": "Invalid SmartSearchDto field (Immich's error shape)"},
+    401: {"description": "No or invalid Immich credentials"},
+    403: {"description": "Shared link, or Immich refused the caller (e.g. an API key without asset.read)"},
+    413: {"description": "Request body over DB_SEARCH_MAX_BODY_BYTES"},
+    502: {"description": "Immich is unreachable or failed"},
+    503: {"description": "'ocr:' search while the search database is unavailable"},
+    504: {"description": "Immich did not answer in time"},
+    508: {"description": "GATEWAY_IMMICH__URL points back at the gateway (a forwarding loop)"},
+}
+
+REGENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "assetId is not a UUID"},
+    401: {"description": "No or invalid Immich credentials"},
+    403: {"description": "Not the asset's owner, a shared link, or Immich refused (a missing permission)"},
+    404: {"description": "Asset not found or not visible to the caller, or no preview yet"},
+    409: {"description": "Hidden asset, task switched off in Immich, or the model changed meanwhile"},
+    502: {"description": "Immich failed, or a model refused the preview"},
+    503: {"description": "No model available, or the database is unavailable"},
+    504: {"description": "Immich did not answer in time"},
+}
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:

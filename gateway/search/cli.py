@@ -19,10 +19,11 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from ai_service.errors import ServiceError, http_status
 from gateway.logs import configure_logging, go_direct
 from gateway.routing import ConfigError
 from gateway.search.credentials import Credential, CredentialKind
-from gateway.search.regenerate import RegenerateError, RegenerateKind, parse_asset_id
+from gateway.search.regenerate import RegenerateKind, parse_asset_id
 from gateway.settings import GatewaySettings, describe_errors
 from gateway.wiring import Gateway
 
@@ -55,8 +56,8 @@ async def _run(settings: GatewaySettings, kind: str, asset_id: str, api_key: str
             RegenerateKind(kind), Credential(CredentialKind.API_KEY, api_key), parse_asset_id(asset_id)
         )
         return 0, body
-    except RegenerateError as exc:
-        return 1, {"status": exc.status, "detail": exc.detail}
+    except ServiceError as exc:
+        return 1, {"status": http_status(exc), "detail": exc.detail}
     finally:
         await gateway.close()
 

@@ -17,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from ai_service.errors import InvalidInput
 from db.search import UNSET, AssetType, SearchFilters, Visibility
 
 # Filters Immich's smart search applies that the search layer has no equivalent for.
@@ -36,7 +37,7 @@ _OCR_PREFIX = re.compile(r"^ocr[:\uff1a]", re.IGNORECASE)
 DEFAULT_PAGE_SIZE = 100  # Immich's SmartSearchDto default
 
 
-class DtoError(ValueError):
+class DtoError(InvalidInput, ValueError):
     """The body is not a valid SmartSearchDto; the message names the field (Immich answers these with 400)."""
 
 
@@ -171,7 +172,20 @@ def parse_smart_search(body: dict[str, Any], *, max_page: int, max_size: int, ma
     language = body.get("language")
     if language is not None and (not isinstance(language, str) or len(language) > 64):
         raise DtoError("language must be a string of at most 64 characters")
+    filters = _filters(body, max_ids)
+    return SmartSearch(
+        query=query.strip(),
+        language=language,
+        page=_int(body, "page", 1, 1, max_page),
+        size=_int(body, "size", DEFAULT_PAGE_SIZE, 1, max_size),
+        with_exif=filters.with_exif,
+        filters=filters,
+        unsupported=_unsupported(body),
+    )
 
+
+def _filters(body: dict[str, Any], max_ids: int) -> SearchFilters:
+    """The DTO's filters, checked as Immich checks them."""
     visibility = body.get("visibility")
     if visibility is None:
         # Immich's omitted visibility means "everything but locked", which includes archived assets and the
@@ -199,7 +213,7 @@ def parse_smart_search(body: dict[str, Any], *, max_page: int, max_size: int, ma
         with_deleted = True  # Immich: isOffline implies withDeleted (offline assets may be in the trash)
     with_exif = bool(_bool(body, "withExif"))
 
-    filters = SearchFilters(
+    return SearchFilters(
         visibility=visibility,
         with_deleted=with_deleted,
         taken_after=_datetime(body, "takenAfter"),
@@ -223,6 +237,10 @@ def parse_smart_search(body: dict[str, Any], *, max_page: int, max_size: int, ma
         is_not_in_album=bool(_bool(body, "isNotInAlbum")),
         person_ids=_uuids(body, "personIds", max_ids),
     )
+
+
+def _unsupported(body: dict[str, Any]) -> list[str]:
+    """The filters given that this search cannot apply (the caller hands such searches to Immich)."""
     unsupported: list[str] = []
     for key in UNSUPPORTED_FILTERS:
         value = body.get(key, UNSET)
@@ -231,12 +249,4 @@ def parse_smart_search(body: dict[str, Any], *, max_page: int, max_size: int, ma
         if isinstance(value, str | list) and not value:
             continue  # an empty filter, as Immich treats it
         unsupported.append(key)
-    return SmartSearch(
-        query=query.strip(),
-        language=language,
-        page=_int(body, "page", 1, 1, max_page),
-        size=_int(body, "size", DEFAULT_PAGE_SIZE, 1, max_size),
-        with_exif=with_exif,
-        filters=filters,
-        unsupported=unsupported,
-    )
+    return unsupported

@@ -22,6 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ai_service.errors import ServiceError, TimedOut, UpstreamFailed
 from gateway.search.credentials import Credential
 from gateway.settings import ImmichSettings
 
@@ -51,12 +52,19 @@ _NOT_FORWARDED_IN = _HOP_BY_HOP | {"host", "content-length", FORWARDED_MARK}
 
 class ImmichError(Exception):
     """Immich said no, or could not be reached. ``status`` is what Immich answered (502 when unreachable or
-    unreadable); ``message`` is Immich's own message where it sent one, safe to show the caller."""
+    unreadable), a fact about its reply that callers decide on (smart search relays it as Immich's own
+    answer); ``message`` is Immich's own message where it sent one, safe to show the caller."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+
+    def as_failure(self, prefix: str = "") -> ServiceError:
+        """Immich failing (5xx, unreachable) is a bad gateway from our caller's point of view; a timeout
+        stays a timeout."""
+        message = prefix + self.message
+        return TimedOut(message) if self.status == 504 else UpstreamFailed(message)
 
 
 @dataclass(frozen=True, slots=True)

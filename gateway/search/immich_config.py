@@ -13,16 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("gateway.search")
+from ai_service.protocol.immich import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_FACE_MAX_DISTANCE,
+    DEFAULT_FACE_MODEL,
+    DEFAULT_OCR_MAX_RESOLUTION,
+    DEFAULT_OCR_MIN_DETECTION_SCORE,
+    DEFAULT_OCR_MIN_RECOGNITION_SCORE,
+    DEFAULT_OCR_MODEL,
+)
 
-# server/src/config.ts (Immich 3.1)
-DEFAULT_CLIP_MODEL = "ViT-B-32__openai"
-DEFAULT_OCR_MODEL = "PP-OCRv5_mobile"
-DEFAULT_OCR_MIN_DETECTION_SCORE = 0.5
-DEFAULT_OCR_MIN_RECOGNITION_SCORE = 0.8
-DEFAULT_OCR_MAX_RESOLUTION = 736
-DEFAULT_FACE_MODEL = "buffalo_l"
-DEFAULT_FACE_MAX_DISTANCE = 0.5
+log = logging.getLogger("gateway.search")
 
 
 @dataclass(frozen=True, slots=True)

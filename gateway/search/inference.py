@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from ai_service.errors import CLIENT_ERRORS, ServiceError, Unavailable, UpstreamFailed, http_status
 from ai_service.protocol.immich import EntriesError, ModelTask
 from ai_service.tasks import validate_entries
 from ai_service.tasks.clip import ClipOutput
@@ -32,14 +33,16 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("gateway.search")
 
 
-class InferenceError(Exception):
-    """No model could answer. ``status``: 503 (nothing available / misconfigured), 502 (a backend refused the
-    input Immich gave us, e.g. an undecodable preview)."""
+class InferenceError(ServiceError):
+    """No model could answer."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+
+class NoModel(InferenceError, Unavailable):
+    """Nothing available, or Immich's model cannot be served as configured."""
+
+
+class InputRefused(InferenceError, UpstreamFailed):
+    """A backend refused the input Immich gave us (e.g. an undecodable preview)."""
 
 
 class Inference:
@@ -67,11 +70,13 @@ class Inference:
         except (MappingError, EntriesError) as exc:
             # Immich's configured model cannot be served as configured (e.g. a dimension mismatch): an admin
             # has to change a setting, no retry helps.
-            raise InferenceError(503, f"{task} model is misconfigured: {exc}") from None
+            raise NoModel(f"{task} model is misconfigured: {exc}") from None
         except NoBackendAvailable as exc:
-            raise InferenceError(503, str(exc)) from None
+            raise NoModel(str(exc)) from None
         except ClientInputError as exc:
-            raise InferenceError(502, f"{task} refused the input (HTTP {exc.status}: {snippet(exc.body)})") from None
+            raise InputRefused(f"{task} refused the input (HTTP {exc.status}: {snippet(exc.body)})") from None
+        except CLIENT_ERRORS as exc:  # the same verdict from the local backend
+            raise InputRefused(f"{task} refused the input (HTTP {http_status(exc)}: {exc})") from None
         log.debug("inference done", extra={"fields": {"task": task.value, "backend": backend}})
         return result
 

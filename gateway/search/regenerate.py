@@ -15,7 +15,8 @@ thumbnails and video), so the gateway does what Immich's job would do, for one a
 5. infer through the gateway's routing with the models and options Immich is configured for;
 6. write Immich's tables exactly as Immich's job does (``db.immich_writer``), one transaction.
 
-Errors carry the HTTP status to answer with and a message safe to show (no credentials, no internals).
+Errors are the kinds of ``ai_service/errors.py`` (the HTTP status is given at the edge, ``gateway/search/__init__.py``)
+with a message safe to show (no credentials, no internals).
 """
 
 from __future__ import annotations
@@ -25,13 +26,21 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
+from ai_service.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from db.immich_writer import AssetNotFoundError
 from gateway.search.caller import Callers
 from gateway.search.config_source import ConfigFileError, ImmichConfigSource
 from gateway.search.credentials import Credential
 from gateway.search.database import DatabaseUnavailable, SearchDatabase
 from gateway.search.immich import Caller, ImmichClient, ImmichError, Permission
-from gateway.search.inference import Inference, InferenceError
+from gateway.search.inference import Inference
 
 log = logging.getLogger("gateway.search")
 
@@ -39,13 +48,6 @@ log = logging.getLogger("gateway.search")
 class RegenerateKind(StrEnum):
     OCR = "ocr"
     CLIP = "clip"
-
-
-class RegenerateError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 AUTH_REQUIRED = (
@@ -58,7 +60,7 @@ def parse_asset_id(text: str) -> UUID:
     try:
         return UUID(text)
     except ValueError:
-        raise RegenerateError(400, "assetId must be a UUID") from None
+        raise InvalidInput("assetId must be a UUID") from None
 
 
 class Regenerator:
@@ -87,10 +89,10 @@ class Regenerator:
         except ImmichError as exc:
             if exc.status == 401:
                 self.callers.forget(credential)
-                raise RegenerateError(401, f"Immich refused the credentials: {exc.message}") from None
+                raise Unauthenticated(f"Immich refused the credentials: {exc.message}") from None
             if exc.status == 403:
-                raise RegenerateError(403, f"Immich refused: {exc.message}") from None
-            raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
+                raise Forbidden(f"Immich refused: {exc.message}") from None
+            raise exc.as_failure("Immich: ") from None
 
     async def _owned_asset(self, credential: Credential, caller: Caller, asset_id: UUID) -> dict[str, Any]:
         try:
@@ -98,17 +100,17 @@ class Regenerator:
         except ImmichError as exc:
             if exc.status == 401:
                 self.callers.forget(credential)
-                raise RegenerateError(401, f"Immich refused the credentials: {exc.message}") from None
+                raise Unauthenticated(f"Immich refused the credentials: {exc.message}") from None
             if exc.status in (400, 404):
                 # Immich answers 400 "Not found or no asset.read access" for both: the caller learns nothing more.
-                raise RegenerateError(404, "Asset not found, or you may not see it") from None
+                raise NotFound("Asset not found, or you may not see it") from None
             if exc.status == 403:
-                raise RegenerateError(403, f"Immich refused access to the asset: {exc.message}") from None
-            raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
+                raise Forbidden(f"Immich refused access to the asset: {exc.message}") from None
+            raise exc.as_failure("Immich: ") from None
         if str(asset.get("ownerId")) != str(caller.id):
-            raise RegenerateError(403, "Only the owner of a photo can regenerate its OCR or CLIP data")
+            raise Forbidden("Only the owner of a photo can regenerate its OCR or CLIP data")
         if asset.get("visibility") == "hidden":
-            raise RegenerateError(409, "This is the hidden video part of a motion photo; Immich never indexes it")
+            raise Conflict("This is the hidden video part of a motion photo; Immich never indexes it")
         return asset
 
     async def _preview(self, credential: Credential, asset_id: UUID) -> bytes:
@@ -116,15 +118,17 @@ class Regenerator:
             return await self.immich.preview(credential, asset_id)
         except ImmichError as exc:
             if exc.status == 404:
-                raise RegenerateError(404, "The asset has no preview yet (Immich generates it after upload)") from None
-            if exc.status in (401, 403):
-                raise RegenerateError(exc.status, f"Immich refused the preview: {exc.message}") from None
-            raise RegenerateError(_upstream_status(exc.status), f"Immich: {exc.message}") from None
+                raise NotFound("The asset has no preview yet (Immich generates it after upload)") from None
+            if exc.status == 401:
+                raise Unauthenticated(f"Immich refused the preview: {exc.message}") from None
+            if exc.status == 403:
+                raise Forbidden(f"Immich refused the preview: {exc.message}") from None
+            raise exc.as_failure("Immich: ") from None
 
     async def run(self, kind: RegenerateKind, credential: Credential | None, asset_id: UUID) -> dict[str, Any]:
-        """Regenerate and return the endpoint's 200 body; raises RegenerateError."""
+        """Regenerate and return the endpoint's 200 body; raises a ServiceError (ai_service/errors.py)."""
         if credential is None:
-            raise RegenerateError(401, AUTH_REQUIRED)
+            raise Unauthenticated(AUTH_REQUIRED)
         caller = await self._caller(credential)
         await self._owned_asset(credential, caller, asset_id)
         try:
@@ -132,11 +136,11 @@ class Regenerator:
         except DatabaseUnavailable as exc:
             raise _database_down(exc) from None
         except ConfigFileError as exc:
-            raise RegenerateError(503, f"Immich's settings cannot be read: {exc}") from None
+            raise Unavailable(f"Immich's settings cannot be read: {exc}") from None
         if kind is RegenerateKind.OCR and not config.ocr_enabled:
-            raise RegenerateError(409, "OCR is switched off in Immich's machine-learning settings")
+            raise Conflict("OCR is switched off in Immich's machine-learning settings")
         if kind is RegenerateKind.CLIP and not config.clip_enabled:
-            raise RegenerateError(409, "Smart search (CLIP) is switched off in Immich's machine-learning settings")
+            raise Conflict("Smart search (CLIP) is switched off in Immich's machine-learning settings")
         preview = await self._preview(credential, asset_id)
         try:
             if kind is RegenerateKind.OCR:
@@ -152,21 +156,19 @@ class Regenerator:
                 latest = await self.config.get(fresh=True)
                 if latest.clip.model_name != config.clip.model_name:
                     # Immich's job skips the write in this case too: the vector belongs to the old model.
-                    raise RegenerateError(409, "Immich's CLIP model changed while encoding; try again")
+                    raise Conflict("Immich's CLIP model changed while encoding; try again")
                 await self.database.write_clip(asset_id, vector)
                 body = {"assetId": str(asset_id), "dimension": len(vector), "model": config.clip.model_name}
-        except InferenceError as exc:
-            raise RegenerateError(exc.status, exc.message) from None
         except DatabaseUnavailable as exc:
             raise _database_down(exc) from None
         except ConfigFileError as exc:
-            raise RegenerateError(503, f"Immich's settings cannot be read: {exc}") from None
+            raise Unavailable(f"Immich's settings cannot be read: {exc}") from None
         except AssetNotFoundError:
-            raise RegenerateError(404, "The asset was deleted meanwhile") from None
+            raise NotFound("The asset was deleted meanwhile") from None
         except ValueError as exc:
             # db.immich_writer: the vector does not fit smart_search.embedding (Immich's model and column
             # disagree until Immich re-indexes), or the model sent non-finite numbers.
-            raise RegenerateError(503, f"cannot store the result: {exc}") from None
+            raise Unavailable(f"cannot store the result: {exc}") from None
         log.info(
             "regenerated",
             extra={
@@ -181,12 +183,7 @@ class Regenerator:
         return body
 
 
-def _database_down(exc: DatabaseUnavailable) -> RegenerateError:
+def _database_down(exc: DatabaseUnavailable) -> Unavailable:
     # The reason (host, port, server message) goes to the log, not to the user.
     log.warning("regenerate: database unavailable", extra={"fields": {"error": str(exc)}})
-    return RegenerateError(503, "Immich's database cannot be reached right now; try again later")
-
-
-def _upstream_status(status: int) -> int:
-    # Immich failing (5xx, unreachable) is a bad gateway from the caller's point of view; a timeout stays 504.
-    return 504 if status == 504 else 502
+    return Unavailable("Immich's database cannot be reached right now; try again later")

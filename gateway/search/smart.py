@@ -23,12 +23,14 @@ import logging
 import time
 from http import HTTPStatus
 from typing import Any
+from uuid import UUID
 
 import orjson
 import psycopg
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ai_service.errors import http_status
 from db.search import SearchPage, search_hybrid, search_ocr
 from db.settings import DbSearchSettings
 from gateway.search.caller import Callers
@@ -162,7 +164,7 @@ class SmartSearchService:
                 max_ids=self.db_settings.max_filter_ids,
             )
         except DtoError as exc:
-            return immich_error(400, str(exc), mode)
+            return immich_error(http_status(exc), str(exc), mode)
         if dto.unsupported:
             if ocr_text is None:
                 return await self._forward(request, body, "unsupported filter")
@@ -177,6 +179,20 @@ class SmartSearchService:
                 log.warning("search database not ready; hybrid search handed to Immich")
                 return await self._forward(request, body, "database not ready")
             return immich_error(503, "OCR search is not available yet: the search database is not ready", mode)
+        return await self._answer(request, body, credential, authorized, dto, ocr_text)
+
+    async def _answer(
+        self,
+        request: Request,
+        body: bytes,
+        credential: Credential,
+        authorized: Caller | None,
+        dto: SmartSearch,
+        ocr_text: str | None,
+    ) -> Response:
+        """The search's reply, or Immich's / the database's failure as Immich would answer it (a hybrid
+        search the database cannot serve goes to Immich instead)."""
+        mode = "ocr" if ocr_text is not None else "hybrid"
         try:
             caller = await self.callers.identify(credential, Permission.ASSET_READ, authorized)
             return await self._search(request, credential, caller, dto, ocr_text)
@@ -214,34 +230,7 @@ class SmartSearchService:
             user_ids = [caller.id]  # Immich: locked assets are only ever the caller's own
         else:
             user_ids = [caller.id, *await self.database.partners_in_timeline(caller.id)]
-        context = await self.database.context()
-        mode = "ocr"
-        page: SearchPage
-        if ocr_text is not None:
-            async with self.database.connection() as conn:
-                page = await search_ocr(
-                    conn,
-                    context=context,
-                    user_ids=user_ids,
-                    query_text=ocr_text,
-                    filters=dto.filters,
-                    page=dto.page,
-                    size=dto.size,
-                )
-        else:
-            embedding = await self._query_embedding(dto, context.embedding_dim)
-            mode = "hybrid" if embedding is not None else "hybrid-ocr-only"
-            async with self.database.connection() as conn:
-                page = await search_hybrid(
-                    conn,
-                    context=context,
-                    user_ids=user_ids,
-                    query_text=dto.query,
-                    query_embedding=embedding,
-                    filters=dto.filters,
-                    page=dto.page,
-                    size=dto.size,
-                )
+        page, mode = await self._hits(dto, ocr_text, user_ids)
         assets = await self.immich.assets(
             credential, [hit.asset_id for hit in page.items], self.db_settings.hydrate_concurrency
         )
@@ -265,6 +254,36 @@ class SmartSearchService:
             headers={MODE_HEADER: mode},
         )
 
+    async def _hits(self, dto: SmartSearch, ocr_text: str | None, user_ids: list[UUID]) -> tuple[SearchPage, str]:
+        """One page of matching asset ids, and the mode that found them: ``ocr``, ``hybrid``, or
+        ``hybrid-ocr-only`` when no CLIP embedding of the query could be had."""
+        context = await self.database.context()
+        if ocr_text is not None:
+            async with self.database.connection() as conn:
+                page = await search_ocr(
+                    conn,
+                    context=context,
+                    user_ids=user_ids,
+                    query_text=ocr_text,
+                    filters=dto.filters,
+                    page=dto.page,
+                    size=dto.size,
+                )
+            return page, "ocr"
+        embedding = await self._query_embedding(dto, context.embedding_dim)
+        async with self.database.connection() as conn:
+            page = await search_hybrid(
+                conn,
+                context=context,
+                user_ids=user_ids,
+                query_text=dto.query,
+                query_embedding=embedding,
+                filters=dto.filters,
+                page=dto.page,
+                size=dto.size,
+            )
+        return page, "hybrid" if embedding is not None else "hybrid-ocr-only"
+
     async def _query_embedding(self, dto: SmartSearch, dimension: int | None) -> list[float] | None:
         """The CLIP text embedding of the query, or None to rank by OCR alone: CLIP switched off in Immich, no
         model could answer, or the model does not fit the library's vectors (logged; search still answers)."""
@@ -282,7 +301,7 @@ class SmartSearchService:
                 config.clip.model_name, dto.query[: self.db_settings.clip_query_max_chars], dto.language
             )
         except InferenceError as exc:
-            log.warning("CLIP text encoding failed; ranking by OCR only", extra={"fields": {"error": exc.message}})
+            log.warning("CLIP text encoding failed; ranking by OCR only", extra={"fields": {"error": str(exc)}})
             return None
         if dimension is not None and len(vector) != dimension:
             log.error(

@@ -31,6 +31,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, SecretStr
 
+from ai_service.errors import (
+    Forbidden,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    http_status,
+)
 from gateway.backends.local import LocalBackend
 from gateway.search.credentials import Credential, SharedLinkRefused, credential_from
 from gateway.search.immich import Caller, ImmichClient, ImmichError
@@ -157,12 +164,13 @@ async def addon(request: Request) -> Response:
 
 
 class AccessDenied(Exception):
-    """``detail`` for the JSON API (English); ``reason`` picks the page's localized sentence."""
+    """``error``: the kind of refusal, its message the JSON API's ``detail`` (English); ``reason`` picks the
+    page's localized sentence."""
 
-    def __init__(self, status: int, detail: str, reason: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+    def __init__(self, error: ServiceError, reason: str) -> None:
+        super().__init__(str(error))
+        self.detail = str(error)
+        self.status = http_status(error)  # the one table (ai_service/errors.py)
         self.reason = reason
 
 
@@ -207,26 +215,29 @@ async def require_admin(request: Request) -> None:
     try:
         credential = credential_from(request)
     except SharedLinkRefused:
-        raise AccessDenied(403, "a shared link cannot open the AI status", "shared") from None
+        raise AccessDenied(Forbidden("a shared link cannot open the AI status"), "shared") from None
     if credential is None:
-        raise AccessDenied(401, "sign in to Immich first: this page is for Immich administrators", "signin")
+        raise AccessDenied(Unauthenticated("sign in to Immich first: this page is for Immich administrators"), "signin")
     settings = gateway_of(request).settings.immich
     if settings.url is None:
         raise AccessDenied(
-            503, "GATEWAY_IMMICH__URL is not set, so the gateway cannot ask Immich who is signed in", "no_immich"
+            Unavailable("GATEWAY_IMMICH__URL is not set, so the gateway cannot ask Immich who is signed in"),
+            "no_immich",
         )
     try:
         caller = await _who(request, credential, settings)
     except ImmichError as exc:
         if exc.status == 401:
-            raise AccessDenied(401, "the Immich session is not valid any more: sign in again", "expired") from None
+            raise AccessDenied(
+                Unauthenticated("the Immich session is not valid any more: sign in again"), "expired"
+            ) from None
         if exc.status == 403:
-            raise AccessDenied(403, f"Immich refused to say who is signed in: {exc.message}", "refused") from None
+            raise AccessDenied(Forbidden(f"Immich refused to say who is signed in: {exc.message}"), "refused") from None
         log.warning("Immich session check failed", extra={"fields": {"status": exc.status}})
         # Immich failing is a bad gateway from the browser's point of view; a timeout stays a timeout.
-        raise AccessDenied(504 if exc.status == 504 else 502, exc.message, "unavailable") from None
+        raise AccessDenied(exc.as_failure(), "unavailable") from None
     if not caller.is_admin:
-        raise AccessDenied(403, "only Immich administrators may see the AI status", "not_admin")
+        raise AccessDenied(Forbidden("only Immich administrators may see the AI status"), "not_admin")
 
 
 # ---- status data ---------------------------------------------------------------------------------------

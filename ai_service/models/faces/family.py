@@ -38,6 +38,7 @@ from ai_service.models.faces.onnx_info import (
 from ai_service.models.faces.scrfd import ScrfdDetector
 from ai_service.models.store import MODEL_FILE, ModelStore
 from ai_service.protocol.immich import ModelTask, ModelType
+from ai_service.protocol.immich_face_models import INSIGHTFACE_PACKS
 from ai_service.runtime.onnx import SessionOptions, create_session
 from ai_service.settings import AIServiceSettings
 
@@ -45,7 +46,6 @@ DETECTION = "detection"
 RECOGNITION = "recognition"
 COMPONENTS = (DETECTION, RECOGNITION)
 DLIB = "dlib"
-INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l", "buffalo_m", "buffalo_s")
 INSIGHTFACE_LICENCE = (
     "InsightFace's pretrained models are licensed for non-commercial research use only; "
     "the built-in 'dlib' face model has no such restriction and needs no download."

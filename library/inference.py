@@ -15,6 +15,7 @@ Either way the result is the task's typed reply value (``ClipOutput``, ``OcrOutp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -190,6 +191,10 @@ class LibraryInference:
             loop, self._loop = self._loop, None
             thread, self._loop_thread = self._loop_thread, None
         if loop is not None:
+            # A call still waiting (an API request at shutdown) gets a CancelledError instead of waiting forever
+            # on a loop that no longer runs; its model call finishes on the service's thread pool.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(timeout=10)
             loop.call_soon_threadsafe(loop.stop)
             if thread is not None:
                 thread.join(timeout=10)
@@ -199,6 +204,13 @@ class LibraryInference:
             service.executor.shutdown(wait=False)
             service.downloader.close()
             service.cache.unload_all()
+
+
+async def _cancel_others() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---- typed replies -> the library's values (the one place that reads the tasks' shapes) -------------------

@@ -59,6 +59,7 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
     # Imported here so that importing the protocol layer does not load every model family.
     from ai_service.models.clip import ClipFamily
     from ai_service.models.faces import FaceFamily
+    from ai_service.models.nsfw import NsfwFamily
     from ai_service.models.ocr import OcrFamily
 
     store = ModelStore(settings.model_dir)
@@ -68,6 +69,7 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
             ClipFamily(store, options, settings),
             FaceFamily(store, options, settings),
             OcrFamily(store, options, settings),
+            NsfwFamily(store, options, settings),
         ],
         store,
     )
@@ -140,7 +142,10 @@ class InferenceService:
             ModelTask.FACIAL_RECOGNITION: self.settings.mtphotos_face_model,
             ModelTask.OCR: self.settings.mtphotos_ocr_model,
         }
-        return preloads[0] if preloads else defaults.get(task, "")
+        if preloads:
+            return preloads[0]
+        known = self.registry.family(task).known()
+        return defaults.get(task) or (known[0] if known else "")
 
     def log_models(self) -> dict[str, list[str]]:
         """Log, per task, what is installed and, where nothing is, the command that installs a model.
@@ -165,7 +170,8 @@ class InferenceService:
                     name,
                 )
                 continue
-            log.warning(
+            log.log(
+                logging.WARNING if task_for(task).used_by_immich else logging.INFO,
                 "no %s model is installed in %s (AI_SERVICE_MODEL_DIR); %s requests fail until one is. "
                 "For %s: %s Run it where this service runs (in Docker: docker compose exec ai-service <command>); "
                 "no restart is needed.",

@@ -283,7 +283,9 @@ class GatewaySettings(BaseSettings):
         default_factory=dict,
         description=(
             "Seconds one backend may take for one request, per task (GATEWAY_TIMEOUTS__OCR=45), at most 290 "
-            "(Immich gives up after ~300 s). Defaults: clip 30, facial_recognition 60, ocr 60."
+            "(Immich gives up after ~300 s). Defaults: "
+            + ", ".join(f"{task.setting_key} {task.timeout_s:g}" for task in TASKS.values())
+            + "."
         ),
     )
     request_deadline_s: float = Field(
@@ -359,6 +361,10 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"route for {task} names unknown backends {unknown}; known: {list(self.backends)}")
             if len(set(route)) != len(route):
                 raise ValueError(f"route for {task} names a backend twice: {route}")
+            if not task_for(task).on_mtphotos:
+                mtphotos = [n for n in route if self.backends[n].kind is BackendKind.MTPHOTOS]
+                if mtphotos:
+                    raise ValueError(f"route for {task} names MT Photos backends {mtphotos}; MT Photos has no {task}")
         return self
 
     def route(self, task: ModelTask) -> list[str]:

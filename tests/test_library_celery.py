@@ -15,7 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.library_support import REPO, distinct_images, library_env
+from tests.assets import reference_nsfw
+from tests.library_support import REPO, distinct_images, encode, library_env, photo
 from tests.servers import free_port
 
 REDIS = shutil.which("redis-server")
@@ -157,3 +158,42 @@ def test_bulk_ingest_on_two_celery_workers_survives_a_killed_worker(
     # Both original workers took tasks.
     assert all("library.drain" in log for log in logs[:2]), logs[1][-2000:]
     assert "Traceback" not in logs[1] + logs[2]
+
+
+def test_inference_runs_in_a_forked_celery_worker(postgres_uri: str, redis_url: str, tmp_path: Path) -> None:
+    """The 'nsfw' step through the library's inference door inside a prefork pool child (the door's event
+    loop thread and the model are made after the fork), with the scores the package computes."""
+    env = library_env(postgres_uri, tmp_path / "data", LIBRARY_BROKER_URL=redis_url, LIBRARY_NSFW_MODEL="opennsfw")
+    schema = env["LIBRARY_SCHEMA_NAME"]
+    root = tmp_path / "photos"
+    root.mkdir()
+    names = ["retina", "astronaut", "coffee"]
+    for name in names:
+        (root / f"{name}.png").write_bytes(encode(photo(name)))
+    added = subprocess.run(
+        [sys.executable, "-m", "library", "add", "--quiet", str(root)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert added.returncode == 0, added.stderr
+    worker = start_worker(env, "w0", tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 180
+        while counts(postgres_uri, schema).get("done", 0) < 2 * len(names):  # pdq and nsfw per image
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+    finally:
+        stop(worker)  # warm shutdown: the door's loop thread must not hold the worker up
+    with psycopg.connect(postgres_uri, autocommit=True) as conn:
+        scores = dict(
+            conn.execute(
+                f"SELECT i.location, n.score FROM {schema}.nsfw AS n JOIN {schema}.item AS i ON i.id = n.item_id"
+            ).fetchall()
+        )
+    assert len(scores) == len(names)
+    for location, score in scores.items():
+        assert score == pytest.approx(reference_nsfw((Path(location)).read_bytes()), abs=1e-5), location
+    assert "Traceback" not in (tmp_path / "worker.log").read_text(errors="replace")

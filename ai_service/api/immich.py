@@ -34,7 +34,7 @@ async def ping() -> str:
 
 @router.post(
     "/predict",
-    summary="Run CLIP, face or OCR models on one image or text",
+    summary="Run CLIP, face, OCR or NSFW models on one image or text",
     responses={
         400: {"description": "Missing image/text, undecodable image, or a dependent task without its dependency"},
         404: {"description": "Unknown model; the message lists the installed ones"},

@@ -126,3 +126,15 @@ class OcrModel(Protocol):
     def detect(self, image: np.ndarray, min_score: float, max_resolution: int | None) -> TextDetections: ...
 
     def recognize(self, image: np.ndarray, detections: TextDetections, min_score: float) -> TextLines: ...
+
+
+# ---- NSFW ------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class NsfwModel(Protocol):
+    input_size: int  # the side the model resizes to; lets the decoder use JPEG draft mode
+
+    def score(self, image: np.ndarray) -> float:
+        """One RGB image -> P(nsfw) in 0-1."""
+        ...

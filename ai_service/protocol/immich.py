@@ -12,6 +12,7 @@ serialised as *strings* holding a JSON array (Immich passes them to pgvector as 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -37,6 +38,7 @@ class ModelTask(StrEnum):
     CLIP = "clip"
     FACIAL_RECOGNITION = "facial-recognition"
     OCR = "ocr"
+    NSFW = "nsfw"  # not an Immich task: the library's NSFW score (ai_service/tasks/nsfw.py)
 
 
 class ModelType(StrEnum):
@@ -44,6 +46,7 @@ class ModelType(StrEnum):
     TEXTUAL = "textual"
     DETECTION = "detection"
     RECOGNITION = "recognition"
+    CLASSIFICATION = "classification"
 
 
 class PredictOptions(BaseModel):
@@ -74,6 +77,18 @@ class PipelineEntry(BaseModel):
 
 class Entries(RootModel[dict[ModelTask, dict[ModelType, PipelineEntry]]]):
     """The parsed ``entries`` form field."""
+
+
+def entries_json(entries: Mapping[ModelTask, Mapping[ModelType, PipelineEntry]]) -> bytes:
+    """``entries`` as a client sends it (the inverse of :class:`Entries`), e.g. for a request to ``/predict``."""
+    return orjson.dumps(
+        {
+            task.value: {
+                type_.value: entry.model_dump(by_alias=True, exclude_none=True) for type_, entry in types.items()
+            }
+            for task, types in entries.items()
+        }
+    )
 
 
 class EntriesError(Unprocessable, ValueError):

@@ -26,11 +26,12 @@ from ai_service.protocol.immich import (
 from ai_service.tasks.base import InvalidReply, Task
 from ai_service.tasks.clip import CLIP, ClipOutput
 from ai_service.tasks.faces import FACES, FacesOutput
+from ai_service.tasks.nsfw import NSFW, NsfwOutput
 from ai_service.tasks.ocr import OCR, OcrOutput
 
 __all__ = ["TASKS", "InvalidReply", "PredictResponse", "Task", "task_for"]
 
-TASKS: dict[ModelTask, Task] = {task.name: task for task in (CLIP, FACES, OCR)}
+TASKS: dict[ModelTask, Task] = {task.name: task for task in (CLIP, FACES, OCR, NSFW)}
 
 PredictResponse = TypedDict(
     "PredictResponse",
@@ -38,11 +39,12 @@ PredictResponse = TypedDict(
         "clip": NotRequired[ClipOutput],
         "facial-recognition": NotRequired[FacesOutput],
         "ocr": NotRequired[OcrOutput],
+        "nsfw": NotRequired[NsfwOutput],
         IMAGE_HEIGHT: NotRequired[int],
         IMAGE_WIDTH: NotRequired[int],
     },
 )
-"""Immich's /predict reply: one key per task requested, and the image's size for image requests."""
+"""The /predict reply: one key per task requested, and the image's size for image requests."""
 
 RequestEntries = dict[ModelTask, dict[ModelType, PipelineEntry]]
 

@@ -1,6 +1,6 @@
 """What every task module provides, and the checks their reply validators share.
 
-A task module (``clip.py``, ``faces.py``, ``ocr.py``) subclasses :class:`Task` once; the table in
+A task module (``clip.py``, ``faces.py``, ``ocr.py``, ``nsfw.py``) subclasses :class:`Task` once; the table in
 ``ai_service/tasks/__init__.py`` lists the instances. Everything that differs between tasks lives in
 those modules, so the service, the gateway's reply validation and the MT Photos adapter never branch
 on a task name.
@@ -46,6 +46,8 @@ class Task:
     timeout_s: ClassVar[float]  # the gateway's default per-attempt timeout (GATEWAY_TIMEOUTS__<TASK>)
     embedding_dimension: ClassVar[int | None] = None  # fixed size of the reply's embeddings, if any
     default_model_map: ClassVar[Mapping[str, str]] = {}  # GATEWAY_MODEL_MAP__<TASK> when unset
+    used_by_immich: ClassVar[bool] = True  # False: Immich never sends it (a missing model is no warning)
+    on_mtphotos: ClassVar[bool] = True  # False: MT Photos has no endpoint for it (its backends are skipped)
 
     @property
     def setting_key(self) -> str:

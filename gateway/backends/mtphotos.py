@@ -47,6 +47,8 @@ class MtPhotosBackend(HttpBackend):
         self.max_image_pixels = gateway.max_image_pixels
 
     def cannot_serve(self, routed: RoutedTask) -> str | None:
+        if not task_for(routed.task).on_mtphotos:
+            return f"MT Photos has no {routed.task} endpoint"
         served = self.settings.served_model(routed.task)
         if served is not None and normalise_name(served) != normalise_name(routed.model.target):
             return f"runs {routed.task} model '{served}', request is for '{routed.model.target}'"

@@ -358,6 +358,9 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(f"route for {task} names unknown backends {unknown}; known: {list(self.backends)}")
             if len(set(route)) != len(route):
                 raise ValueError(f"route for {task} names a backend twice: {route}")
+            mtphotos = [n for n in route if self.backends[n].kind is BackendKind.MTPHOTOS]
+            if mtphotos and not task_for(task).mtphotos:
+                raise ValueError(f"route for {task} names MT Photos backends {mtphotos}: MT Photos cannot serve {task}")
         return self
 
     def route(self, task: ModelTask) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 from ai_service.inference import InferenceService, RequestError
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.settings import AIServiceSettings
+from ai_service.tasks.tagging import TAGGING, TagScore, choose
 from library.settings import LibrarySettings
 
 
@@ -115,6 +116,23 @@ class LibraryInference:
                 self._nsfw = NSFWClassifier(providers=["CPUExecutionProvider"], intra_op_num_threads=1)
             classifier = self._nsfw
         return float(classifier.classify(rgb).nsfw)
+
+    def tags(self, data: bytes) -> list[TagScore]:
+        """The 'tagging' task with LIBRARY_TAG_MODEL: its tags above its own thresholds (or above
+        LIBRARY_TAGS_THRESHOLD when that is 0 or more), best first."""
+        name = self.settings.tag_model
+        if not name:
+            raise InferenceUnavailableError("no tagging model configured (LIBRARY_TAG_MODEL)")
+        threshold = self.settings.tags_threshold
+        min_score = threshold if threshold is not None and threshold >= 0 else None
+        if self.settings.inference_url:
+            options = {"minScore": min_score} if min_score is not None else {}
+            reply = self._predict({"tagging": {"visual": {"modelName": name, "options": options}}}, image=data)
+            return TAGGING.check_reply(reply.get("tagging"), {}, None)
+        ref = self.service.registry.resolve(ModelTask.TAGGING, ModelType.VISUAL, name)
+        tagger = self.service.cache.get(ref)
+        decoded = self.service.decode(data, min_side=getattr(tagger, "input_size", None))
+        return choose(tagger, tagger.scores(decoded.rgb), min_score)  # type: ignore[arg-type]
 
     def faces(self, data: bytes) -> list[Face]:
         name = self.settings.face_model

@@ -24,6 +24,7 @@ class ModelTask(StrEnum):
     CLIP = "clip"
     FACIAL_RECOGNITION = "facial-recognition"
     OCR = "ocr"
+    TAGGING = "tagging"  # this project's own task (Immich has none): see ai_service/tasks/tagging.py
 
 
 class ModelType(StrEnum):

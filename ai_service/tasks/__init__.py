@@ -27,10 +27,11 @@ from ai_service.tasks.base import InvalidReply, Task
 from ai_service.tasks.clip import CLIP, ClipOutput
 from ai_service.tasks.faces import FACES, FacesOutput
 from ai_service.tasks.ocr import OCR, OcrOutput
+from ai_service.tasks.tagging import TAGGING, TaggingOutput
 
 __all__ = ["TASKS", "InvalidReply", "PredictResponse", "Task", "task_for"]
 
-TASKS: dict[ModelTask, Task] = {task.name: task for task in (CLIP, FACES, OCR)}
+TASKS: dict[ModelTask, Task] = {task.name: task for task in (CLIP, FACES, OCR, TAGGING)}
 
 PredictResponse = TypedDict(
     "PredictResponse",
@@ -38,6 +39,7 @@ PredictResponse = TypedDict(
         "clip": NotRequired[ClipOutput],
         "facial-recognition": NotRequired[FacesOutput],
         "ocr": NotRequired[OcrOutput],
+        "tagging": NotRequired[TaggingOutput],
         IMAGE_HEIGHT: NotRequired[int],
         IMAGE_WIDTH: NotRequired[int],
     },

@@ -46,6 +46,7 @@ class Task:
     timeout_s: ClassVar[float]  # the gateway's default per-attempt timeout (GATEWAY_TIMEOUTS__<TASK>)
     embedding_dimension: ClassVar[int | None] = None  # fixed size of the reply's embeddings, if any
     default_model_map: ClassVar[Mapping[str, str]] = {}  # GATEWAY_MODEL_MAP__<TASK> when unset
+    mtphotos: ClassVar[bool] = True  # whether MT Photos' API has an endpoint for it (routing skips it if not)
 
     @property
     def setting_key(self) -> str:

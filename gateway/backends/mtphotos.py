@@ -50,6 +50,8 @@ class MtPhotosBackend(HttpBackend):
         self.max_image_pixels = gateway.max_image_pixels
 
     def cannot_serve(self, routed: RoutedTask) -> str | None:
+        if not task_for(routed.task).mtphotos:  # e.g. tagging: skipped, never sent to another task's endpoint
+            return f"MT Photos' API has no {routed.task} endpoint"
         served = self.settings.served_model(routed.task)
         if served is not None and normalise_name(served) != normalise_name(routed.model.target):
             return f"runs {routed.task} model '{served}', request is for '{routed.model.target}'"

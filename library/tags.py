@@ -220,7 +220,8 @@ def retag_all(conn: psycopg.Connection[Any], settings: LibrarySettings, texts: T
     keys, matrix = texts.matrix(conn)
     limits, _ = texts.thresholds(conn)
     done = 0
-    with conn.cursor(name="retag") as rows:  # server-side cursor: the library may not fit in memory
+    # A server-side cursor (the library may not fit in memory), which lives in a transaction: all or nothing.
+    with conn.transaction(), conn.cursor(name="retag") as rows:
         rows.execute("SELECT item_id, embedding::text FROM clip WHERE model = %s", [str(settings.clip_model)])
         batch = rows.fetchmany(500)
         while batch:

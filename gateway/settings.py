@@ -282,7 +282,7 @@ class GatewaySettings(BaseSettings):
         default_factory=dict,
         description=(
             "Seconds one backend may take for one request, per task (GATEWAY_TIMEOUTS__OCR=45), at most 290 "
-            "(Immich gives up after ~300 s). Defaults: clip 30, facial_recognition 60, ocr 60."
+            "(Immich gives up after ~300 s). Defaults: clip 30, facial_recognition 60, ocr 60, tagging 60."
         ),
     )
     request_deadline_s: float = Field(

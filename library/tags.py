@@ -194,7 +194,9 @@ def _store(
         )
 
 
-def _choose(keys: list[str], matrix: np.ndarray, limits: np.ndarray, image: Any, top_k: int) -> list[tuple[str, float]]:
+def choose_tags(
+    keys: list[str], matrix: np.ndarray, limits: np.ndarray, image: Any, top_k: int
+) -> list[tuple[str, float]]:
     scores = matrix @ np.asarray(image, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     return [(keys[i], float(scores[i])) for i in order if scores[i] >= limits[i]][:top_k]
@@ -208,7 +210,7 @@ def assign(
     re-tagged with the calibrated thresholds."""
     keys, matrix = texts.matrix(conn)
     limits, fresh = texts.thresholds(conn)
-    chosen = _choose(keys, matrix, limits, image, settings.tags_top_k)
+    chosen = choose_tags(keys, matrix, limits, image, settings.tags_top_k)
     _store(conn, item_id, str(settings.clip_model), [(k, None, s) for k, s in chosen])
     if fresh:
         retag_all(conn, settings, texts)
@@ -226,7 +228,7 @@ def retag_all(conn: psycopg.Connection[Any], settings: LibrarySettings, texts: T
         batch = rows.fetchmany(500)
         while batch:
             for item_id, text in batch:
-                chosen = _choose(keys, matrix, limits, _vector(text), settings.tags_top_k)
+                chosen = choose_tags(keys, matrix, limits, _vector(text), settings.tags_top_k)
                 _store(conn, int(item_id), str(settings.clip_model), [(k, None, s) for k, s in chosen])
                 done += 1
             batch = rows.fetchmany(500)

@@ -7,7 +7,9 @@ score reaches its threshold (the model's per-tag thresholds, or ``minScore`` for
 request gives one); at most :data:`MAX_TAGS`, best first. Scores are the model's own: sigmoid
 probabilities for RAM++, cosine similarities for zero-shot CLIP, so they compare only within one model.
 
-MT Photos' API has no tagging endpoint, so an MT Photos backend never serves this task.
+MT Photos' API has no tagging endpoint, so an MT Photos backend never serves this task (the gateway skips
+it, and refuses a GATEWAY_ROUTES__TAGGING that names one); a stock Immich ML does not know the task either
+and answers 422, so a gateway in front of one routes tagging to this project's services.
 """
 
 from __future__ import annotations

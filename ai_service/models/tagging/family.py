@@ -53,6 +53,11 @@ class TaggingFamily:
         return self.clip.known()
 
     def install_hint(self, name: str) -> str:
+        if not name:  # nothing to suggest by name: say what makes a tagger
+            return (
+                "Zero-shot tags need an installed CLIP model (e.g. `python -m ai_service models pull "
+                f"ViT-B-16__cn-clip`); a RAM++-layout tagger goes in {self.store.root / str(self.task)}/<name>/."
+            )
         return (
             f"Zero-shot tags use the CLIP model of that name: {self.clip.install_hint(name)} A RAM++-layout "
             f"tagger goes in {self.store.root / str(self.task) / name}/ (visual/model.onnx, ram_tag_list.txt, "

@@ -197,9 +197,11 @@ def _store(
 def choose_tags(
     keys: list[str], matrix: np.ndarray, limits: np.ndarray, image: Any, top_k: int
 ) -> list[tuple[str, float]]:
+    """The best ``top_k`` tags at or above their threshold, highest score first."""
     scores = matrix @ np.asarray(image, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
-    return [(keys[i], float(scores[i])) for i in order if scores[i] >= limits[i]][:top_k]
+    passing = np.flatnonzero(scores >= limits)
+    best = passing[np.argsort(-scores[passing], kind="stable")][:top_k]
+    return [(keys[i], float(scores[i])) for i in best]
 
 
 def assign(

@@ -6,7 +6,11 @@ claimed."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +176,8 @@ def test_calibrated_thresholds_in_the_library(
     postgres_uri: str, tmp_path: Path, clip_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The calibration runs once enough photos have an embedding, is stored beside the text embeddings, and
-    re-tags the photos tagged before it; the override file wins; `calibrate-tags` recomputes it."""
+    re-tags the photos tagged before it; the override file wins; `python -m library calibrate-tags`
+    recomputes it."""
     monkeypatch.setenv("AI_SERVICE_MODEL_DIR", str(clip_model_dir))
     k, top_k = 0.5, 3
     env = library_env(
@@ -212,10 +217,18 @@ def test_calibrated_thresholds_in_the_library(
     env["LIBRARY_TAGS_THRESHOLDS_FILE"] = str(overrides)
     env["LIBRARY_TAGS_TOP_K"] = "100"
     env["LIBRARY_TAGS_CALIBRATION_K"] = "2"  # k is applied when tagging: no recalibration needed for it
+    done = subprocess.run(
+        [sys.executable, "-m", "library", "calibrate-tags"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"retagged": 6}  # the sample: all six photos
     lib = Library(settings_from(env))
     try:
         with lib.db.conn() as conn:
-            assert tags.calibrate(conn, lib.settings, lib.pipeline.tag_texts) == 6  # sample: all six photos
             expected, _ = _expected_tags(conn, ids, ids, 2.0, 100, {first: 1.0, "giant panda": -1.0})
             stored = {i: [t["tag"] for t in tags.item_tags(conn, i)] for i in ids}
             assert conn.execute("SELECT min(sample) FROM tag_calibration").fetchone()[0] == 6

@@ -61,15 +61,18 @@ def build_registry(settings: AIServiceSettings) -> ModelRegistry:
     from ai_service.models.faces import FaceFamily
     from ai_service.models.nsfw import NsfwFamily
     from ai_service.models.ocr import OcrFamily
+    from ai_service.models.tagging.family import TaggingFamily
 
     store = ModelStore(settings.model_dir)
     options = settings.session_options()
+    clip = ClipFamily(store, options, settings)
     return ModelRegistry(
         [
-            ClipFamily(store, options, settings),
+            clip,
             FaceFamily(store, options, settings),
             OcrFamily(store, options, settings),
             NsfwFamily(store, options, settings),
+            TaggingFamily(store, options, clip),
         ],
         store,
     )

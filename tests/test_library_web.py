@@ -1,5 +1,5 @@
-"""The imgsmlr page (GET /imgsmlr/) in headless Chromium: add by URL, search by URL and by upload, the
-result grid with thumbnails; screenshots kept next to the test's temporary files."""
+"""The imgsmlr page (GET /imgsmlr/) and the library page in headless Chromium: add by URL, search by URL and
+by upload, the result grid with thumbnails, tag facets; screenshots kept next to the test's temporary files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
-from tests.library_support import PDQ_DATA, ImageServer, encode, library_env, library_server, photo
+from tests.library_support import (
+    PDQ_DATA,
+    ImageServer,
+    distinct_images,
+    encode,
+    library_env,
+    library_server,
+    photo,
+)
 from tests.servers import free_port
 
 FONT = Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc")
@@ -213,4 +221,44 @@ def test_library_page_finds_a_video_from_a_screenshot(postgres_uri: str, browser
         src = browser.find_element(By.CSS_SELECTOR, "#results img").get_attribute("src")
         assert src and "/api/items/1/image?t=" in src and abs(float(src.rsplit("=", 1)[1]) - at) <= 0.05, src
         browser.save_screenshot(str(tmp_path / "library-video.png"))
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_library_page_tag_facets(postgres_uri: str, clip_model_dir: Path, browser: WebDriver, tmp_path: Path) -> None:
+    """A text search shows its results' tags with counts (English names in an English browser), as the API
+    counts them; a click narrows the search to that tag. Random-weight CLIP: plumbing only."""
+    env = library_env(
+        postgres_uri,
+        tmp_path / "data",
+        LIBRARY_CLIP_MODEL="test-cn-clip-tiny",
+        LIBRARY_TAGS_ENABLED="true",
+        LIBRARY_TAGS_TOP_K="2",
+        LIBRARY_TAGS_MIN_SCORE="-1",
+    )
+    env["AI_SERVICE_MODEL_DIR"] = str(clip_model_dir)  # the server loads the tiny CLIP model in-process
+    port = free_port()
+    with library_server(env, tmp_path / "server.log", port), httpx.Client(timeout=60) as client:
+        base = f"http://127.0.0.1:{port}"
+        for n, data in enumerate(distinct_images(3)):
+            assert client.post(base + "/api/items", files={"file": (f"{n}.png", data)}).status_code == 201
+        deadline = time.monotonic() + 120
+        while any(st["pending"] + st["running"] for st in client.get(base + "/api/status").json()["steps"].values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        expected = client.get(base + "/api/tags", params={"q": "猫", "mode": "clip", "lang": "en", "limit": 20}).json()
+        assert expected["items"] == 3 and expected["tags"]
+
+        browser.get(base + "/")
+        browser.get_log("browser")  # drop what earlier tests' pages logged (their servers are gone)
+        browser.find_element(By.CSS_SELECTOR, "#text input[name=q]").send_keys("猫")
+        browser.find_element(By.CSS_SELECTOR, "#text select[name=mode] option[value=clip]").click()
+        assert submit(browser, "text") == "3 result(s)"
+        chips = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#facets button") or None)
+        assert [c.text for c in chips] == [f"{f['name']} · {f['count']}" for f in expected["tags"]]
+        assert all(f["name"] == f["en"] for f in expected["tags"])
+        browser.save_screenshot(str(tmp_path / "library-facets.png"))
+        first = expected["tags"][0]
+        browser.execute_script("document.getElementById('status').textContent = ''")
+        chips[0].click()
+        wait_for(browser, lambda d: status_text(d) == f"{first['count']} result(s)")
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -39,6 +39,7 @@ class ModelTask(StrEnum):
     FACIAL_RECOGNITION = "facial-recognition"
     OCR = "ocr"
     NSFW = "nsfw"  # not an Immich task: the library's NSFW score (ai_service/tasks/nsfw.py)
+    TAGGING = "tagging"  # this project's own task (Immich has none): see ai_service/tasks/tagging.py
 
 
 class ModelType(StrEnum):

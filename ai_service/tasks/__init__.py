@@ -28,10 +28,11 @@ from ai_service.tasks.clip import CLIP, ClipOutput
 from ai_service.tasks.faces import FACES, FacesOutput
 from ai_service.tasks.nsfw import NSFW, NsfwOutput
 from ai_service.tasks.ocr import OCR, OcrOutput
+from ai_service.tasks.tagging import TAGGING, TaggingOutput
 
 __all__ = ["TASKS", "InvalidReply", "PredictResponse", "Task", "task_for"]
 
-TASKS: dict[ModelTask, Task] = {task.name: task for task in (CLIP, FACES, OCR, NSFW)}
+TASKS: dict[ModelTask, Task] = {task.name: task for task in (CLIP, FACES, OCR, NSFW, TAGGING)}
 
 PredictResponse = TypedDict(
     "PredictResponse",
@@ -40,6 +41,7 @@ PredictResponse = TypedDict(
         "facial-recognition": NotRequired[FacesOutput],
         "ocr": NotRequired[OcrOutput],
         "nsfw": NotRequired[NsfwOutput],
+        "tagging": NotRequired[TaggingOutput],
         IMAGE_HEIGHT: NotRequired[int],
         IMAGE_WIDTH: NotRequired[int],
     },

@@ -45,6 +45,29 @@ def record_group(conn: psycopg.Connection[Any], user_id: UUID, duplicate_id: UUI
         )
 
 
+def cached_hashes(conn: psycopg.Connection[Any], checksums: dict[UUID, str]) -> dict[UUID, list[tuple[str, int]]]:
+    """The stored PDQ variants (hex, quality) of the assets whose checksum is still the one hashed."""
+    found: dict[UUID, list[tuple[str, int]]] = {}
+    rows = conn.execute(
+        "SELECT asset_id, checksum, hashes, qualities FROM bridge_pdq WHERE asset_id = ANY(%s)", [list(checksums)]
+    )
+    for asset_id, checksum, hashes, qualities in rows:
+        if checksum and checksums.get(asset_id) == checksum:
+            found[asset_id] = list(zip(hashes, qualities, strict=True))
+    return found
+
+
+def store_hashes(conn: psycopg.Connection[Any], rows: list[tuple[UUID, str, list[tuple[str, int]]]]) -> None:
+    """Remember (asset id, checksum, PDQ variants) for the next run."""
+    with conn.transaction():
+        conn.cursor().executemany(
+            """INSERT INTO bridge_pdq (asset_id, checksum, hashes, qualities) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (asset_id) DO UPDATE SET checksum = excluded.checksum, hashes = excluded.hashes,
+                 qualities = excluded.qualities, hashed_at = clock_timestamp()""",
+            [(a, c, [h for h, _ in v], [q for _, q in v]) for a, c, v in rows],
+        )
+
+
 def tag_parent(conn: psycopg.Connection[Any], user_id: UUID) -> UUID | None:
     row = conn.execute("SELECT tag_id FROM bridge_tag_parent WHERE user_id = %s", [user_id]).fetchone()
     return row[0] if row else None

@@ -171,6 +171,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bits(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 256:
+        raise argparse.ArgumentTypeError("a PDQ distance is 0..256 bits")
+    return value
+
+
 def cmd_immich(args: argparse.Namespace) -> int:
     """The bridge into an Immich library, as the owner of LIBRARY_IMMICH_API_KEY (library/immich_bridge.py)."""
     import asyncio
@@ -242,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     bridge = immich.add_subparsers(dest="immich_command", required=True)
     dups = bridge.add_parser("sync-duplicates", help="write PDQ near-duplicates as Immich duplicate groups")
-    dups.add_argument("--threshold", type=int, default=None, help="bits (LIBRARY_IMMICH_DUPLICATE_THRESHOLD)")
+    dups.add_argument(
+        "--threshold", type=_bits, default=None, help="bits, 0-256 (default LIBRARY_IMMICH_DUPLICATE_THRESHOLD)"
+    )
     dups.add_argument("--dry-run", action="store_true", help="show the groups, write nothing")
     dups.add_argument("--json", action="store_true")
     tags_cmd = bridge.add_parser("sync-tags", help="write zero-shot tags as Immich tags under a parent tag")

@@ -143,23 +143,26 @@ class DuplicateReport:
         }
 
 
-def _hash_rows(hashes: dict[UUID, pdq.PdqHashes], min_quality: int) -> tuple[list[UUID], np.ndarray, np.ndarray]:
+Variants = list[tuple[str, int]]  # an asset's PDQ: (64 hex digits, quality) as given, then without a frame
+
+
+def _hash_rows(hashes: dict[UUID, Variants], min_quality: int) -> tuple[list[UUID], np.ndarray, np.ndarray]:
     """(asset ids, one uint64x4 row per usable hash variant, the index of each row's asset)."""
     ids = list(hashes)
     rows: list[bytes] = []
     owners: list[int] = []
     for index, asset_id in enumerate(ids):
-        for _, result in hashes[asset_id].variants:
-            if result.quality >= min_quality:  # featureless previews match everything flat: never matched
-                rows.append(int(result.hash_hex, 16).to_bytes(32, "big"))
+        for hash_hex, quality in hashes[asset_id]:
+            if quality >= min_quality:  # featureless previews match everything flat: never matched
+                rows.append(int(hash_hex, 16).to_bytes(32, "big"))
                 owners.append(index)
     matrix = np.frombuffer(b"".join(rows), dtype=np.uint64).reshape(-1, 4) if rows else np.zeros((0, 4), np.uint64)
     return ids, matrix, np.asarray(owners, dtype=np.int64)
 
 
-def near_pairs(hashes: dict[UUID, pdq.PdqHashes], threshold: int, min_quality: int) -> list[tuple[UUID, UUID]]:
+def near_pairs(hashes: dict[UUID, Variants], threshold: int, min_quality: int) -> list[tuple[UUID, UUID]]:
     """Asset pairs whose PDQ (as given, or without a uniform frame) is within ``threshold`` bits. All pairs,
-    in blocks (memory stays ~64 x rows x 32 bytes): seconds for tens of thousands of photos."""
+    in blocks (memory stays ~64 x rows x 32 bytes); bench/bench_immich_bridge.py measures it."""
     ids, matrix, owners = _hash_rows(hashes, min_quality)
     found: set[tuple[int, int]] = set()
     for start in range(0, len(matrix), 64):
@@ -241,20 +244,31 @@ def plan_groups(
 
 
 async def hash_previews(
-    client: ImmichClient, credential: Credential, asset_ids: list[UUID], settings: LibrarySettings
-) -> dict[UUID, pdq.PdqHashes]:
-    async def one(asset_id: UUID) -> tuple[UUID, pdq.PdqHashes | None]:
+    client: ImmichClient,
+    credential: Credential,
+    conn: psycopg.Connection[Any],
+    checksums: dict[UUID, str],
+    settings: LibrarySettings,
+) -> dict[UUID, Variants]:
+    """PDQ of every asset's preview: from the cache while Immich's checksum is unchanged, else fetched and hashed
+    (and cached). Assets without a usable preview are left out."""
+    cached = records.cached_hashes(conn, checksums)
+
+    async def one(asset_id: UUID) -> tuple[UUID, Variants | None]:
         data = await _preview(client, credential, asset_id)
         if data is None:
             return asset_id, None
         try:
-            return asset_id, await asyncio.to_thread(pdq.hash_image, data, max_pixels=settings.max_image_pixels)
+            found = await asyncio.to_thread(pdq.hash_image, data, max_pixels=settings.max_image_pixels)
         except (ImageError, ImageTooLargeError) as exc:
             log.info("asset %s: preview not usable: %s", asset_id, exc)
             return asset_id, None
+        return asset_id, [(result.hash_hex, result.quality) for _, result in found.variants]
 
-    jobs = [lambda a=a: one(a) for a in asset_ids]  # type: ignore[misc]
-    return {a: h for a, h in await _bounded(settings.immich_concurrency, jobs) if h is not None}
+    jobs = [lambda a=a: one(a) for a in checksums if a not in cached]  # type: ignore[misc]
+    fresh = {a: v for a, v in await _bounded(settings.immich_concurrency, jobs) if v is not None}
+    records.store_hashes(conn, [(a, checksums[a], v) for a, v in fresh.items()])
+    return {**cached, **fresh}
 
 
 async def sync_duplicates(
@@ -263,16 +277,17 @@ async def sync_duplicates(
     client, credential = _client(settings)
     await client.start()
     try:
-        me = (await client.me(credential)).id
-        assets = await own_images(client, credential, me, settings)
-        current = {UUID(a["id"]): UUID(a["duplicateId"]) if a.get("duplicateId") else None for a in assets}
-        report = DuplicateReport(assets=len(assets))
-        hashes = await hash_previews(client, credential, list(current), settings)
-        report.hashed, report.skipped = len(hashes), len(current) - len(hashes)
-        limit = settings.immich_duplicate_threshold if threshold is None else threshold
-        pairs = near_pairs(hashes, limit, settings.pdq_min_quality)
-        report.pairs = len(pairs)
-        with records.connect_bridge(db_settings) as conn:
+        with records.connect_bridge(db_settings) as conn:  # first: a database problem shows before any work
+            me = (await client.me(credential)).id
+            assets = await own_images(client, credential, me, settings)
+            current = {UUID(a["id"]): UUID(a["duplicateId"]) if a.get("duplicateId") else None for a in assets}
+            report = DuplicateReport(assets=len(assets))
+            checksums = {UUID(a["id"]): str(a.get("checksum", "")) for a in assets}
+            hashes = await hash_previews(client, credential, conn, checksums, settings)
+            report.hashed, report.skipped = len(hashes), len(current) - len(hashes)
+            limit = settings.immich_duplicate_threshold if threshold is None else threshold
+            pairs = near_pairs(hashes, limit, settings.pdq_min_quality)
+            report.pairs = len(pairs)
             plans, report.pairs_resolved_before = plan_groups(current, pairs, records.proposed_groups(conn, me))
             for plan in plans:
                 if not dry_run:

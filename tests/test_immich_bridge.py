@@ -168,9 +168,15 @@ def test_pdq_duplicates_become_immich_groups_joining_immichs_own(world: World) -
     for call in world.stub.recorded("/api/assets", "PUT"):
         assert call.headers["x-api-key"] == world.alice.api_key
         assert set(json.loads(call.body)["ids"]) <= alices
-    # A second run changes nothing.
+    # A second run changes nothing, and fetches no preview it hashed before (only the one Immich lacks).
+    fetched = {r.path for r in world.stub.requests if r.path.endswith("/thumbnail")}
+    count = len(world.stub.requests)
     again = run_duplicates(world, world.alice)
     assert again["assetsUpdated"] == 0 and world.duplicate_ids() == ids
+    assert {r.path for r in world.stub.requests[count:] if r.path.endswith("/thumbnail")} == {
+        f"/api/assets/{world.ids['no_preview']}/thumbnail"
+    }
+    assert len(fetched) == 12
 
 
 def test_a_group_the_user_resolved_is_not_recreated(world: World) -> None:

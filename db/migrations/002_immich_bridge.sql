@@ -13,6 +13,16 @@ CREATE TABLE bridge_duplicate (
 );
 CREATE INDEX bridge_duplicate_asset_idx ON bridge_duplicate (user_id, asset_id);
 
+-- PDQ of each asset's preview, so a re-run fetches and hashes only new or replaced photos. Keyed by Immich's
+-- checksum of the original (the preview the bridge reads is the unedited one, made from that file).
+CREATE TABLE bridge_pdq (
+  asset_id  uuid PRIMARY KEY,
+  checksum  text NOT NULL,
+  hashes    text[] NOT NULL,               -- 64 hex digits each: the preview as given, then without a uniform frame
+  qualities integer[] NOT NULL,
+  hashed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
 -- The parent tag the bridge created for a user, by id: the user may rename it, it is found again.
 CREATE TABLE bridge_tag_parent (
   user_id    uuid PRIMARY KEY,

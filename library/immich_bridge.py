@@ -161,18 +161,61 @@ def _hash_rows(hashes: dict[UUID, Variants], min_quality: int) -> tuple[list[UUI
 
 
 def near_pairs(hashes: dict[UUID, Variants], threshold: int, min_quality: int) -> list[tuple[UUID, UUID]]:
-    """Asset pairs whose PDQ (as given, or without a uniform frame) is within ``threshold`` bits. All pairs,
-    in blocks (memory stays ~64 x rows x 32 bytes); bench/bench_immich_bridge.py measures it."""
+    """Asset pairs whose PDQ (as given, or without a uniform frame) is within ``threshold`` bits.
+
+    Multi-index hashing: two hashes within t bits agree to within t // 16 bits on at least one of their sixteen
+    16-bit chunks (pigeonhole), so only pairs sharing such a chunk value are compared in full; far fewer than all
+    pairs (bench/bench_immich_bridge.py: 100 000 photos in ~20 s on 2 cores). Thresholds of 32 bits and more
+    (two bits or more per chunk: many more probes) compare every pair instead."""
     ids, matrix, owners = _hash_rows(hashes, min_quality)
+    radius = threshold // 16
+    masks = [m for m in range(1 << 16) if m.bit_count() <= radius] if radius <= 1 else []
+    if not masks:
+        found = _pairs_by_scan(matrix, owners, threshold)
+    else:
+        found = _pairs_by_chunks(matrix, owners, threshold, np.asarray(masks, dtype=np.uint16))
+    return [(ids[a], ids[b]) for a, b in sorted(found)]
+
+
+def _owner_pairs(owners: np.ndarray, left: np.ndarray, right: np.ndarray) -> set[tuple[int, int]]:
+    a, b = owners[left], owners[right]
+    keep = a != b
+    return {(int(x), int(y)) for x, y in zip(np.minimum(a, b)[keep], np.maximum(a, b)[keep], strict=True)}
+
+
+def _pairs_by_chunks(matrix: np.ndarray, owners: np.ndarray, threshold: int, masks: np.ndarray) -> set[tuple[int, int]]:
+    found: set[tuple[int, int]] = set()
+    chunks = matrix.view(np.uint16).reshape(-1, 16)
+    rows = np.arange(len(matrix))
+    for c in range(16):
+        column = chunks[:, c]
+        order = np.argsort(column, kind="stable")
+        ordered = column[order]
+        for mask in masks:
+            keys = column ^ mask
+            low = np.searchsorted(ordered, keys, "left")
+            counts = np.searchsorted(ordered, keys, "right") - low
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            starts = np.cumsum(counts) - counts
+            left = np.repeat(rows, counts)
+            right = order[np.repeat(low, counts) + np.arange(total) - np.repeat(starts, counts)]
+            distance = np.bitwise_count(matrix[left] ^ matrix[right]).sum(axis=1)
+            close = distance <= threshold
+            found |= _owner_pairs(owners, left[close], right[close])
+    return found
+
+
+def _pairs_by_scan(matrix: np.ndarray, owners: np.ndarray, threshold: int) -> set[tuple[int, int]]:
+    """Every pair compared, 64 rows at a time (thresholds of 32 bits and more)."""
     found: set[tuple[int, int]] = set()
     for start in range(0, len(matrix), 64):
         block = matrix[start : start + 64]
         distance = np.bitwise_count(block[:, None, :] ^ matrix[None, :, :]).sum(axis=2)
-        rows, cols = np.nonzero(distance <= threshold)
-        for a, b in zip(owners[rows + start].tolist(), owners[cols].tolist(), strict=True):
-            if a < b:
-                found.add((a, b))
-    return [(ids[a], ids[b]) for a, b in sorted(found)]
+        left, right = np.nonzero(distance <= threshold)
+        found |= _owner_pairs(owners, left + start, right)
+    return found
 
 
 class _Components:

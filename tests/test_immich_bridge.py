@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import psycopg
@@ -207,6 +208,28 @@ def test_a_key_without_asset_update_writes_nothing(world: World) -> None:
     finally:
         with psycopg.connect(world.uri, autocommit=True) as conn:
             conn.execute("DELETE FROM asset WHERE id = %s", [extra])
+
+
+def test_pdq_pairing_finds_exactly_what_comparing_every_pair_finds() -> None:
+    """near_pairs's chunk index (pigeonhole on 16-bit chunks) against the plain all-pairs comparison."""
+    rng = random.Random(7)
+    hashes: dict[UUID, list[tuple[str, int]]] = {}
+    for _ in range(400):
+        base = rng.getrandbits(256)
+        hashes[uuid4()] = [(f"{base:064x}", 100)]
+        for bits in (rng.randint(0, 40), rng.randint(25, 33)):  # near copies, some at the edge of the threshold
+            flipped = base
+            for position in rng.sample(range(256), bits):
+                flipped ^= 1 << position
+            hashes[uuid4()] = [(f"{rng.getrandbits(256):064x}", 100), (f"{flipped:064x}", 60)]
+    hashes[uuid4()] = [(f"{0:064x}", 10)]  # a flat preview: low quality, never matched
+    hashes[uuid4()] = [(f"{0:064x}", 10)]
+    for threshold in (0, 15, 31, 40):
+        ids, matrix, owners = immich_bridge._hash_rows(hashes, 50)
+        every = {(ids[a], ids[b]) for a, b in immich_bridge._pairs_by_scan(matrix, owners, threshold)}
+        found = immich_bridge.near_pairs(hashes, threshold, 50)
+        assert set(found) == every and len(found) == len(every)
+        assert threshold < 31 or len(found) > 300
 
 
 def test_cli_never_shows_the_key(world: World) -> None:

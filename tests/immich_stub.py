@@ -23,6 +23,11 @@ It implements just what the gateway and the nginx front call, with Immich 3.1's 
   filters over Immich's search scope: the caller and the partners in their timeline),
   ``POST /api/assets/jobs`` (``job.create``; ``AssetJobsDto`` validated, every asset must be the caller's own,
   400 ``Not found or no asset.update access`` otherwise; 204, the jobs recorded in ``queued_jobs``),
+  ``PUT /api/assets`` (``asset.update``; AssetBulkUpdateDto's ``duplicateId``/``isFavorite`` on the caller's own
+  assets, 400 ``Not found or no asset.update access`` otherwise), ``GET /api/duplicates`` (``duplicate.read``;
+  Immich's singleton clean-up, then its DuplicateRepository.getAll query), ``DELETE /api/duplicates/{id}``
+  (``duplicate.delete``; "keep all"), ``GET/POST /api/tags``, ``GET /api/tags/{id}``, ``PUT /api/tags/assets``
+  (``tag.read``/``tag.create``/``tag.asset``; TagService's rules over ``tag``, ``tag_closure``, ``tag_asset``),
   ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/ping``, ``GET /api/server/about``
   (JSON that contains ``</head>``), a websocket at ``/api/socket.io/`` that echoes, the web app's HTML at
   ``/`` (gzip-compressed when the client accepts it, as Immich's precompressed files are) and a script under

@@ -182,6 +182,8 @@ def cmd_immich(args: argparse.Namespace) -> int:
     """The bridge into an Immich library, as the owner of LIBRARY_IMMICH_API_KEY (library/immich_bridge.py)."""
     import asyncio
 
+    import httpx
+
     from db.connection import ConnectError
     from db.migrate import MigrationError, migrate
     from db.settings import DbSearchSettings
@@ -214,6 +216,9 @@ def cmd_immich(args: argparse.Namespace) -> int:
         return 1
     except (ConnectError, MigrationError) as exc:
         print(f"immich: database: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # LIBRARY_INFERENCE_URL unreachable or failing
+        print(f"immich: inference service: {type(exc).__name__}", file=sys.stderr)
         return 1
     print(json.dumps(report, ensure_ascii=False, indent=1) if args.json else summary)
     return 0

@@ -30,6 +30,8 @@ import numpy as np
 import psycopg
 
 from ai_service.imaging import ImageError, ImageTooLargeError
+from ai_service.inference import RequestError
+from ai_service.models.base import ModelError
 from db import immich_bridge as records
 from db.settings import DbSearchSettings
 from gateway.search.credentials import Credential, CredentialKind
@@ -46,6 +48,7 @@ log = logging.getLogger("library.immich")
 GROUP_VISIBILITY = frozenset({"timeline", "archive"})
 UPDATE_CHUNK = 500  # asset ids per PUT /api/assets (Immich chunks its own updates like this)
 TAG_CHUNK = 50  # assets tagged per round of tag writes (progress survives a crash in between)
+HASH_CHUNK = 200  # previews hashed per batch (hashes stored after each)
 DEFAULT_PARENT = {"zh": "AI 标签", "en": "AI"}
 _T = TypeVar("_T")
 
@@ -308,9 +311,16 @@ async def hash_previews(
             return asset_id, None
         return asset_id, [(result.hash_hex, result.quality) for _, result in found.variants]
 
-    jobs = [lambda a=a: one(a) for a in checksums if a not in cached]  # type: ignore[misc]
-    fresh = {a: v for a, v in await _bounded(settings.immich_concurrency, jobs) if v is not None}
-    records.store_hashes(conn, [(a, checksums[a], v) for a, v in fresh.items()])
+    todo = [a for a in checksums if a not in cached]
+    fresh: dict[UUID, Variants] = {}
+    for start in range(0, len(todo), HASH_CHUNK):  # stored batch by batch: an interrupted run resumes here
+        jobs = [lambda a=a: one(a) for a in todo[start : start + HASH_CHUNK]]  # type: ignore[misc]
+        batch = {a: v for a, v in await _bounded(settings.immich_concurrency, jobs) if v is not None}
+        records.store_hashes(conn, [(a, checksums[a], v) for a, v in batch.items()])
+        fresh.update(batch)
+        log.info(
+            "previews hashed: %d of %d (%d cached before)", min(start + HASH_CHUNK, len(todo)), len(todo), len(cached)
+        )
     return {**cached, **fresh}
 
 
@@ -460,6 +470,7 @@ async def sync_tags(
             report.assets = len(todo)
             keys, matrix = await asyncio.to_thread(TextEmbeddings(settings, engine).matrix, conn)
             for start in range(0, len(todo), TAG_CHUNK):
+                log.info("tagging: %d of %d images", start, len(todo))
                 await _tag_chunk(
                     client,
                     credential,
@@ -473,8 +484,8 @@ async def sync_tags(
                     report,
                 )
         return report
-    except InferenceUnavailableError as exc:
-        raise BridgeConfigError(str(exc)) from None
+    except (InferenceUnavailableError, ModelError) as exc:
+        raise BridgeConfigError(f"CLIP model {settings.clip_model}: {exc}") from None
     finally:
         await client.close()
         if inference is None:
@@ -499,7 +510,7 @@ async def _tag_chunk(
             return asset_id, None
         try:
             vector = await asyncio.to_thread(engine.clip_image, data)
-        except (ImageError, ImageTooLargeError) as exc:
+        except (ImageError, ImageTooLargeError, RequestError) as exc:  # this preview only (RequestError: a 4xx)
             log.info("asset %s: preview not usable: %s", asset_id, exc)
             return asset_id, None
         return asset_id, choose_tags(*texts, vector, settings.tags_top_k, settings.tags_min_score)

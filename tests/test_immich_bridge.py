@@ -342,9 +342,13 @@ def test_english_tags_for_an_english_speaking_user(world: World) -> None:
     assert len(tag_links(world)[world.ids["coffee_bobs"]]) == 3
 
 
+@pytest.mark.usefixtures("models")
 def test_tags_need_a_clip_model(world: World) -> None:
     with pytest.raises(immich_bridge.BridgeConfigError, match="LIBRARY_CLIP_MODEL"):
         asyncio.run(immich_bridge.sync_tags(bridge_settings(world, world.alice), DbSearchSettings(url=world.uri)))
+    missing = bridge_settings(world, world.alice, clip_model="no-such-clip-model", immich_tag_language="en")
+    with pytest.raises(immich_bridge.BridgeConfigError, match="CLIP model no-such-clip-model"):
+        asyncio.run(immich_bridge.sync_tags(missing, DbSearchSettings(url=world.uri), retag=True))
 
 
 @pytest.mark.usefixtures("models")

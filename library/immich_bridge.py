@@ -89,6 +89,8 @@ async def own_images(
     while page is not None and len(found) < settings.immich_max_assets:
         body = {"page": page, "size": settings.immich_page_size, "type": "IMAGE", "withStacked": False}
         items, page = await client.search_assets(credential, body)
+        if not items:
+            break  # a "next page" with nothing on this one: never loop on it
         found += [
             item
             for item in items

@@ -73,8 +73,9 @@ def _client(settings: LibrarySettings) -> tuple[ImmichClient, Credential]:
             max_preview_bytes=settings.max_image_bytes,
             max_response_bytes=64 * 1024 * 1024,  # a page of 1000 assets with EXIF stays well below
         )
-    except ValueError as exc:
-        raise BridgeConfigError(f"LIBRARY_IMMICH_URL: {exc}") from None
+    except ValueError:
+        # Not the validation message: it would repeat the URL, which may carry a password.
+        raise BridgeConfigError("LIBRARY_IMMICH_URL must be an http(s) URL, e.g. http://immich-server:2283") from None
     return ImmichClient(immich), Credential(CredentialKind.API_KEY, settings.immich_api_key.get_secret_value())
 
 
@@ -113,11 +114,12 @@ async def _bounded(limit: int, jobs: list[Callable[[], Awaitable[_T]]]) -> list[
 
 
 async def _preview(client: ImmichClient, credential: Credential, asset_id: UUID) -> bytes | None:
-    """The asset's preview as the caller; None when Immich has none (not generated yet) or refuses it."""
+    """The asset's preview as the caller; None when Immich has none (404: not generated yet) or no longer shows
+    this asset (400). A 401/403 (the key lacks asset.view) stops the run: skipping every photo would hide it."""
     try:
         return await client.preview(credential, asset_id)
     except ImmichError as exc:
-        if exc.status in (400, 403, 404):
+        if exc.status in (400, 404):
             log.info("asset %s: no preview from Immich (HTTP %s)", asset_id, exc.status)
             return None
         raise

@@ -232,6 +232,21 @@ def test_pdq_pairing_finds_exactly_what_comparing_every_pair_finds() -> None:
         assert threshold < 31 or len(found) > 300
 
 
+def test_a_key_without_asset_view_stops_instead_of_skipping_every_photo(world: World) -> None:
+    key = world.stub.add_api_key(world.alice, "asset.read", "asset.update", "user.read")
+    settings = LibrarySettings(immich_url=world.stub.url, immich_api_key=key)
+    with psycopg.connect(world.uri, autocommit=True) as conn:
+        extra = insert_asset(conn, world.alice.id, exif={})  # not hashed yet: its preview must be fetched
+    world.stub.previews[extra] = near_copy("colorwheel")
+    try:
+        with pytest.raises(immich_bridge.ImmichError) as refused:
+            asyncio.run(immich_bridge.sync_duplicates(settings, DbSearchSettings(url=world.uri)))
+        assert refused.value.status == 403 and "asset.view" in refused.value.message
+    finally:
+        with psycopg.connect(world.uri, autocommit=True) as conn:
+            conn.execute("DELETE FROM asset WHERE id = %s", [extra])
+
+
 def test_cli_never_shows_the_key(world: World) -> None:
     env = {
         **os.environ,

@@ -71,7 +71,8 @@ def _client(settings: LibrarySettings) -> tuple[ImmichClient, Credential]:
             timeout_s=settings.immich_timeout_s,
             max_connections=settings.immich_concurrency + 2,
             max_preview_bytes=settings.max_image_bytes,
-            max_response_bytes=64 * 1024 * 1024,  # a page of 1000 assets with EXIF stays well below
+            # A search page is ~2 KiB per asset (AssetResponseDto); 64 KiB each leaves room for long EXIF.
+            max_response_bytes=max(4 * 1024 * 1024, settings.immich_page_size * 64 * 1024),
         )
     except ValueError:
         # Not the validation message: it would repeat the URL, which may carry a password.

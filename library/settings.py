@@ -376,6 +376,54 @@ class LibrarySettings(BaseSettings):
         default=100 * 1024 * 1024, ge=1024, le=2**32, description="Largest blocklist file accepted by the import."
     )
 
+    # --- the bridge into an Immich library (python -m library immich …) --------------------------------
+    immich_url: str | None = Field(
+        default=None,
+        description="Immich's server for 'python -m library immich sync-duplicates|sync-tags', as this process "
+        "reaches it (http://immich-server:2283). The bridge acts only through Immich's API, as the owner of "
+        "LIBRARY_IMMICH_API_KEY; its own records go to Immich's database in the db layer's schema (DB_SEARCH_URL "
+        "or Immich's DB_* variables).",
+    )
+    immich_api_key: SecretStr | None = Field(
+        default=None,
+        description="Immich API key of the user whose library is bridged (never logged). Needs asset.read, "
+        "asset.view, asset.update (duplicate groups), tag.read, tag.create, tag.asset (tags), user.read.",
+    )
+    immich_duplicate_threshold: int = Field(
+        default=31,
+        ge=0,
+        le=256,
+        description="PDQ distance (bits) within which two of the user's photos are written as one Immich duplicate "
+        "group (ThreatExchange's match threshold: 31).",
+    )
+    immich_tag_language: Literal["zh", "en"] = Field(
+        default="zh",
+        description="Language of the Immich tag names the bridge writes (Immich keeps the UI language in the "
+        "browser, not on the server, so it is configured here).",
+    )
+    immich_tag_parent: str | None = Field(
+        default=None,
+        max_length=100,
+        pattern=r"^[^/]+$",
+        description="Name of the parent tag the bridge creates (default 'AI 标签' in Chinese, 'AI' in English). "
+        "It is found again by its id afterwards, so the user may rename it in Immich.",
+    )
+    immich_page_size: int = Field(
+        default=250, ge=1, le=1000, description="Assets asked from Immich's search per page when listing the library."
+    )
+    immich_max_assets: int = Field(
+        default=1_000_000,
+        ge=1,
+        le=10**8,
+        description="Most assets one bridge run looks at (a run stops listing there).",
+    )
+    immich_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Previews fetched from Immich at once by the bridge."
+    )
+    immich_timeout_s: float = Field(
+        default=60.0, gt=0, le=600, description="Seconds one call to Immich's API may take."
+    )
+
     @field_validator(
         "database_url",
         "broker_url",
@@ -386,6 +434,9 @@ class LibrarySettings(BaseSettings):
         "nsfw_model",
         "nsfw_block_score",
         "people_max_distance",
+        "immich_url",
+        "immich_api_key",
+        "immich_tag_parent",
         mode="before",
     )
     @classmethod

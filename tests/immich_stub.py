@@ -23,7 +23,13 @@ It implements just what the gateway and the nginx front call, with Immich 3.1's 
   filters over Immich's search scope: the caller and the partners in their timeline),
   ``POST /api/assets/jobs`` (``job.create``; ``AssetJobsDto`` validated, every asset must be the caller's own,
   400 ``Not found or no asset.update access`` otherwise; 204, the jobs recorded in ``queued_jobs``),
-  ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/ping``, ``GET /api/server/about``
+  ``PUT /api/assets`` (``asset.update``; AssetBulkUpdateDto's ``duplicateId``/``isFavorite`` on the caller's own
+  assets, 400 ``Not found or no asset.update access`` otherwise), ``GET /api/duplicates`` (``duplicate.read``;
+  Immich's singleton clean-up, then its DuplicateRepository.getAll query), ``DELETE /api/duplicates/{id}``
+  (``duplicate.delete``; "keep all"), ``GET/POST /api/tags``, ``GET /api/tags/{id}``, ``PUT /api/tags/assets``
+  (``tag.read``/``tag.create``/``tag.asset``; TagService's rules over ``tag``, ``tag_closure``, ``tag_asset``),
+  ``POST /api/assets`` (an "upload": counts the bytes), ``GET /api/server/features`` (``smart_search`` switch),
+  ``GET /api/server/ping``, ``GET /api/server/about``
   (JSON that contains ``</head>``), a websocket at ``/api/socket.io/`` that echoes, the web app's HTML at
   ``/`` (gzip-compressed when the client accepts it, as Immich's precompressed files are) and a script under
   ``/_app/immutable/`` that also contains ``</head>``.
@@ -187,6 +193,7 @@ class ImmichStub:
         for user in self.users:
             self._register_key(user, user.api_key, user.api_key_permissions)
         self.leaky = False
+        self.smart_search = True  # GET /api/server/features: Immich's smart search switched on
         self.deny: set[UUID] = set()
         self.port = free_port()
 
@@ -267,6 +274,12 @@ class ImmichStub:
     async def ping(self, request: Request) -> Response:
         await self._record(request)
         return JSONResponse({"res": "pong"})
+
+    async def features(self, request: Request) -> Response:
+        """``GET /api/server/features`` (public): the flags the web reads, smartSearch switchable."""
+        await self._record(request)
+        flags = dict.fromkeys(("facialRecognition", "duplicateDetection", "map", "trash", "ocr", "search"), True)
+        return JSONResponse({**flags, "smartSearch": self.smart_search, "configFile": False, "importFaces": False})
 
     async def about(self, request: Request) -> Response:
         await self._record(request)
@@ -427,11 +440,18 @@ class ImmichStub:
                   AND (%(id)s::uuid IS NULL OR a.id = %(id)s::uuid)
                   AND (a."deletedAt" IS NULL OR %(deleted)s)
                   AND (a.visibility <> 'locked' OR %(elevated)s)
+                  AND (%(type)s::varchar IS NULL OR a.type = %(type)s::varchar)
+                  AND (%(visibility)s::asset_visibility_enum IS NULL
+                       OR a.visibility = %(visibility)s::asset_visibility_enum)
+                  AND (%(stacked)s OR a."stackId" IS NULL)
                 ORDER BY a."fileCreatedAt" DESC, a.id LIMIT %(limit)s OFFSET %(offset)s
                 """,
                 {
                     "user": auth.user.id,
                     "id": body.get("id"),
+                    "type": body.get("type"),
+                    "visibility": body.get("visibility"),
+                    "stacked": body.get("withStacked") is not False,
                     "deleted": bool(body.get("withDeleted")),
                     "elevated": auth.elevated,
                     "limit": size + 1,
@@ -457,6 +477,10 @@ class ImmichStub:
             value = dto.get(key, low)
             if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
                 problems.append(f"[{key}] Invalid input")
+        if dto.get("type") not in (None, "IMAGE", "VIDEO", "AUDIO", "OTHER"):
+            problems.append("[type] Invalid option")
+        if dto.get("visibility") not in (None, "archive", "timeline", "hidden", "locked"):
+            problems.append("[visibility] Invalid option")
         if problems:
             return _error(400, "; ".join(problems))
         rows = await asyncio.to_thread(self._metadata_search, auth, dto)
@@ -509,6 +533,223 @@ class ImmichStub:
         self.queued_jobs += [(name, asset_id) for asset_id in wanted]
         return Response(status_code=204)
 
+    # ---- PUT /api/assets, duplicates, tags (what the library bridge calls) ---------------------------------
+
+    def _sql(self, query: str, params: Any = None) -> list[dict[str, Any]]:
+        with psycopg.connect(self.db_uri, autocommit=True, row_factory=dict_row) as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+
+    async def _json_body(self, request: Request) -> dict[str, Any] | Response:
+        body = await self._record(request)
+        try:
+            dto = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "Invalid JSON")
+        return dto if isinstance(dto, dict) else _error(400, "Invalid input: expected object")
+
+    async def update_assets(self, request: Request) -> Response:
+        """``PUT /api/assets`` (AssetBulkUpdateDto; asset.update): every id must be the caller's own (Immich's
+        requireAccess AssetUpdate), 204. Only ``duplicateId`` and ``isFavorite`` are applied here."""
+        auth = self._user_auth(request, "asset.update")
+        if isinstance(auth, Response):
+            return auth
+        dto = await self._json_body(request)
+        if isinstance(dto, Response):
+            return dto
+        ids = dto.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) and _UUID_V4.match(i) for i in ids):
+            return _error(400, "[ids] Invalid input")
+        duplicate = dto.get("duplicateId", ...)
+        if (
+            duplicate is not ...
+            and duplicate is not None
+            and not (isinstance(duplicate, str) and _UUID_V4.match(duplicate))
+        ):
+            return _error(400, "[duplicateId] Invalid input")
+        wanted = {UUID(i) for i in ids}
+        if wanted and await asyncio.to_thread(self._owned, auth, list(wanted)) != wanted:
+            return _error(400, "Not found or no asset.update access")
+        if duplicate is not ...:
+            await asyncio.to_thread(
+                self._sql, 'UPDATE asset SET "duplicateId" = %s WHERE id = ANY(%s)', [duplicate, list(wanted)]
+            )
+        if isinstance(dto.get("isFavorite"), bool):
+            await asyncio.to_thread(
+                self._sql, 'UPDATE asset SET "isFavorite" = %s WHERE id = ANY(%s)', [dto["isFavorite"], list(wanted)]
+            )
+        return Response(status_code=204)
+
+    def _duplicates(self, auth: Auth) -> list[dict[str, Any]]:
+        """Immich's DuplicateService.getDuplicates: cleanupSingletonGroups, then DuplicateRepository.getAll (the
+        caller's assets with a duplicateId, not trashed, not stacked, timeline/archive, with an asset_exif row;
+        groups of more than one, assets by localDateTime)."""
+        assert auth.user is not None
+        user = auth.user.id
+        self._sql(
+            """WITH singletons AS (
+                 SELECT "duplicateId" FROM asset WHERE "ownerId" = %(user)s AND "duplicateId" IS NOT NULL
+                   AND "deletedAt" IS NULL AND "stackId" IS NULL GROUP BY "duplicateId" HAVING count(id) = 1)
+               UPDATE asset SET "duplicateId" = NULL FROM singletons
+               WHERE asset."duplicateId" = singletons."duplicateId" """,
+            {"user": user},
+        )
+        rows = self._sql(
+            """SELECT a.*, e."assetId" AS exif_asset, e.make, e.model, e.city, e.state, e.country, e."lensModel",
+                      e.rating, e.description, u.email AS owner_email, u.name AS owner_name
+               FROM asset AS a JOIN asset_exif AS e ON e."assetId" = a.id JOIN "user" AS u ON u.id = a."ownerId"
+               WHERE a."ownerId" = %(user)s AND a."duplicateId" IS NOT NULL AND a."deletedAt" IS NULL
+                 AND a."stackId" IS NULL AND a.visibility IN ('archive', 'timeline')
+               ORDER BY a."duplicateId", a."localDateTime" """,
+            {"user": user},
+        )
+        groups: dict[Any, list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(row["duplicateId"], []).append(self._dto(row, auth))
+        return [
+            {"duplicateId": str(key), "assets": assets, "suggestedKeepAssetIds": [assets[0]["id"]]}
+            for key, assets in groups.items()
+            if len(assets) > 1
+        ]
+
+    async def duplicates(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "duplicate.read")
+        if isinstance(auth, Response):
+            return auth
+        return JSONResponse(await asyncio.to_thread(self._duplicates, auth))
+
+    async def delete_duplicate(self, request: Request) -> Response:
+        """``DELETE /api/duplicates/{id}`` (duplicate.delete): Immich's "keep all" for a group - the caller's
+        assets in it get duplicateId NULL."""
+        await self._record(request)
+        auth = self._user_auth(request, "duplicate.delete")
+        if isinstance(auth, Response):
+            return auth
+        assert auth.user is not None
+        duplicate_id = request.path_params["duplicate_id"]
+        if not _UUID_V4.match(duplicate_id):
+            return _error(400, "[id] Invalid UUID")
+        await asyncio.to_thread(
+            self._sql,
+            'UPDATE asset SET "duplicateId" = NULL WHERE "ownerId" = %s AND "duplicateId" = %s',
+            [auth.user.id, duplicate_id],
+        )
+        return Response(status_code=204)
+
+    @staticmethod
+    def _tag_dto(row: dict[str, Any]) -> dict[str, Any]:
+        """Immich's mapTag: name is the last segment of value; parentId and color only when set."""
+        dto: dict[str, Any] = {
+            "id": str(row["id"]),
+            "name": row["value"].split("/")[-1],
+            "value": row["value"],
+            "createdAt": _iso(row["createdAt"]),
+            "updatedAt": _iso(row["updatedAt"]),
+        }
+        if row["parentId"] is not None:
+            dto["parentId"] = str(row["parentId"])
+        if row["color"] is not None:
+            dto["color"] = row["color"]
+        return dto
+
+    async def list_tags(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "tag.read")
+        if isinstance(auth, Response):
+            return auth
+        assert auth.user is not None
+        rows = await asyncio.to_thread(
+            self._sql, 'SELECT * FROM tag WHERE "userId" = %s ORDER BY value', [auth.user.id]
+        )
+        return JSONResponse([self._tag_dto(r) for r in rows])
+
+    def _own_tag(self, auth: Auth, tag_id: str) -> dict[str, Any] | None:
+        assert auth.user is not None
+        if not _UUID_V4.match(tag_id):
+            return None
+        rows = self._sql('SELECT * FROM tag WHERE id = %s AND "userId" = %s', [tag_id, auth.user.id])
+        return rows[0] if rows else None
+
+    async def get_tag(self, request: Request) -> Response:
+        await self._record(request)
+        auth = self._user_auth(request, "tag.read")
+        if isinstance(auth, Response):
+            return auth
+        row = await asyncio.to_thread(self._own_tag, auth, request.path_params["tag_id"])
+        if row is None:
+            return _error(400, "Not found or no tag.read access")
+        return JSONResponse(self._tag_dto(row))
+
+    def _create_tag(self, auth: Auth, name: str, parent: dict[str, Any] | None) -> dict[str, Any] | None:
+        """TagService.create + the closure rows Immich keeps (self, and every ancestor of the parent)."""
+        assert auth.user is not None
+        value = f"{parent['value']}/{name}" if parent else name
+        with psycopg.connect(self.db_uri, row_factory=dict_row) as conn:
+            if conn.execute('SELECT 1 FROM tag WHERE "userId" = %s AND value = %s', [auth.user.id, value]).fetchone():
+                return None
+            row = conn.execute(
+                'INSERT INTO tag ("userId", value, "parentId") VALUES (%s, %s, %s) RETURNING *',
+                [auth.user.id, value, parent["id"] if parent else None],
+            ).fetchone()
+            assert row is not None
+            conn.execute("INSERT INTO tag_closure (id_ancestor, id_descendant) VALUES (%s, %s)", [row["id"], row["id"]])
+            if parent:
+                conn.execute(
+                    "INSERT INTO tag_closure (id_ancestor, id_descendant) "
+                    "SELECT id_ancestor, %s FROM tag_closure WHERE id_descendant = %s ON CONFLICT DO NOTHING",
+                    [row["id"], parent["id"]],
+                )
+            return row
+
+    async def create_tag(self, request: Request) -> Response:
+        auth = self._user_auth(request, "tag.create")
+        if isinstance(auth, Response):
+            await self._record(request)
+            return auth
+        dto = await self._json_body(request)
+        if isinstance(dto, Response):
+            return dto
+        name, parent_id = dto.get("name"), dto.get("parentId")
+        if not isinstance(name, str):
+            return _error(400, "[name] Invalid input: expected string")
+        parent = None
+        if parent_id is not None:
+            parent = await asyncio.to_thread(self._own_tag, auth, str(parent_id))
+            if parent is None:
+                return _error(400, "Not found or no tag.read access")
+        row = await asyncio.to_thread(self._create_tag, auth, name, parent)
+        if row is None:
+            return _error(400, "A tag with that name already exists")
+        return JSONResponse(self._tag_dto(row), status_code=201)
+
+    async def tag_assets(self, request: Request) -> Response:
+        """``PUT /api/tags/assets`` (TagBulkAssetsDto; tag.asset): the caller's tags x the caller's own assets
+        (others silently dropped, as Immich's checkAccess does), new links counted."""
+        auth = self._user_auth(request, "tag.asset")
+        if isinstance(auth, Response):
+            await self._record(request)
+            return auth
+        assert auth.user is not None
+        dto = await self._json_body(request)
+        if isinstance(dto, Response):
+            return dto
+        tag_ids, asset_ids = dto.get("tagIds"), dto.get("assetIds")
+        for key, value in (("tagIds", tag_ids), ("assetIds", asset_ids)):
+            if not isinstance(value, list) or not all(isinstance(i, str) and _UUID_V4.match(i) for i in value):
+                return _error(400, f"[{key}] Invalid input")
+        assert isinstance(tag_ids, list) and isinstance(asset_ids, list)
+        rows = await asyncio.to_thread(
+            self._sql,
+            """INSERT INTO tag_asset ("tagId", "assetId")
+               SELECT t.id, a.id FROM tag AS t, asset AS a
+               WHERE t.id = ANY(%(tags)s::uuid[]) AND t."userId" = %(user)s
+                 AND a.id = ANY(%(assets)s::uuid[]) AND a."ownerId" = %(user)s
+               ON CONFLICT DO NOTHING RETURNING "assetId" """,
+            {"tags": tag_ids, "assets": asset_ids, "user": auth.user.id},
+        )
+        return JSONResponse({"count": len(rows)})
+
     async def upload(self, request: Request) -> Response:
         size = 0
         async for chunk in request.stream():
@@ -547,9 +788,17 @@ class ImmichStub:
             routes=[
                 Route("/api/server/ping", self.ping, methods=["GET"]),
                 Route("/api/server/about", self.about, methods=["GET"]),
+                Route("/api/server/features", self.features, methods=["GET"]),
                 Route("/api/users/me", self.me, methods=["GET"]),
                 Route("/api/auth/status", self.auth_status, methods=["GET"]),
                 Route("/api/assets", self.upload, methods=["POST"]),
+                Route("/api/assets", self.update_assets, methods=["PUT"]),
+                Route("/api/duplicates", self.duplicates, methods=["GET"]),
+                Route("/api/duplicates/{duplicate_id}", self.delete_duplicate, methods=["DELETE"]),
+                Route("/api/tags", self.list_tags, methods=["GET"]),
+                Route("/api/tags", self.create_tag, methods=["POST"]),
+                Route("/api/tags/assets", self.tag_assets, methods=["PUT"]),
+                Route("/api/tags/{tag_id}", self.get_tag, methods=["GET"]),
                 Route("/api/assets/jobs", self.asset_jobs, methods=["POST"]),
                 Route("/api/assets/{asset_id}", self.asset, methods=["GET"]),
                 Route("/api/assets/{asset_id}/thumbnail", self.thumbnail, methods=["GET"]),

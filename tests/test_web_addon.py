@@ -322,14 +322,16 @@ def open_page(
     driver.get(stack.base + path)
 
 
-def wait_for_items(driver: WebDriver, asset_id: str) -> None:
+def wait_for_items(driver: WebDriver, asset_id: str, count: int = 3) -> None:
+    """Until the viewer shows ``asset_id`` with ``count`` items of ours (3 for the owner, 1 for a viewer)."""
     wait_for(
         driver,
         lambda d: d.execute_script(
             "return !!document.querySelector(`.photo[data-asset='${arguments[0]}']`)"
-            " && document.querySelectorAll(arguments[1]).length === 2",
+            " && document.querySelectorAll(arguments[1]).length === arguments[2]",
             asset_id,
             OUR_ITEMS,
+            count,
         ),
     )
 
@@ -346,7 +348,7 @@ return {
     kind: li.dataset.immichZhAi, id: li.id, label: li.textContent.trim(), cls: li.className,
     role: li.getAttribute('role'), inList: li.parentElement === list, icon: !!li.querySelector('svg path'),
   })),
-  lastTwo: [...list.children].slice(-2).map((el) => el.dataset.immichZhAi || null),
+  lastThree: [...list.children].slice(-3).map((el) => el.dataset.immichZhAi || null),
   nativeClass: items.find((li) => !li.dataset.immichZhAi).className,
   ids: [...document.querySelectorAll('[id]')].map((el) => el.id),
 };
@@ -422,8 +424,8 @@ def test_items_are_added_once_in_english_styled_like_immichs(stack: Stack, brows
     open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en")
     wait_for_items(browser, ASSET_TEXT)
     state = menu_state(browser)
-    assert [i["label"] for i in state["ours"]] == ["Regenerate OCR", "Regenerate smart search"]
-    assert state["lastTwo"] == ["ocr", "clip"]  # after Immich's own "Refresh …" items
+    assert [i["label"] for i in state["ours"]] == ["Regenerate OCR", "Regenerate smart search", "Find similar"]
+    assert state["lastThree"] == ["ocr", "clip", "similar"]  # after Immich's own "Refresh …" items
     for item in state["ours"]:
         assert item["inList"] and item["role"] == "menuitem" and item["icon"]
         assert item["cls"] == state["nativeClass"]  # a copy of Immich's item, not a style of our own
@@ -440,7 +442,7 @@ def test_items_follow_immichs_chinese_language_setting(stack: Stack, browser: We
     wait_for_items(browser, ASSET_TEXT)
     state = menu_state(browser)
     assert "幻灯片放映" in state["labels"]  # the stand-in itself renders in Chinese
-    assert [i["label"] for i in state["ours"]] == ["重新识别文字 (OCR)", "重新生成智能搜索"]
+    assert [i["label"] for i in state["ours"]] == ["重新识别文字 (OCR)", "重新生成智能搜索", "查找相似照片"]
     assert browser.execute_script("return window.__immichZhAi.assetId()") == ASSET_TEXT
     open_menu(browser)
     screenshot(browser, "menu-zh.png")
@@ -471,7 +473,10 @@ def test_language_codes_and_a_change_of_language(stack: Stack, browser: WebDrive
     browser.execute_script("localStorage.setItem('lang', 'zh-TW')")
     open_menu(browser)
     wait_for(
-        browser, lambda d: [i["label"] for i in menu_state(d)["ours"]] == ["重新识别文字 (OCR)", "重新生成智能搜索"]
+        browser,
+        lambda d: (
+            [i["label"] for i in menu_state(d)["ours"]] == ["重新识别文字 (OCR)", "重新生成智能搜索", "查找相似照片"]
+        ),
     )
     # Without a setting, the browser's language decides (this browser runs with --lang=en-US).
     browser.execute_script("localStorage.removeItem('lang')")
@@ -486,18 +491,18 @@ def test_items_survive_rerenders_and_navigation_without_duplicates(stack: Stack,
         browser.execute_script("window.stubApp.rerenderItems()")
         time.sleep(0.05)
         state = menu_state(browser)
-        assert [i["kind"] for i in state["ours"]] == ["ocr", "clip"]
+        assert [i["kind"] for i in state["ours"]] == ["ocr", "clip", "similar"]
         assert [i["id"] for i in state["ours"]] == first_ids  # kept, not re-created
-        assert state["lastTwo"] == ["ocr", "clip"]
+        assert state["lastThree"] == ["ocr", "clip", "similar"]
     # Client-side navigation to the next asset: the viewer is destroyed and rendered again.
     browser.execute_script("document.getElementById('next-asset').click()")
     wait_for_items(browser, ASSET_BLANK)
     assert browser.current_url.endswith(f"/photos/{ASSET_BLANK}")
     assert browser.execute_script("return window.__immichZhAi.assetId()") == ASSET_BLANK
-    assert [i["kind"] for i in menu_state(browser)["ours"]] == ["ocr", "clip"]
+    assert [i["kind"] for i in menu_state(browser)["ours"]] == ["ocr", "clip", "similar"]
     browser.back()  # popstate
     wait_for_items(browser, ASSET_TEXT)
-    assert [i["kind"] for i in menu_state(browser)["ours"]] == ["ocr", "clip"]
+    assert [i["kind"] for i in menu_state(browser)["ours"]] == ["ocr", "clip", "similar"]
     # A second copy of the script (e.g. injected by two proxies) adds nothing.
     browser.execute_script(
         "const s = document.createElement('script'); s.src = '/ai/addon.js?again'; document.head.append(s);"
@@ -505,7 +510,7 @@ def test_items_survive_rerenders_and_navigation_without_duplicates(stack: Stack,
     time.sleep(0.3)
     browser.execute_script("window.stubApp.rerender()")
     wait_for_items(browser, ASSET_TEXT)
-    assert len(menu_state(browser)["ours"]) == 2
+    assert len(menu_state(browser)["ours"]) == 3
     assert problems(console(browser)) == []
 
 
@@ -574,8 +579,9 @@ def test_regenerate_reports_no_text_in_chinese_and_smart_search(stack: Stack, br
     assert problems(console(browser)) == []
 
 
-def test_no_items_on_a_partners_photo(stack: Stack, browser: WebDriver) -> None:
-    """Immich offers its per-photo jobs only to the owner; a partner viewing the photo gets ours neither."""
+def test_only_find_similar_on_a_partners_photo(stack: Stack, browser: WebDriver) -> None:
+    """Immich offers its per-photo jobs only to the owner; a partner viewing the photo gets ours neither, only
+    the search by the photo, which is theirs to run."""
     asked = len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}"))
     open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en", token=USER_TOKEN)
     wait_for(browser, lambda d: d.execute_script("return !!document.querySelector('ul[role=menu] li')"))
@@ -587,11 +593,47 @@ def test_no_items_on_a_partners_photo(stack: Stack, browser: WebDriver) -> None:
     time.sleep(0.5)
     browser.execute_script("window.stubApp.rerenderItems()")
     time.sleep(0.3)
-    # ... and added nothing: the photo is the admin's.
-    assert browser.execute_script("return document.querySelectorAll('li[data-immich-zh-ai]').length") == 0
-    # The same user's own photo gets both items.
+    # ... and added only "Find similar": the photo is the admin's.
+    wait_for_items(browser, ASSET_TEXT, count=1)
+    assert [i["kind"] for i in menu_state(browser)["ours"]] == ["similar"]
+    # The same user's own photo gets every item.
     open_page(browser, stack, f"/photos/{ASSET_USERS}", lang="en", token=USER_TOKEN)
     wait_for_items(browser, ASSET_USERS)
+    assert problems(console(browser)) == []
+
+
+def test_no_find_similar_while_immichs_smart_search_is_off(stack: Stack, browser: WebDriver) -> None:
+    """Immich's search page ignores queryAssetId without smart search (it would list every photo): no item."""
+    stack.immich.smart_search = False
+    try:
+        open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en")
+        wait_for_items(browser, ASSET_TEXT, count=2)
+        assert [i["kind"] for i in menu_state(browser)["ours"]] == ["ocr", "clip"]
+        asked = len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}"))
+        open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en", token=USER_TOKEN)  # a partner: nothing
+        wait_for(browser, lambda d: len(stack.immich.recorded(f"/api/assets/{ASSET_TEXT}")) > asked)
+        time.sleep(0.5)
+        browser.execute_script("window.stubApp.rerenderItems()")
+        time.sleep(0.3)
+        assert browser.execute_script("return document.querySelectorAll('li[data-immich-zh-ai]').length") == 0
+    finally:
+        stack.immich.smart_search = True
+    assert problems(console(browser)) == []
+
+
+def test_find_similar_opens_immichs_search_by_this_photo(stack: Stack, browser: WebDriver) -> None:
+    """Immich 3.1's web searches by a photo at /search?query={"queryAssetId": …} (its own "View similar
+    photos" goes there); the item opens that page for the photo in the viewer, for a partner too."""
+    for token, count in ((ADMIN_TOKEN, 3), (USER_TOKEN, 1)):
+        open_page(browser, stack, f"/albums/{ALBUM}/photos/{ASSET_TEXT}", lang="zh-CN", token=token)
+        wait_for_items(browser, ASSET_TEXT, count=count)
+        label = next(i["label"] for i in menu_state(browser)["ours"] if i["kind"] == "similar")
+        assert label == "查找相似照片"
+        click_item(browser, "similar")
+        wait_for(browser, lambda d: "/search?" in d.current_url)
+        url = httpx.URL(browser.current_url)
+        assert url.path == "/search"
+        assert json.loads(url.params["query"]) == {"queryAssetId": ASSET_TEXT}
     assert problems(console(browser)) == []
 
 

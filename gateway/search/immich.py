@@ -278,6 +278,88 @@ class ImmichClient:
             raise ImmichError(502, "Immich sent an empty preview")
         return body
 
+    # ---- library bridge (python -m library immich …): listing, duplicate groups, tags ---------------------
+
+    async def _send_json(self, method: str, path: str, credential: Credential, body: dict[str, Any]) -> Any:
+        """A JSON call as the caller; Immich's JSON reply (None for 204), ImmichError with Immich's status else."""
+        try:
+            reply = await self.client.request(
+                method,
+                self.base + path,
+                headers={**credential.headers(), "content-type": "application/json"},
+                content=orjson.dumps(body),
+            )
+        except httpx.TimeoutException:
+            raise ImmichError(504, f"Immich did not answer within {self.settings.timeout_s:g}s") from None
+        except httpx.HTTPError as exc:
+            raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
+        if reply.status_code >= 300:
+            raise ImmichError(reply.status_code, _immich_message(reply.content[:65536], reply.status_code))
+        if reply.status_code == 204 or not reply.content:
+            return None
+        if len(reply.content) > self.settings.max_response_bytes:
+            raise ImmichError(502, f"Immich's reply is larger than {self.settings.max_response_bytes} bytes")
+        try:
+            return orjson.loads(reply.content)
+        except orjson.JSONDecodeError:
+            raise ImmichError(502, "Immich's reply is not JSON") from None
+
+    async def search_assets(
+        self, credential: Credential, body: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of ``POST /api/search/metadata`` (Immich's search scope for the caller): items and the next
+        page number (None on the last page)."""
+        data = await self._send_json("POST", "/api/search/metadata", credential, body)
+        try:
+            assets = data["assets"]
+            items = [item for item in assets["items"] if isinstance(item, dict) and "id" in item]
+            next_page = int(assets["nextPage"]) if assets.get("nextPage") else None
+        except (KeyError, TypeError, ValueError):
+            raise ImmichError(502, "Immich's search reply has no assets") from None
+        return items, next_page
+
+    async def update_assets(self, credential: Credential, ids: list[UUID], fields: dict[str, Any]) -> None:
+        """``PUT /api/assets`` (AssetBulkUpdateDto; Immich requires asset.update and ownership of every id)."""
+        await self._send_json("PUT", "/api/assets", credential, {"ids": [str(i) for i in ids], **fields})
+
+    async def tags(self, credential: Credential) -> list[dict[str, Any]]:
+        """``GET /api/tags``: the caller's tags (TagResponseDto: id, parentId?, name, value, …)."""
+        data = await self._get_json("/api/tags", credential)
+        if not isinstance(data, list):
+            raise ImmichError(502, "Immich's tag list is not a list")
+        return [t for t in data if isinstance(t, dict) and "id" in t]
+
+    async def tag(self, credential: Credential, tag_id: UUID) -> dict[str, Any] | None:
+        """``GET /api/tags/{id}``; None when Immich has no such tag for the caller (400 "Not found or no
+        tag.read access", as for a deleted tag)."""
+        try:
+            data = await self._get_json(f"/api/tags/{tag_id}", credential)
+        except ImmichError as exc:
+            if exc.status in (400, 404):
+                return None
+            raise
+        return data if isinstance(data, dict) and "id" in data else None
+
+    async def create_tag(self, credential: Credential, name: str, parent_id: UUID | None) -> dict[str, Any]:
+        """``POST /api/tags`` (TagCreateDto): the new tag; ImmichError(400) when its value already exists."""
+        body: dict[str, Any] = {"name": name}
+        if parent_id is not None:
+            body["parentId"] = str(parent_id)
+        data = await self._send_json("POST", "/api/tags", credential, body)
+        if not isinstance(data, dict) or "id" not in data:
+            raise ImmichError(502, "Immich's tag reply has no id")
+        return data
+
+    async def tag_assets(self, credential: Credential, tag_ids: list[UUID], asset_ids: list[UUID]) -> int:
+        """``PUT /api/tags/assets`` (TagBulkAssetsDto): how many (tag, asset) links were new."""
+        data = await self._send_json(
+            "PUT",
+            "/api/tags/assets",
+            credential,
+            {"tagIds": [str(t) for t in tag_ids], "assetIds": [str(a) for a in asset_ids]},
+        )
+        return int(data.get("count", 0)) if isinstance(data, dict) else 0
+
     # ---- pass-through --------------------------------------------------------------------------------------
 
     async def forward(self, request: Request, body: bytes) -> Response:

@@ -1,6 +1,6 @@
 /*
- * immich-zh-ai add-on for Immich's web app: adds "Regenerate OCR" and "Regenerate smart search" to the
- * asset viewer's ⋮ menu.
+ * immich-zh-ai add-on for Immich's web app: adds "Regenerate OCR" and "Regenerate smart search" (for the
+ * photo's owner) and "Find similar" (for anyone who may see it) to the asset viewer's ⋮ menu.
  *
  * Served by the gateway at /ai/addon.js; the nginx front injects <script src="/ai/addon.js" defer> into
  * Immich's HTML. Immich is a SvelteKit single-page app: navigation never reloads the page and Svelte
@@ -35,6 +35,7 @@
     en: {
       ocr: 'Regenerate OCR',
       clip: 'Regenerate smart search',
+      similar: 'Find similar',
       ocrBusy: 'Regenerating OCR…',
       clipBusy: 'Regenerating smart search…',
       ocrDone: (n) => `OCR done: ${n} ${n === 1 ? 'line' : 'lines'} of text found.`,
@@ -60,6 +61,7 @@
     zh: {
       ocr: '重新识别文字 (OCR)',
       clip: '重新生成智能搜索',
+      similar: '查找相似照片',
       ocrBusy: '正在重新识别文字…',
       clipBusy: '正在重新生成智能搜索…',
       ocrDone: (n) => `文字识别完成：找到 ${n} 行文字。`,
@@ -92,8 +94,13 @@
       'M9.5 3A6.5 6.5 0 0 1 16 9.5c0 1.61-.59 3.09-1.56 4.23l.27.27h.79l5 5-1.5 1.5-5-5v-.79l-.27-.27A6.52 6.52 0 0 1 ' +
       '9.5 16 6.5 6.5 0 0 1 3 9.5 6.5 6.5 0 0 1 9.5 3m0 2C7 5 5 7 5 9.5S7 14 9.5 14 14 12 14 9.5 12 5 9.5 5m0 1.5l.9 ' +
       '2.1 2.1.9-2.1.9-.9 2.1-.9-2.1-2.1-.9 2.1-.9.9-2.1z',
+    // two overlapping pictures: "more like this"
+    similar: 'M4 4h11v2H6v9H4V4m4 4h12v12H8V8m2 2v8h8v-8h-8m1 6l2-2.5 1.5 1.8 2-2.8L17 16h-6z',
   };
-  const KINDS = ['ocr', 'clip'];
+  // The owner gets the Regenerate items; anyone who may see the photo (a partner, an album member too) gets the
+  // search by it, while Immich's smart search is on (else Immich's search page would ignore the photo).
+  const OWNER_KINDS = ['ocr', 'clip'];
+  const SEARCH_KINDS = ['similar'];
 
   const state = {
     infoShown: false,
@@ -104,7 +111,8 @@
     items: new Set(), // every item we inserted, so removing them never has to search the whole page
     toastStack: null,
     me: null, // Promise of the signed-in user ({id, isAdmin}) from Immich, asked once per sign-in
-    owned: new Map(), // assetId -> true | false (the signed-in user owns it) | a pending Promise
+    smartSearch: null, // Promise of Immich's smartSearch feature flag (GET /api/server/features), asked once
+    access: new Map(), // assetId -> our item kinds for the signed-in user (maybe none) | a pending Promise
   };
   const OWNED_CACHE = 500; // asset ids remembered; the oldest is forgotten first
 
@@ -193,22 +201,38 @@
     return state.me;
   }
 
-  function ownedByMe(assetId) {
-    // -> true / false when known, null while Immich is being asked. Immich offers its own per-photo jobs
-    // ("Refresh faces" …) only to the owner; a partner or album member who views the photo gets none, and
-    // ours could only fail for them, so they follow the same rule.
-    const known = state.owned.get(assetId);
-    if (known === true || known === false) return known;
+  function smartSearchOn() {
+    if (!state.smartSearch) {
+      state.smartSearch = immichJson('/api/server/features')
+        .then((features) => Boolean(features && features.smartSearch === true))
+        .catch(() => false);
+    }
+    return state.smartSearch;
+  }
+
+  function kindsFor(assetId) {
+    // -> the kinds of items to show when known (maybe none), null while Immich is being asked. Immich offers
+    // its own per-photo jobs ("Refresh faces" …) only to the owner; a partner or album member who views the
+    // photo gets none, and ours could only fail for them, so they follow the same rule. A search is theirs too.
+    const known = state.access.get(assetId);
+    if (Array.isArray(known)) return known;
     if (!known) {
-      const asking = Promise.all([currentUser(), immichJson(`/api/assets/${encodeURIComponent(assetId)}`)])
-        .then(([user, asset]) => Boolean(user && asset && user.id && user.id === asset.ownerId))
-        .catch(() => false) // not signed in, not visible, Immich unreachable: nothing to offer
-        .then((mine) => {
-          state.owned.set(assetId, mine);
-          if (state.owned.size > OWNED_CACHE) state.owned.delete(state.owned.keys().next().value);
+      const asking = Promise.all([
+        currentUser(),
+        immichJson(`/api/assets/${encodeURIComponent(assetId)}`),
+        smartSearchOn(),
+      ])
+        .then(([user, asset, search]) => [
+          ...(user && asset && user.id && user.id === asset.ownerId ? OWNER_KINDS : []),
+          ...(search ? SEARCH_KINDS : []),
+        ])
+        .catch(() => []) // not signed in, not visible, Immich unreachable: nothing to offer
+        .then((kinds) => {
+          state.access.set(assetId, kinds);
+          if (state.access.size > OWNED_CACHE) state.access.delete(state.access.keys().next().value);
           schedule();
         });
-      state.owned.set(assetId, asking);
+      state.access.set(assetId, asking);
     }
     return null;
   }
@@ -216,7 +240,8 @@
   function forgetUser() {
     // Signing out and in as someone else happens without a page load in Immich's single-page app.
     state.me = null;
-    state.owned.clear();
+    state.smartSearch = null;
+    state.access.clear();
   }
 
   // ---- the menu -----------------------------------------------------------------------------------------
@@ -302,7 +327,7 @@
     return item;
   }
 
-  function ensureItems(list) {
+  function ensureItems(list, kinds) {
     const template = pickTemplate(list);
     if (!template) {
       info('the asset viewer menu has no item to copy; Regenerate actions are unavailable.');
@@ -310,7 +335,12 @@
     }
     const lang = uiLanguage();
     const mine = [];
-    for (const kind of KINDS) {
+    for (const other of Array.from(list.querySelectorAll(`li[${MARK}]`))) {
+      if (kinds.includes(other.getAttribute(MARK))) continue;
+      other.remove(); // an item this user may not use on this photo
+      state.items.delete(other);
+    }
+    for (const kind of kinds) {
       const existing = Array.from(list.querySelectorAll(`li[${MARK}="${kind}"]`));
       let item = existing.find((el) => el.parentElement === list);
       for (const extra of existing) {
@@ -357,12 +387,13 @@
     if (found.length) {
       window.clearTimeout(state.contractTimer);
       state.contractTimer = 0;
-      if (ownedByMe(assetId) !== true) {
-        // Someone else's photo, or not known yet (the check calls schedule() when it is).
+      const kinds = kindsFor(assetId);
+      if (!kinds || !kinds.length) {
+        // Nothing for this user here, or not known yet (the check calls schedule() when it is).
         if (state.items.size) removeAll();
         return;
       }
-      for (const { list } of found) ensureItems(list);
+      for (const { list } of found) ensureItems(list, kinds);
       return;
     }
     // A viewer address without the menu: Svelte may still be rendering, or a slideshow hides the bar. Only
@@ -411,11 +442,22 @@
     );
   }
 
+  function similarSearchUrl(assetId) {
+    // Immich's own search page searching by this photo, as its "View similar photos" opens it (Route.search:
+    // /search?query=<the search terms as JSON>): Immich's smart search with queryAssetId compares the photo's
+    // stored CLIP embedding with the user's library (the gateway hands that search to Immich unchanged).
+    return `/search?query=${encodeURIComponent(JSON.stringify({ queryAssetId: assetId }))}`;
+  }
+
   function onItemClick() {
     const kind = this.getAttribute(MARK);
     closeMenu(this);
     const text = t();
     const assetId = assetIdFromPath(window.location.pathname);
+    if (kind === 'similar') {
+      if (assetId) window.location.assign(similarSearchUrl(assetId));
+      return;
+    }
     if (!assetId) {
       showToast('error', (kind === 'ocr' ? text.ocrFailed : text.clipFailed)(text.noAsset));
       return;
@@ -612,6 +654,7 @@
         language: guard(uiLanguage),
         languageOf: guard(languageOf),
         assetId: guard(() => assetIdFromPath(window.location.pathname)),
+        similarSearchUrl: guard(similarSearchUrl),
       }),
       configurable: false,
       enumerable: false,

@@ -29,8 +29,8 @@ from uuid import UUID
 import numpy as np
 import psycopg
 
+from ai_service.errors import CLIENT_ERRORS
 from ai_service.imaging import ImageError, ImageTooLargeError
-from ai_service.inference import RequestError
 from ai_service.models.base import ModelError
 from db import immich_bridge as records
 from db.settings import DbSearchSettings
@@ -515,7 +515,7 @@ async def _tag_chunk(
             return asset_id, None
         try:
             vector = await asyncio.to_thread(engine.clip_image, data)
-        except (ImageError, ImageTooLargeError, RequestError) as exc:  # this preview only (RequestError: a 4xx)
+        except (ImageError, ImageTooLargeError, *CLIENT_ERRORS) as exc:  # this preview only (the service's 4xx)
             log.info("asset %s: preview not usable: %s", asset_id, exc)
             return asset_id, None
         return asset_id, choose_tags(*texts, vector, settings.tags_top_k, settings.tags_min_score)

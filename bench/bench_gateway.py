@@ -144,7 +144,7 @@ def main() -> int:
             "GATEWAY_LOG_LEVEL": "info",  # the default: one access line per request is part of the cost
         }
         ocr_image = preview_jpeg(OCR_IMAGE.read_bytes())
-        with server("ai_service", service_env, folder / "ai_service.log") as (service, _):
+        with server("ai_service", service_env, folder / "ai_service.log") as (service, service_pid):
             gateway_env = {
                 **gateway_env_base,
                 "GATEWAY_BACKENDS": json.dumps({"svc": {"kind": "immich", "url": service}}),
@@ -161,10 +161,14 @@ def main() -> int:
                         n = max(n, concurrency)
                         direct_type, direct_body = node_formdata(direct_entries, **payload)  # type: ignore[arg-type]
                         gw_type, gw_body = node_formdata(entries, **payload)  # type: ignore[arg-type]
+                        sent = n + min(concurrency, 4)  # run() warms up with a few requests first
+                        service_before = cpu_s(service_pid)
                         direct = run(service, direct_type, direct_body, n, concurrency)
-                        cpu_before = cpu_s(gateway_pid)
+                        direct_service_ms = (cpu_s(service_pid) - service_before) * 1000 / sent
+                        cpu_before = cpu_s(gateway_pid), cpu_s(service_pid)
                         through = run(gateway, gw_type, gw_body, n, concurrency)
-                        gateway_cpu_ms = (cpu_s(gateway_pid) - cpu_before) * 1000 / (n + min(concurrency, 4))
+                        gateway_cpu_ms = (cpu_s(gateway_pid) - cpu_before[0]) * 1000 / sent
+                        service_cpu_ms = (cpu_s(service_pid) - cpu_before[1]) * 1000 / sent
                         print(direct.line(f"{name} c={concurrency} direct"))
                         print(through.line(f"{name} c={concurrency} via gateway"))
                         overhead = (statistics.median(through.latencies) - statistics.median(direct.latencies)) * 1000
@@ -173,7 +177,11 @@ def main() -> int:
                         print(
                             f"{'':<34} gateway adds {overhead:+.2f} ms at p50, "
                             f"{len(through.latencies) / through.wall_s / (len(direct.latencies) / direct.wall_s):.0%} "
-                            f"of direct throughput; gateway CPU {gateway_cpu_ms:.2f} ms per request"
+                            f"of direct throughput"
+                        )
+                        print(
+                            f"{'':<34} CPU ms per request: service {direct_service_ms:.2f} direct, "
+                            f"{service_cpu_ms:.2f} via gateway; gateway {gateway_cpu_ms:.2f}"
                         )
 
                 # Both servers and this load generator share the machine's cores: a load average near or

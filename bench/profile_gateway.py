@@ -10,7 +10,8 @@ throughput through the gateway is bounded by (gateway CPU + service CPU) per req
 CPU per request, next to the service's, is what decides the "≥ 95 % of direct throughput" target.
 
     .venv/bin/python bench/profile_gateway.py [--requests 2000] [--concurrency 8] [--mapped/--unmapped]
-        [--py-spy OUT.txt]   # also sample the gateway with py-spy (pip install py-spy) during the run
+        [--py-spy OUT.txt]     # also sample the gateway with py-spy (pip install py-spy) during the run
+        [--cprofile OUT.prof]  # run the gateway under cProfile with a CPU clock (bench/cprofile_gateway.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -33,7 +36,6 @@ from bench_gateway import (  # noqa: E402
     CLIP_MODEL,
     DIRECT_CLIP_ENTRIES,
     QUERY,
-    cpu_s,
     load,
     server,
 )
@@ -42,17 +44,29 @@ from tests.builders.clip_models import build_test_models  # noqa: E402
 from tests.gateway_support import node_formdata  # noqa: E402
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def measure(
     base: str, body: tuple[str, bytes], pids: dict[str, int], requests: int, concurrency: int
 ) -> dict[str, float]:
-    """CPU ms per request of each process in ``pids`` over ``requests`` requests (after a warm-up)."""
+    """CPU ms per request (user + system, and system alone as NAME_sys) of each process in ``pids``."""
     content_type, data = body
     asyncio.run(load(base, content_type, data, 4 * concurrency, concurrency))
-    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    before = {name: cpu_times(pid) for name, pid in pids.items()}
     result = asyncio.run(load(base, content_type, data, requests, concurrency))
     if result.errors:
         raise SystemExit(f"{result.errors} requests to {base} failed")
-    return {name: (cpu_s(pid) - before[name]) * 1000 / requests for name, pid in pids.items()}
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        user, system = (after - start for after, start in zip(cpu_times(pid), before[name], strict=True))
+        out[name] = (user + system) * 1000 / requests
+        out[f"{name}_sys"] = system * 1000 / requests
+    return out
 
 
 def main() -> int:
@@ -64,7 +78,10 @@ def main() -> int:
         action="store_true",
         help="send the test model's own name through the gateway (no model-name mapping applies)",
     )
-    parser.add_argument("--py-spy", type=Path, help="write py-spy's top functions of the gateway here")
+    parser.add_argument("--py-spy", type=Path, help="write py-spy's samples of the gateway here (wall time)")
+    parser.add_argument(
+        "--cprofile", type=Path, help="run the gateway under cProfile (CPU time) and print its top functions"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="profile-gateway-") as tmp:
@@ -78,7 +95,11 @@ def main() -> int:
                 "GATEWAY_LOG_LEVEL": "info",
                 "GATEWAY_BACKENDS": json.dumps({"svc": {"kind": "immich", "url": service}}),
             }
-            with server("gateway", gateway_env, folder / "gateway.log") as (gateway, gateway_pid):
+            module = "gateway"
+            if args.cprofile:
+                module = "bench.cprofile_gateway"
+                gateway_env["GATEWAY_CPROFILE_OUT"] = str(args.cprofile.resolve())
+            with server(module, gateway_env, folder / "gateway.log") as (gateway, gateway_pid):
                 pids = {"gateway": gateway_pid, "service": service_pid}
                 direct = measure(service, node_formdata(DIRECT_CLIP_ENTRIES, text=QUERY), pids, args.requests, 8)
                 via_entries = DIRECT_CLIP_ENTRIES if args.unmapped else CLIP_ENTRIES
@@ -86,10 +107,16 @@ def main() -> int:
                 via = measure(gateway, node_formdata(via_entries, text=QUERY), pids, args.requests, args.concurrency)
                 if spy is not None:
                     _finish_py_spy(spy, args.py_spy)
+    if args.cprofile:
+        stats = pstats.Stats(str(args.cprofile))
+        stats.sort_stats("tottime").print_stats(25)
     mapping = "no mapping" if args.unmapped else "ViT-B-32__openai mapped"
     print(f"CPU ms per CLIP text request, {args.requests} requests, {args.concurrency} clients ({mapping}):")
-    print(f"  direct to the AI service:   service {direct['service']:.3f}")
-    print(f"  through the gateway:        service {via['service']:.3f}  gateway {via['gateway']:.3f}")
+    print(f"  direct to the AI service:   service {direct['service']:.3f} (system {direct['service_sys']:.3f})")
+    print(
+        f"  through the gateway:        service {via['service']:.3f} (system {via['service_sys']:.3f})  "
+        f"gateway {via['gateway']:.3f} (system {via['gateway_sys']:.3f})"
+    )
     share = via["gateway"] / (via["gateway"] + via["service"])
     print(
         f"  gateway share of the CPU per request: {share:.0%}; throughput bound on shared cores: "

@@ -1,24 +1,16 @@
-"""Shared plumbing of the remote backends: one pooled aiohttp client per backend, bounded reads,
-and the classification of transport errors into failover reasons.
-
-aiohttp rather than httpx (which the rest of the project uses for its few calls to Immich's API): every
-Immich request costs one forward, and httpx spent ~0.8 ms of CPU on each (~2 ms with 32 in flight, its pool
-scans every waiting request), aiohttp ~0.15 ms, measured on a loopback echo (bench/profile_gateway.py
-shows the whole gateway). On a machine whose cores the gateway shares with the models, that CPU is
-taken from inference."""
+"""Shared plumbing of the remote backends: one pooled HTTP client per backend (gateway/backends/client.py),
+bounded reads, and the classification of transport errors into failover reasons."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import random
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-from yarl import URL
-
 from gateway.backends.base import Backend, BackendFailure
+from gateway.backends.client import ClientError, ConnectFailed, ConnectionBroke, HttpClient, ReplyTooLarge
 from gateway.settings import BackendSettings, GatewaySettings
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -72,7 +64,9 @@ def encode_formdata(fields: list[tuple[str, str | tuple[str, bytes, str]]]) -> t
     """multipart/form-data laid out exactly as Node's (undici) FormData does, which is what Immich sends:
     text fields as bare parts, files with filename and Content-Type, CRLF line ends."""
     while True:
-        boundary = f"----formdata-undici-0{secrets.randbelow(10**11):011d}"
+        # Not secret: the loop below makes sure the payload does not hold it (secrets' urandom call per
+        # request showed in the gateway's profile).
+        boundary = f"----formdata-undici-0{random.randrange(10**11):011d}"
         marker = boundary.encode()
         # A boundary that occurs inside the payload would cut the image; pick another (practically never).
         if not any(marker in (v[1] if isinstance(v, tuple) else v.encode()) for _, v in fields):
@@ -102,25 +96,18 @@ class HttpBackend(Backend):
         self.url = base_url(settings.url)
         self.display_url = redact_url(self.url)
         self.max_response_bytes = gateway.max_response_bytes
-        self._client: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+        self._client: HttpClient | None = None
+        self._targets: dict[str, str] = {}
 
     async def start(self) -> None:
-        keepalive = self.settings.keepalive_s
-        connector = aiohttp.TCPConnector(
-            limit=self.settings.max_connections,
-            limit_per_host=0,
-            # 0 s of keep-alive means a connection per request; aiohttp spells that force_close.
-            keepalive_timeout=keepalive if keepalive > 0 else None,
-            force_close=keepalive <= 0,
-        )
-        self._client = aiohttp.ClientSession(
-            connector=connector,
-            # Only the TCP connect has its own limit (waiting for a free pooled connection does not count);
-            # the whole exchange is bounded by the per-task timeout around it.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s),
-            # Proxy variables meant for the host's internet access must not capture calls to ML backends.
-            trust_env=False,
+        self._client = HttpClient(
+            self.url,
+            max_connections=self.settings.max_connections,
+            keepalive_s=self.settings.keepalive_s,
+            # Only the TCP (and TLS) connect has its own limit (waiting for a free pooled connection does not
+            # count); the whole exchange is bounded by the per-task timeout around it.
+            connect_timeout_s=self.settings.connect_timeout_s,
+            max_body=self.max_response_bytes,
         )
 
     async def close(self) -> None:
@@ -128,12 +115,13 @@ class HttpBackend(Backend):
             await self._client.close()
             self._client = None
 
-    def _url(self, path: str) -> URL:
-        url = self._urls.get(path)
-        if url is None:
-            # encoded=True: sent exactly as configured (a token in the query must not be re-quoted).
-            url = self._urls[path] = URL(endpoint_url(self.url, path), encoded=True)
-        return url
+    def _target(self, path: str) -> str:
+        """The request target (path and query) of ``path`` under the configured URL."""
+        target = self._targets.get(path)
+        if target is None:
+            parts = urlsplit(endpoint_url(self.url, path))
+            target = self._targets[path] = parts.path + (f"?{parts.query}" if parts.query else "")
+        return target
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.display_url}
@@ -148,47 +136,24 @@ class HttpBackend(Backend):
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
     ) -> HttpReply:
-        if self._client is None:
+        client = self._client
+        if client is None:
             raise BackendFailure("not_started", f"{self.name}: backend client is closed")
         all_headers = dict(headers or {})
         if request_id:
             all_headers[REQUEST_ID_HEADER] = request_id
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._client.request(
-                    method, self._url(path), headers=all_headers, data=content, allow_redirects=False
-                ) as resp:
-                    return HttpReply(resp.status, resp.headers.get("content-type", ""), await self._read(resp))
-        except aiohttp.ConnectionTimeoutError as exc:  # a TimeoutError too: checked first
-            raise BackendFailure("connect", f"cannot connect: timed out ({exc or type(exc).__name__})") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendFailure("connect", f"cannot connect: {exc.os_error or exc}") from None
+                reply = await client.request(method, self._target(path), all_headers, content)
         except TimeoutError:
             raise BackendFailure("timeout", f"no complete reply within {timeout_s:g}s") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+        except ConnectFailed as exc:
+            raise BackendFailure("connect", f"cannot connect: {exc}") from None
+        except ReplyTooLarge as exc:
+            raise BackendFailure("response_too_large", str(exc), exc.status or None) from None
+        except ConnectionBroke as exc:
             # Closed or reset mid-exchange, a body cut short, or a reply that is not HTTP at all.
-            raise BackendFailure("connection", f"connection broke: {exc or type(exc).__name__}") from None
-        except aiohttp.ClientError as exc:
+            raise BackendFailure("connection", f"connection broke: {exc}") from None
+        except ClientError as exc:
             raise BackendFailure("transport", f"{type(exc).__name__}: {exc}") from None
-
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The reply's body, refused (BackendFailure) once it passes GATEWAY_MAX_RESPONSE_BYTES."""
-        declared = resp.content_length
-        if declared is not None:
-            if declared > self.max_response_bytes:
-                raise BackendFailure(
-                    "response_too_large",
-                    f"reply of {declared} bytes exceeds GATEWAY_MAX_RESPONSE_BYTES={self.max_response_bytes}",
-                    resp.status,
-                )
-            return await resp.read()  # framed by Content-Length: no more than declared is read
-        body = bytearray()
-        async for chunk in resp.content.iter_any():
-            body += chunk
-            if len(body) > self.max_response_bytes:
-                raise BackendFailure(
-                    "response_too_large",
-                    f"reply exceeds GATEWAY_MAX_RESPONSE_BYTES={self.max_response_bytes}",
-                    resp.status,
-                )
-        return bytes(body)
+        return HttpReply(reply.status, reply.content_type, reply.body)

@@ -15,6 +15,7 @@ Workloads, each against both targets, with 1 and 32 concurrent clients:
 Then the gateway's RSS before and after ``--memory-requests`` (default 20 000) CLIP text requests.
 
     .venv/bin/python bench/bench_gateway.py [--clip-requests 400] [--ocr-requests 12] [--memory-requests 20000]
+        [--skip-ocr]
 
 The load generator runs in this process on the same machine, sharing its cores with both servers;
 compare the two targets with each other, not with other machines. At 32 clients the OCR latencies are
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("--clip-requests", type=int, default=400, help="CLIP text requests per measurement")
     parser.add_argument("--ocr-requests", type=int, default=12, help="OCR requests at concurrency 1 (x4 at 32)")
     parser.add_argument("--memory-requests", type=int, default=20_000, help="CLIP requests for the RSS check")
+    parser.add_argument("--skip-ocr", action="store_true", help="only the CLIP text workload (the gateway's overhead)")
     args = parser.parse_args()
 
     machine = platform.processor() or platform.machine()
@@ -153,7 +155,7 @@ def main() -> int:
                 workloads = [
                     ("CLIP text", CLIP_ENTRIES, DIRECT_CLIP_ENTRIES, {"text": QUERY}, args.clip_requests),
                     ("OCR 1440px JPEG", OCR_ENTRIES, OCR_ENTRIES, {"image": ocr_image}, args.ocr_requests),
-                ]
+                ][: 1 if args.skip_ocr else 2]
                 print(f"OCR input: {len(ocr_image) / 1024:.0f} KiB JPEG, shorter side 1440 px")
                 for name, entries, direct_entries, payload, requests in workloads:
                     for concurrency in (1, 32):

@@ -79,6 +79,8 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, request: bytes) -> Reply:
         assert self.transport is not None
+        if self.transport.is_closing():
+            raise ConnectionBroke("connection closed by the server while idle")
         self._reset()
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
@@ -113,6 +115,7 @@ class _Connection(asyncio.Protocol):
             self._finish(None)
 
     def eof_received(self) -> bool:
+        self.closed = True  # never lent again, even before connection_lost is called
         # A reply with neither Content-Length nor chunking ends when the server closes the connection.
         if self._waiter is not None and not self._waiter.done():
             if self.status and not self._framed and self._error is None:

@@ -15,6 +15,7 @@ Workloads, each against both targets, with 1 and 32 concurrent clients:
 Then the gateway's RSS before and after ``--memory-requests`` (default 20 000) CLIP text requests.
 
     .venv/bin/python bench/bench_gateway.py [--clip-requests 400] [--ocr-requests 12] [--memory-requests 20000]
+        [--skip-ocr]
 
 The load generator runs in this process on the same machine, sharing its cores with both servers;
 compare the two targets with each other, not with other machines. At 32 clients the OCR latencies are
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("--clip-requests", type=int, default=400, help="CLIP text requests per measurement")
     parser.add_argument("--ocr-requests", type=int, default=12, help="OCR requests at concurrency 1 (x4 at 32)")
     parser.add_argument("--memory-requests", type=int, default=20_000, help="CLIP requests for the RSS check")
+    parser.add_argument("--skip-ocr", action="store_true", help="only the CLIP text workload (the gateway's overhead)")
     args = parser.parse_args()
 
     machine = platform.processor() or platform.machine()
@@ -144,7 +146,7 @@ def main() -> int:
             "GATEWAY_LOG_LEVEL": "info",  # the default: one access line per request is part of the cost
         }
         ocr_image = preview_jpeg(OCR_IMAGE.read_bytes())
-        with server("ai_service", service_env, folder / "ai_service.log") as (service, _):
+        with server("ai_service", service_env, folder / "ai_service.log") as (service, service_pid):
             gateway_env = {
                 **gateway_env_base,
                 "GATEWAY_BACKENDS": json.dumps({"svc": {"kind": "immich", "url": service}}),
@@ -153,7 +155,7 @@ def main() -> int:
                 workloads = [
                     ("CLIP text", CLIP_ENTRIES, DIRECT_CLIP_ENTRIES, {"text": QUERY}, args.clip_requests),
                     ("OCR 1440px JPEG", OCR_ENTRIES, OCR_ENTRIES, {"image": ocr_image}, args.ocr_requests),
-                ]
+                ][: 1 if args.skip_ocr else 2]
                 print(f"OCR input: {len(ocr_image) / 1024:.0f} KiB JPEG, shorter side 1440 px")
                 for name, entries, direct_entries, payload, requests in workloads:
                     for concurrency in (1, 32):
@@ -161,10 +163,14 @@ def main() -> int:
                         n = max(n, concurrency)
                         direct_type, direct_body = node_formdata(direct_entries, **payload)  # type: ignore[arg-type]
                         gw_type, gw_body = node_formdata(entries, **payload)  # type: ignore[arg-type]
+                        sent = n + min(concurrency, 4)  # run() warms up with a few requests first
+                        service_before = cpu_s(service_pid)
                         direct = run(service, direct_type, direct_body, n, concurrency)
-                        cpu_before = cpu_s(gateway_pid)
+                        direct_service_ms = (cpu_s(service_pid) - service_before) * 1000 / sent
+                        cpu_before = cpu_s(gateway_pid), cpu_s(service_pid)
                         through = run(gateway, gw_type, gw_body, n, concurrency)
-                        gateway_cpu_ms = (cpu_s(gateway_pid) - cpu_before) * 1000 / (n + min(concurrency, 4))
+                        gateway_cpu_ms = (cpu_s(gateway_pid) - cpu_before[0]) * 1000 / sent
+                        service_cpu_ms = (cpu_s(service_pid) - cpu_before[1]) * 1000 / sent
                         print(direct.line(f"{name} c={concurrency} direct"))
                         print(through.line(f"{name} c={concurrency} via gateway"))
                         overhead = (statistics.median(through.latencies) - statistics.median(direct.latencies)) * 1000
@@ -173,7 +179,11 @@ def main() -> int:
                         print(
                             f"{'':<34} gateway adds {overhead:+.2f} ms at p50, "
                             f"{len(through.latencies) / through.wall_s / (len(direct.latencies) / direct.wall_s):.0%} "
-                            f"of direct throughput; gateway CPU {gateway_cpu_ms:.2f} ms per request"
+                            f"of direct throughput"
+                        )
+                        print(
+                            f"{'':<34} CPU ms per request: service {direct_service_ms:.2f} direct, "
+                            f"{service_cpu_ms:.2f} via gateway; gateway {gateway_cpu_ms:.2f}"
                         )
 
                 # Both servers and this load generator share the machine's cores: a load average near or

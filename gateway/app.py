@@ -29,6 +29,8 @@ from ai_service.protocol.immich import load_entries_json, query_text_problem
 from ai_service.tasks import check_dependencies, input_problem, validate_entries
 from gateway.backends import ClientInputError
 from gateway.dispatch import NoBackendAvailable
+from gateway.fastpath import PredictFastPath
+from gateway.form import PredictForm
 from gateway.logs import REQUEST_ID, go_direct, request_id_from
 from gateway.metrics import PrometheusText
 from gateway.settings import GatewaySettings, get_settings
@@ -123,6 +125,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(protocol)
     # Browser-facing pieces under /ai/ (gateway/web): the Immich add-on script and the admin status page.
     app.include_router(web_router)
+    # Innermost: Immich's /predict without FastAPI's machinery; both paths get the two middlewares around it.
+    app.add_middleware(PredictFastPath, serve=serve_predict, error_handlers=ERROR_HANDLERS)
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, setting_name="GATEWAY_MAX_BODY_BYTES")
     app.add_middleware(RequestContextMiddleware)
     for error, handler in ERROR_HANDLERS.items():
@@ -198,20 +202,27 @@ async def predict(
     image: Annotated[UploadFile | None, File(description="Encoded image (JPEG, PNG, WebP, …)")] = None,
     text: Annotated[str | None, Form(description="Query text for CLIP textual")] = None,
 ) -> Response:
-    gateway = gateway_of(request)
+    # Immich's requests are served by PredictFastPath; this route answers every other shape of form.
+    data = await image.read() if image is not None else None
+    return await serve_predict(request.scope, PredictForm(entries=entries, image=data, text=text))
+
+
+async def serve_predict(scope: Scope, form: PredictForm) -> Response:
+    """Immich's reply to one /predict form; raises the errors of ERROR_HANDLERS."""
+    gateway: Gateway = scope["app"].state.gateway
     metrics = gateway.metrics
     started = time.perf_counter()
-    fields: dict[str, Any] = request.scope.get("state", {}).get("log_fields", {})
+    fields: dict[str, Any] = scope.get("state", {}).get("log_fields", {})
     label = "unknown"
     status = 500
     metrics.in_flight.inc()
     try:
-        raw = load_entries_json(entries)  # kept as sent: options this gateway does not know pass through
+        raw = load_entries_json(form.entries)  # kept as sent: options this gateway does not know pass through
         parsed = validate_entries(raw)
         check_dependencies(parsed)
         label = "+".join(task.value for task, types in parsed.items() if types)
         fields["task"] = label
-        data, text = await _image_or_text(image, text)
+        data, text = _image_or_text(form.image, form.text)
         if (problem := input_problem(parsed, data is not None)) is not None:  # checked once, for every backend
             raise InvalidInput(problem)
         routed = [
@@ -237,9 +248,8 @@ async def predict(
         metrics.latency.labels(label).observe(time.perf_counter() - started)
 
 
-async def _image_or_text(image: UploadFile | None, text: str | None) -> tuple[bytes | None, str | None]:
+def _image_or_text(data: bytes | None, text: str | None) -> tuple[bytes | None, str | None]:
     """The input as Immich's service takes it: the image wins over text, and one of them must be there."""
-    data = await image.read() if image is not None else None
     if data is None and text is None:
         raise InvalidInput("Either image or text must be provided")
     if data is not None:

@@ -278,6 +278,23 @@ def test_bad_requests_get_the_stock_statuses(client: httpx.Client, gateway: Gate
     assert response.status_code == 413 and "GATEWAY_MAX_BODY_BYTES" in response.json()["detail"]
 
 
+def test_forms_in_other_shapes_get_the_same_answer(client: httpx.Client, gateway: GatewayProcess) -> None:
+    """Immich's exact form takes the gateway's fast path (gateway/fastpath.py); other shapes go through
+    FastAPI's form parsing. Both must answer alike."""
+    content_type, body = node_formdata(clip_textual(), text="海滩上的一只狗")
+    reference = _raw_post(client, gateway.base, content_type, body)
+    assert reference.status_code == 200, reference.text
+    extra_part = b'Content-Disposition: form-data; name="note"\r\n\r\nfrom a script\r\n'
+    boundary = content_type.split("boundary=")[1].encode()
+    for other in (
+        body.replace(b'name="text"\r\n', b'name="text"\r\nContent-Type: text/plain; charset=utf-8\r\n'),
+        body.replace(b"--" + boundary + b"--", b"--" + boundary + b"\r\n" + extra_part + b"--" + boundary + b"--"),
+    ):
+        response = _raw_post(client, gateway.base, content_type, other)
+        assert response.status_code == 200, response.text
+        assert response.json() == reference.json()
+
+
 def test_image_wins_over_text(client: httpx.Client, gateway: GatewayProcess) -> None:
     content_type, body = node_formdata(CLIP_VISUAL, image=astronaut_jpeg())
     # Append a text part as well (Immich never does; its service ignores text when an image is there).

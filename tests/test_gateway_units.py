@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartParser
 
 from ai_service.protocol.immich import EntriesError, ModelTask
 from ai_service.protocol.reading_order import sort_lines
@@ -19,6 +23,7 @@ from ai_service.tasks.faces import mtphotos_to_immich as faces_to_immich
 from ai_service.tasks.ocr import mtphotos_to_immich as ocr_to_immich
 from gateway.backends.http import base_url, encode_formdata, endpoint_url, redact_url
 from gateway.backends.mtphotos import MtPhotosBackend
+from gateway.form import PredictForm, parse_predict_form
 from gateway.health import BreakerState, CircuitBreaker
 from gateway.logs import request_id_from
 from gateway.routing import ConfigError, MappingError, Router
@@ -488,3 +493,64 @@ def test_validation_keeps_fields_it_does_not_know() -> None:
     assert out["facial-recognition"][0]["boundingBox"] == {"x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0, "rotation": 0}
     ocr = {"text": ["a"], "box": [0, 0, 1, 0, 1, 1, 0, 1], "boxScore": [0.9], "textScore": [0.9], "language": "zh"}
     assert validate_response(routed(Router(settings()), OCR), {"ocr": ocr}, image=False)["ocr"]["language"] == "zh"
+
+
+# ---- /predict's form read without FastAPI (gateway/form.py) ---------------------------------------------------
+
+
+def _starlette_form(content_type: str, body: bytes) -> PredictForm:
+    """What FastAPI's form parsing (Starlette's parser) reads from the same body."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    async def parse() -> PredictForm:
+        form = await MultiPartParser(Headers({"content-type": content_type}), stream()).parse()
+        image, text = form.get("image"), form.get("text")
+        return PredictForm(
+            entries=str(form["entries"]),
+            image=await image.read() if isinstance(image, UploadFile) else None,
+            text=text if isinstance(text, str) else None,
+        )
+
+    return asyncio.run(parse())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"text": "海滩上的一只狗"},
+        {"text": "two\nlines\r\nand a --formdata-undici lookalike"},
+        {"image": b"\xff\xd8" + bytes(range(256)) * 50 + b"\r\n--not-the-boundary\r\n"},
+    ],
+)
+def test_immichs_form_reads_as_fastapi_reads_it(payload: dict[str, Any]) -> None:
+    content_type, body = node_formdata({"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}, **payload)
+    form = parse_predict_form([(b"content-type", content_type.encode())], body)
+    assert form is not None and form == _starlette_form(content_type, body)
+
+
+def test_other_form_shapes_are_left_to_fastapi() -> None:
+    """Anything but Immich's exact shape gives None: the request then goes to FastAPI, whose answer is the rule."""
+    content_type, body = node_formdata({"clip": {"textual": {"modelName": "m"}}}, text="hi")
+    boundary = content_type.split("boundary=")[1].encode()
+    headers = [(b"content-type", content_type.encode())]
+    delimiter = b"--" + boundary
+    odd = {
+        "not multipart": ([(b"content-type", b"application/json")], body),
+        "truncated": (headers, body[:-10]),
+        "preamble": (headers, b"hello\r\n" + body),
+        "part header": (headers, body.replace(b'name="text"\r\n', b'name="text"\r\nContent-Type: text/plain\r\n')),
+        "unknown field": (headers, body.replace(b'name="text"', b'name="_charset_"')),
+        "duplicate": (headers, body.replace(b'name="text"', b'name="entries"')),
+        "entries as a file": (headers, body.replace(b'name="entries"', b'name="entries"; filename="e"')),
+        "empty text": (headers, body.replace(b"\r\n\r\nhi\r\n", b"\r\n\r\n\r\n")),
+        "not utf-8": (headers, body.replace(b"hi", b"\xff\xfe")),
+        "delimiter inside": (headers, body.replace(b"hi", delimiter + b"x")),
+        "no entries": (headers, body[: body.index(delimiter, 1)].replace(b"entries", b"text") + delimiter + b"--\r\n"),
+    }
+    for what, (hdrs, data) in odd.items():
+        assert parse_predict_form(hdrs, data) is None, what
+    assert parse_predict_form(headers, body) == PredictForm(
+        entries='{"clip":{"textual":{"modelName":"m"}}}', image=None, text="hi"
+    )

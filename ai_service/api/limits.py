@@ -32,8 +32,8 @@ TRUNCATED_MULTIPART = (
 )
 
 
-def closing_delimiter(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes | None:
-    """``--BOUNDARY--`` for a multipart/form-data request, else None (no boundary: the parser refuses it)."""
+def multipart_boundary(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    """The boundary of a multipart/form-data request, else None (no boundary: the parser refuses it)."""
     for name, value in headers:
         if name != b"content-type":
             continue
@@ -43,9 +43,15 @@ def closing_delimiter(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, by
         for param in params.split(b";"):
             key, _, raw = param.strip().partition(b"=")
             if key.strip().lower() == b"boundary" and raw.strip().strip(b'"'):
-                return b"--" + raw.strip().strip(b'"') + b"--"
+                return raw.strip().strip(b'"')
         return None
     return None
+
+
+def closing_delimiter(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    """``--BOUNDARY--`` for a multipart/form-data request, else None (no boundary: the parser refuses it)."""
+    boundary = multipart_boundary(headers)
+    return None if boundary is None else b"--" + boundary + b"--"
 
 
 ErrorBody = Callable[[str, str], dict[str, object]]  # (path, detail) -> JSON body

@@ -1,17 +1,16 @@
-"""Shared plumbing of the remote backends: one pooled httpx client per backend, bounded reads,
-and the classification of transport errors into failover reasons."""
+"""Shared plumbing of the remote backends: one pooled HTTP client per backend (gateway/backends/client.py),
+bounded reads, and the classification of transport errors into failover reasons."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import random
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
 from gateway.backends.base import Backend, BackendFailure
+from gateway.backends.client import ClientError, ConnectFailed, ConnectionBroke, HttpClient, ReplyTooLarge
 from gateway.settings import BackendSettings, GatewaySettings
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -65,7 +64,9 @@ def encode_formdata(fields: list[tuple[str, str | tuple[str, bytes, str]]]) -> t
     """multipart/form-data laid out exactly as Node's (undici) FormData does, which is what Immich sends:
     text fields as bare parts, files with filename and Content-Type, CRLF line ends."""
     while True:
-        boundary = f"----formdata-undici-0{secrets.randbelow(10**11):011d}"
+        # Not secret: the loop below makes sure the payload does not hold it (secrets' urandom call per
+        # request showed in the gateway's profile).
+        boundary = f"----formdata-undici-0{random.randrange(10**11):011d}"
         marker = boundary.encode()
         # A boundary that occurs inside the payload would cut the image; pick another (practically never).
         if not any(marker in (v[1] if isinstance(v, tuple) else v.encode()) for _, v in fields):
@@ -95,27 +96,32 @@ class HttpBackend(Backend):
         self.url = base_url(settings.url)
         self.display_url = redact_url(self.url)
         self.max_response_bytes = gateway.max_response_bytes
-        self._client: httpx.AsyncClient | None = None
+        self._client: HttpClient | None = None
+        self._targets: dict[str, str] = {}
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=self.settings.max_connections,
-                max_keepalive_connections=self.settings.max_connections,
-                keepalive_expiry=self.settings.keepalive_s,
-            ),
-            # Only the connect phase has its own limit; the whole exchange is bounded by the
-            # per-task timeout around it (httpx's read timeout is per chunk, not per request).
-            timeout=httpx.Timeout(None, connect=self.settings.connect_timeout_s),
-            follow_redirects=False,
-            # Proxy variables meant for the host's internet access must not capture calls to ML backends.
-            trust_env=False,
+        self._client = HttpClient(
+            self.url,
+            max_connections=self.settings.max_connections,
+            keepalive_s=self.settings.keepalive_s,
+            # Only the TCP (and TLS) connect has its own limit (waiting for a free pooled connection does not
+            # count); the whole exchange is bounded by the per-task timeout around it.
+            connect_timeout_s=self.settings.connect_timeout_s,
+            max_body=self.max_response_bytes,
         )
 
     async def close(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
+
+    def _target(self, path: str) -> str:
+        """The request target (path and query) of ``path`` under the configured URL."""
+        target = self._targets.get(path)
+        if target is None:
+            parts = urlsplit(endpoint_url(self.url, path))
+            target = self._targets[path] = parts.path + (f"?{parts.query}" if parts.query else "")
+        return target
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": self.display_url}
@@ -130,39 +136,24 @@ class HttpBackend(Backend):
         headers: dict[str, str] | None = None,
         content: bytes | None = None,
     ) -> HttpReply:
-        if self._client is None:
+        client = self._client
+        if client is None:
             raise BackendFailure("not_started", f"{self.name}: backend client is closed")
-        url = endpoint_url(self.url, path)
         all_headers = dict(headers or {})
         if request_id:
             all_headers[REQUEST_ID_HEADER] = request_id
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._client.stream(method, url, headers=all_headers, content=content) as resp:
-                    declared = resp.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) > self.max_response_bytes:
-                        raise BackendFailure(
-                            "response_too_large",
-                            f"reply of {declared} bytes exceeds GATEWAY_MAX_RESPONSE_BYTES={self.max_response_bytes}",
-                            resp.status_code,
-                        )
-                    body = bytearray()
-                    async for chunk in resp.aiter_bytes():
-                        body += chunk
-                        if len(body) > self.max_response_bytes:
-                            raise BackendFailure(
-                                "response_too_large",
-                                f"reply exceeds GATEWAY_MAX_RESPONSE_BYTES={self.max_response_bytes}",
-                                resp.status_code,
-                            )
-                    return HttpReply(resp.status_code, resp.headers.get("content-type", ""), bytes(body))
+                reply = await client.request(method, self._target(path), all_headers, content)
         except TimeoutError:
             raise BackendFailure("timeout", f"no complete reply within {timeout_s:g}s") from None
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise BackendFailure("connect", f"cannot connect: {exc or type(exc).__name__}") from None
-        except httpx.TimeoutException as exc:
-            raise BackendFailure("timeout", f"timed out: {exc or type(exc).__name__}") from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise BackendFailure("connection", f"connection broke: {exc or type(exc).__name__}") from None
-        except httpx.HTTPError as exc:
+        except ConnectFailed as exc:
+            raise BackendFailure("connect", f"cannot connect: {exc}") from None
+        except ReplyTooLarge as exc:
+            raise BackendFailure("response_too_large", str(exc), exc.status or None) from None
+        except ConnectionBroke as exc:
+            # Closed or reset mid-exchange, a body cut short, or a reply that is not HTTP at all.
+            raise BackendFailure("connection", f"connection broke: {exc}") from None
+        except ClientError as exc:
             raise BackendFailure("transport", f"{type(exc).__name__}: {exc}") from None
+        return HttpReply(reply.status, reply.content_type, reply.body)

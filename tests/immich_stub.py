@@ -193,7 +193,7 @@ class ImmichStub:
         for user in self.users:
             self._register_key(user, user.api_key, user.api_key_permissions)
         self.leaky = False
-        self.smart_search = True  # GET /api/server/features: Immich's smart search switched on
+        self.smart_search_enabled = True  # GET /api/server/features: Immich's smart search switched on
         self.deny: set[UUID] = set()
         self.port = free_port()
 
@@ -279,7 +279,9 @@ class ImmichStub:
         """``GET /api/server/features`` (public): the flags the web reads, smartSearch switchable."""
         await self._record(request)
         flags = dict.fromkeys(("facialRecognition", "duplicateDetection", "map", "trash", "ocr", "search"), True)
-        return JSONResponse({**flags, "smartSearch": self.smart_search, "configFile": False, "importFaces": False})
+        return JSONResponse(
+            {**flags, "smartSearch": self.smart_search_enabled, "configFile": False, "importFaces": False}
+        )
 
     async def about(self, request: Request) -> Response:
         await self._record(request)

@@ -604,7 +604,7 @@ def test_only_find_similar_on_a_partners_photo(stack: Stack, browser: WebDriver)
 
 def test_no_find_similar_while_immichs_smart_search_is_off(stack: Stack, browser: WebDriver) -> None:
     """Immich's search page ignores queryAssetId without smart search (it would list every photo): no item."""
-    stack.immich.smart_search = False
+    stack.immich.smart_search_enabled = False
     try:
         open_page(browser, stack, f"/photos/{ASSET_TEXT}", lang="en")
         wait_for_items(browser, ASSET_TEXT, count=2)
@@ -617,7 +617,7 @@ def test_no_find_similar_while_immichs_smart_search_is_off(stack: Stack, browser
         time.sleep(0.3)
         assert browser.execute_script("return document.querySelectorAll('li[data-immich-zh-ai]').length") == 0
     finally:
-        stack.immich.smart_search = True
+        stack.immich.smart_search_enabled = True
     assert problems(console(browser)) == []
 
 

@@ -153,3 +153,34 @@ def _apply_library_migrations(conn: psycopg.Connection[Any], schema: str) -> lis
         return applied
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", keys)
+
+
+_vector_indexes: set[tuple[str, str, int]] = set()  # (schema, table, dims) known to exist, committed
+_INDEX_LOCK_NAME = "immich_zh_ai.library.vector_index"
+
+
+def ensure_vector_index(conn: psycopg.Connection[Any], table: str, dims: int) -> None:
+    """An HNSW index (cosine) over ``table``'s ``embedding`` vectors of one dimension, created the first time
+    such a vector is stored: the column has no fixed dimension (any model), so the index is on a cast
+    expression with a matching partial predicate, which the queries repeat so the planner can use it.
+
+    Called inside the storing step's transaction, before its insert. Two workers creating the same index at
+    once deadlock in PostgreSQL (each waits for the other's catalogue row while holding a lock on the table
+    the other wants to insert into), so creation is serialised with a transaction-level advisory lock. An
+    index is remembered only once it is seen from another transaction, so a rollback never leaves a
+    process believing in an index that does not exist."""
+    schema_row = conn.execute("SELECT current_schema()").fetchone()
+    key = (str(schema_row[0]) if schema_row else "", table, dims)
+    if key in _vector_indexes:
+        return
+    name = f"{table}_hnsw_{dims}_idx"
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(current_schema()))", [_INDEX_LOCK_NAME])
+    if conn.execute("SELECT to_regclass(%s)", [name]).fetchone() not in (None, (None,)):
+        _vector_indexes.add(key)
+        return
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw ((embedding::vector({})) vector_cosine_ops) "
+            "WHERE vector_dims(embedding) = {}"
+        ).format(sql.Identifier(name), sql.Identifier(table), sql.Literal(dims), sql.Literal(dims))
+    )

@@ -42,6 +42,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ai_service.protocol.immich_face_models import max_distance_range
+from library.db import ensure_vector_index
 from library.inference import Face
 from library.settings import LibrarySettings
 
@@ -138,23 +139,9 @@ class Neighbour:
     distance: float
 
 
-_face_indexes: set[tuple[str, int]] = set()
-
-
 def ensure_face_index(conn: psycopg.Connection[Any], dims: int) -> None:
-    """An HNSW index (cosine) over the face vectors of one dimension, made the first time one is clustered
-    (the column has no fixed dimension: any model). Called under the lock, so workers do not race on it."""
-    schema = conn.execute("SELECT current_schema()").fetchone()
-    key = (str(schema[0]) if schema else "", dims)
-    if key in _face_indexes:
-        return
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {} ON face USING hnsw ((embedding::vector({})) vector_cosine_ops) "
-            "WHERE vector_dims(embedding) = {}"
-        ).format(sql.Identifier(f"face_hnsw_{dims}_idx"), sql.Literal(dims), sql.Literal(dims))
-    )
-    _face_indexes.add(key)
+    """The HNSW index the neighbour query uses for face vectors of ``dims`` dimensions (see ensure_vector_index)."""
+    ensure_vector_index(conn, "face", dims)
 
 
 def neighbour_query(dims: int) -> sql.Composed:

@@ -25,6 +25,7 @@ import psycopg
 from ai_service.errors import InputTooLarge, InvalidInput, ServiceError
 from ai_service.imaging import ImageError, ImageTooLargeError
 from ai_service.models.base import ModelError
+from db.connection import first_line
 from library import blocklist, items, pdq, people, search, tags, text, video
 from library.db import Database
 from library.inference import LibraryInference
@@ -221,6 +222,10 @@ class Pipeline:
                     # The input's fault fails for good; a missing model, a timeout or a busy service may pass.
                     bad_input = isinstance(exc, InvalidInput | InputTooLarge) and not isinstance(exc, ModelError)
                     self._fail(conn, claim, exc.detail, permanent=bad_input)
+                except psycopg.errors.TransactionRollback as exc:
+                    # A deadlock or serialisation failure: the transaction was rolled back and the connection
+                    # is fine, so the step is retried after the usual back-off rather than after its lease.
+                    self._fail(conn, claim, f"database: {first_line(exc)}", permanent=False)
                 except psycopg.OperationalError:
                     raise
                 except Exception as exc:

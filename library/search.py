@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from library.db import ensure_vector_index
 from library.filters import NO_FILTERS, ItemFilters
 from library.settings import LibrarySettings
 
@@ -126,25 +127,9 @@ def record_pairs(conn: psycopg.Connection[Any], settings: LibrarySettings, item_
     return len(matches)
 
 
-_clip_indexes: set[tuple[str, int]] = set()
-
-
 def ensure_clip_index(conn: psycopg.Connection[Any], dims: int) -> None:
-    """An HNSW index (cosine) over the vectors of one dimension, created the first time such a vector is
-    stored: the ``clip`` column has no fixed dimension (any model), so the index is on a cast expression
-    with a matching partial predicate, which clip_matches repeats so the planner can use it."""
-    schema = conn.execute("SELECT current_schema()").fetchone()
-    key = (str(schema[0]) if schema else "", dims)
-    if key in _clip_indexes:
-        return
-    name = sql.Identifier(f"clip_hnsw_{dims}_idx")
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {} ON clip USING hnsw ((embedding::vector({})) vector_cosine_ops) "
-            "WHERE vector_dims(embedding) = {}"
-        ).format(name, sql.Literal(dims), sql.Literal(dims))
-    )
-    _clip_indexes.add(key)
+    """The HNSW index that clip_matches uses for vectors of ``dims`` dimensions (see ensure_vector_index)."""
+    ensure_vector_index(conn, "clip", dims)
 
 
 def clip_matches(

@@ -563,3 +563,42 @@ def test_inference_through_an_ai_service_url(
             assert steps["clip"]["attempts"] == 1
         finally:
             lib.close()
+
+
+def test_two_workers_storing_the_first_vector_of_a_size_do_not_deadlock(library: Library) -> None:
+    """The first CLIP vector of a dimension creates its HNSW index inside the storing transaction. Two workers
+    doing that at once used to deadlock in PostgreSQL (one step failed and waited out its lease); creation is
+    now serialised. Forced overlap: A creates the index and holds its transaction open while B starts."""
+    import threading
+
+    ids = [library.ingestor.add_bytes(data, source="upload", location="upload").item_id for data in distinct_images(2)]
+    dims = 37  # a size no other test stores, so the index is created here
+    vector = str([0.5] * dims)
+    a_created = threading.Event()
+    errors: list[BaseException] = []
+
+    def store(item_id: int, before_insert: threading.Event | None, after_ensure: threading.Event | None) -> None:
+        try:
+            with library.db.conn() as conn, conn.transaction():
+                if before_insert is not None:
+                    assert before_insert.wait(30)
+                search.ensure_clip_index(conn, dims)
+                if after_ensure is not None:
+                    after_ensure.set()
+                    time.sleep(1.5)  # B now runs its ensure while A still holds the new index uncommitted
+                conn.execute(
+                    "INSERT INTO clip (item_id, model, embedding) VALUES (%s, 'm', %s::vector)", [item_id, vector]
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    a = threading.Thread(target=store, args=(ids[0], None, a_created))
+    b = threading.Thread(target=store, args=(ids[1], a_created, None))
+    a.start()
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert errors == []
+    with library.db.conn() as conn:
+        assert conn.execute("SELECT count(*) FROM clip WHERE vector_dims(embedding) = %s", [dims]).fetchone() == (2,)
+        assert conn.execute("SELECT to_regclass(%s)", [f"clip_hnsw_{dims}_idx"]).fetchone() != (None,)

@@ -42,7 +42,7 @@ from ai_service.models.faces import ArcFaceRecognizer
 from ai_service.models.faces.arcface import ARCFACE_TEMPLATE
 from ai_service.protocol.immich import ModelTask, ModelType
 from ai_service.runtime.batching import BatchOptions, MicroBatcher, make_batcher
-from ai_service.runtime.onnx import SessionOptions, create_session, fp16_path
+from ai_service.runtime.onnx import ALLOW_SPINNING_KEY, SessionOptions, create_session, fp16_path
 from ai_service.settings import AIServiceSettings
 from ai_service.tasks import parse_entries
 from tests.builders.clip_models import TextSpec, build_clip_model
@@ -634,6 +634,20 @@ def test_device_ids_setting() -> None:
         AIServiceSettings(device_ids="[-1]")  # type: ignore[arg-type]
     assert AIServiceSettings(device_id=5).session_options().device_id == 5
     assert AIServiceSettings(device_id=5, device_ids=[7, 8]).session_options().device_id == 7  # slot 0
+
+
+def test_sessions_do_not_spin_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every session the service opens has ONNX Runtime's busy-wait off (AI_SERVICE_ONNX_SPINNING turns it on)."""
+    path = tmp_path / "a.onnx"
+    onnx.save(arcface_random_model(), path)
+
+    def spinning() -> str:
+        options = create_session(path, AIServiceSettings().session_options()).get_session_options()
+        return options.get_session_config_entry(ALLOW_SPINNING_KEY)
+
+    assert spinning() == "0"
+    monkeypatch.setenv("AI_SERVICE_ONNX_SPINNING", "true")
+    assert spinning() == "1"
 
 
 def test_worker_slots_are_claimed_once_and_freed_with_the_process(tmp_path: Path) -> None:

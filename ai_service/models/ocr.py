@@ -40,7 +40,7 @@ from ai_service.models.base import ModelLoadError, ModelNotInstalledError, TextD
 from ai_service.models.store import MODEL_FILE, ModelStore
 from ai_service.protocol.immich import DEFAULT_OCR_MAX_RESOLUTION, ModelTask, ModelType
 from ai_service.protocol.reading_order import reading_order
-from ai_service.runtime.onnx import SessionOptions, create_session, shrink_arena_run_options
+from ai_service.runtime.onnx import ALLOW_SPINNING_KEY, SessionOptions, create_session, shrink_arena_run_options
 from ai_service.settings import AIServiceSettings
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,8 @@ _CLS_SHAPE = (48, 192)
 _CLS_BATCH = 6
 _CLS_THRESH = 0.9
 
-# ONNX Runtime's intra-op threads busy-wait after each run by default. One OCR request alternates
-# between two sessions (detector, then recogniser batches), so the idle session's spinning threads
-# steal the cores the running one needs: turning it off measured ~8 % faster per image on 2 cores.
-_SPIN_KEY = "session.intra_op.allow_spinning"
+# One OCR request alternates between two sessions (detector, then recogniser batches), so an idle session's
+# spinning threads would steal the cores the running one needs: off measured ~8 % faster per image on 2 cores.
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,8 +523,8 @@ class OcrFamily:
         use_classifier: bool | None = None,
     ) -> None:
         self.store = store
-        # A value set centrally (SessionOptions.extra) wins; otherwise OCR's sessions do not spin.
-        extra = {_SPIN_KEY: "0", **session_options.extra}
+        # A value set centrally (AI_SERVICE_ONNX_SPINNING) wins; otherwise OCR's sessions do not spin.
+        extra = {ALLOW_SPINNING_KEY: "0", **session_options.extra}
         # Every OCR request has its own input size, so ONNX Runtime's arena would keep the largest
         # request's working memory for good: give it back after each run, or use no arena at all.
         release = settings.ocr_memory_release

@@ -114,6 +114,20 @@ def counts(dsn: str, schema: str) -> dict[str, int]:
         return dict(conn.execute(f"SELECT state, count(*) FROM {schema}.step GROUP BY state").fetchall())
 
 
+def cli_add(env: dict[str, str], root: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m library add --quiet ROOT`` as a user runs it; it must succeed."""
+    added = subprocess.run(
+        [sys.executable, "-m", "library", "add", "--quiet", str(root)],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert added.returncode == 0, added.stderr
+    return added
+
+
 def test_bulk_ingest_on_two_celery_workers_survives_a_killed_worker(
     postgres_uri: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -124,15 +138,7 @@ def test_bulk_ingest_on_two_celery_workers_survives_a_killed_worker(
     for n, data in enumerate(distinct_images(60, size=800)):
         (root / f"{n:03d}.png").write_bytes(data)
     # The schema must exist before the workers start polling it: the CLI creates it.
-    added = subprocess.run(
-        [sys.executable, "-m", "library", "add", "--quiet", str(root)],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert added.returncode == 0, added.stderr
+    added = cli_add(env, root)
     assert "queued for the Celery workers" in added.stdout
     assert counts(postgres_uri, schema) == {"pending": 60}  # nothing ran in the CLI process
     workers = [start_worker(env, f"w{n}", tmp_path / f"worker{n}.log") for n in range(2)]
@@ -170,15 +176,7 @@ def test_inference_runs_in_a_forked_celery_worker(postgres_uri: str, redis_url: 
     names = ["retina", "astronaut", "coffee"]
     for name in names:
         (root / f"{name}.png").write_bytes(encode(photo(name)))
-    added = subprocess.run(
-        [sys.executable, "-m", "library", "add", "--quiet", str(root)],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert added.returncode == 0, added.stderr
+    cli_add(env, root)
     worker = start_worker(env, "w0", tmp_path / "worker.log")
     try:
         deadline = time.monotonic() + 180

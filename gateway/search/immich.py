@@ -167,8 +167,17 @@ class ImmichClient:
 
     async def _post_json(self, path: str, credential: Credential, body: dict[str, Any]) -> tuple[int, bytes]:
         """(status, body) of a JSON POST as the caller; ImmichError(502/504) when Immich cannot be read."""
+        reply = await self._json_request("POST", path, credential, body)
+        return reply.status_code, reply.content[: self.settings.max_response_bytes]
+
+    async def _json_request(
+        self, method: str, path: str, credential: Credential, body: dict[str, Any]
+    ) -> httpx.Response:
+        """A JSON request as the caller, Immich's reply whatever its status; ImmichError(502/504) when Immich
+        cannot be reached or does not answer in time."""
         try:
-            reply = await self.client.post(
+            return await self.client.request(
+                method,
                 self.base + path,
                 headers={**credential.headers(), "content-type": "application/json"},
                 content=orjson.dumps(body),
@@ -177,7 +186,6 @@ class ImmichClient:
             raise ImmichError(504, f"Immich did not answer within {self.settings.timeout_s:g}s") from None
         except httpx.HTTPError as exc:
             raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
-        return reply.status_code, reply.content[: self.settings.max_response_bytes]
 
     async def _get_json(self, path: str, credential: Credential, params: dict[str, str] | None = None) -> Any:
         status, body, _ = await self._get(path, credential, limit=self.settings.max_response_bytes, params=params)
@@ -282,17 +290,7 @@ class ImmichClient:
 
     async def _send_json(self, method: str, path: str, credential: Credential, body: dict[str, Any]) -> Any:
         """A JSON call as the caller; Immich's JSON reply (None for 204), ImmichError with Immich's status else."""
-        try:
-            reply = await self.client.request(
-                method,
-                self.base + path,
-                headers={**credential.headers(), "content-type": "application/json"},
-                content=orjson.dumps(body),
-            )
-        except httpx.TimeoutException:
-            raise ImmichError(504, f"Immich did not answer within {self.settings.timeout_s:g}s") from None
-        except httpx.HTTPError as exc:
-            raise ImmichError(502, f"Immich is unreachable ({type(exc).__name__})") from None
+        reply = await self._json_request(method, path, credential, body)
         if reply.status_code >= 300:
             raise ImmichError(reply.status_code, _immich_message(reply.content[:65536], reply.status_code))
         if reply.status_code == 204 or not reply.content:

@@ -46,8 +46,20 @@ class ServerProcess:
     base: str  # http://127.0.0.1:PORT
     log: Path | None
 
-    def log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace") if self.log else ""
+    def log_text(self, settle_s: float = 0.2, limit_s: float = 5.0) -> str:
+        """The process's log so far. The services write log lines from a writer thread in batches (every
+        ~20 ms, later on a busy machine), so this waits until the file has not grown for ``settle_s``."""
+        if self.log is None:
+            return ""
+        deadline = time.monotonic() + limit_s
+        size = -1
+        while time.monotonic() < deadline:
+            current = self.log.stat().st_size if self.log.exists() else 0
+            if current == size:
+                break
+            size = current
+            time.sleep(settle_s)
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
 
 
 @contextlib.contextmanager

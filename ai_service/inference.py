@@ -281,14 +281,17 @@ class InferenceService:
         if image is not None:
             return await self.run_blocking(self._predict_image, entries, refs, image)
         assert text is not None
-        if len(text) > self.settings.max_text_chars:
-            raise InputTooLarge(f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
+        self._check_text_size(text)
         return await self.run_blocking(self._predict_text, entries, refs, text)
 
     def check_text(self, text: str) -> None:
+        """A query text as MT Photos' text endpoint gets it: usable (not blank or invisible) and within the limit."""
         problem = query_text_problem(text)
         if problem is not None:
             raise InvalidInput(problem)
+        self._check_text_size(text)
+
+    def _check_text_size(self, text: str) -> None:
         if len(text) > self.settings.max_text_chars:
             raise InputTooLarge(f"'text' has {len(text)} characters; the limit is {self.settings.max_text_chars}")
 

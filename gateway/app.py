@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ai_service.api.limits import RequestBodyMiddleware
 from ai_service.errors import InvalidInput, ServiceError, http_status
 from ai_service.protocol.immich import load_entries_json, query_text_problem
-from ai_service.tasks import check_dependencies, input_problem, validate_entries
+from ai_service.tasks import TASKS, check_dependencies, input_problem, validate_entries
 from gateway.backends import ClientInputError
 from gateway.dispatch import NoBackendAvailable
 from gateway.fastpath import PredictFastPath
@@ -188,7 +188,7 @@ async def status(request: Request) -> dict[str, Any]:
 
 @protocol.post(
     "/predict",
-    summary="Run CLIP, face or OCR models on one image or text (Immich's ML protocol)",
+    summary=f"Run the models of one or more tasks ({', '.join(TASKS)}) on one image or text",
     responses={
         400: {"description": "Missing image/text, bad image, or a dependent task without its dependency"},
         413: {"description": "Body, image or text over a limit"},

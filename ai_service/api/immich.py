@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, Response
 
 from ai_service.inference import InferenceService
-from ai_service.tasks import parse_entries
+from ai_service.tasks import TASKS, parse_entries
 
 router = APIRouter(tags=["immich"])
 
@@ -34,7 +34,7 @@ async def ping() -> str:
 
 @router.post(
     "/predict",
-    summary="Run CLIP, face, OCR or NSFW models on one image or text",
+    summary=f"Run the models of one or more tasks ({', '.join(TASKS)}) on one image or text",
     responses={
         400: {"description": "Missing image/text, undecodable image, or a dependent task without its dependency"},
         404: {"description": "Unknown model; the message lists the installed ones"},
